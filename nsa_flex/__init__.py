@@ -1,0 +1,35 @@
+"""nsa_flex: DeepSeek's Native Sparse Attention on FlexAttention.
+
+- :func:`attend`: the whole NSA layer as a function.
+- :class:`SparseAttention`: the layer as an ``nn.Module`` with learned compression and gates.
+- :func:`select_blocks`: importance scores and top-n block selection, shared by backends.
+- :class:`NSAConfig`: the hyperparameters.
+- :mod:`nsa_flex.masks`: the branches' mask_mods and BlockMask builders.
+- :mod:`nsa_flex.reference`: the dense oracle every backend is tested against.
+"""
+
+from . import masks, reference
+from .api import BACKENDS, NSAAux, attend
+from .compression import BlockCompressor, mean_compress
+from .config import NSAConfig
+from .selection import select_blocks
+
+try:
+    from .module import SparseAttention
+except ImportError:  # the module file lands separately
+    SparseAttention = None
+
+__all__ = [
+    "attend",
+    "NSAAux",
+    "BACKENDS",
+    "NSAConfig",
+    "SparseAttention",
+    "BlockCompressor",
+    "mean_compress",
+    "select_blocks",
+    "masks",
+    "reference",
+]
+
+__version__ = "0.1.0"

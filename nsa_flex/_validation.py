@@ -1,0 +1,142 @@
+"""Input checks shared by the public entry points.
+
+Every check runs before any kernel and raises ``TypeError``/``ValueError`` naming the argument.
+Checks that need tensor values (index ranges) read them from the device, so they are skipped
+while tracing under ``torch.compile`` or capturing a CUDA graph, where a host sync is not
+allowed; shapes, dtypes and devices are always checked.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+from torch import Tensor
+
+from .config import NSAConfig
+
+
+def resolve_config(config) -> NSAConfig:
+    if config is None:
+        return NSAConfig()
+    if not isinstance(config, NSAConfig):
+        raise TypeError(f"config must be an NSAConfig, got {type(config).__name__}")
+    return config
+
+
+def resolve_scale(scale, q: Tensor) -> float:
+    if scale is None:
+        return q.shape[-1] ** -0.5
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
+        raise TypeError(f"scale must be a finite real number, got {scale!r}")
+    return float(scale)
+
+
+def check_callable(name: str, fn) -> None:
+    if fn is not None and not callable(fn):
+        raise TypeError(f"{name} must be callable or None, got {type(fn).__name__}")
+
+
+def _tensor(name: str, x, ndim: int, floating: bool = True) -> Tensor:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(x.shape)}")
+    if floating and not x.is_floating_point():
+        raise TypeError(f"{name} must have a floating dtype, got {x.dtype}")
+    return x
+
+
+def _same_device(name: str, x: Tensor, q: Tensor) -> None:
+    if x.device != q.device:
+        raise ValueError(f"{name} is on {x.device} but q is on {q.device}")
+
+
+def _same_dtype(name: str, x: Tensor, q: Tensor) -> None:
+    if x.dtype != q.dtype:
+        raise TypeError(f"{name} has dtype {x.dtype} but q has {q.dtype}")
+
+
+def check_qkv(q, k, v) -> None:
+    """q ``(B, Hq, T, Dk)``, k ``(B, Hkv, T, Dk)``, v ``(B, Hkv, T, Dv)``, Hkv dividing Hq."""
+    _tensor("q", q, 4)
+    _tensor("k", k, 4)
+    _tensor("v", v, 4)
+    for name, x in (("k", k), ("v", v)):
+        _same_device(name, x, q)
+        _same_dtype(name, x, q)
+    B, Hq, T, Dk = q.shape
+    if k.shape[0] != B or v.shape[0] != B:
+        raise ValueError(f"batch sizes differ: q {B}, k {k.shape[0]}, v {v.shape[0]}")
+    if k.shape[2] != T or v.shape[2] != T:
+        raise ValueError(f"sequence lengths differ: q {T}, k {k.shape[2]}, v {v.shape[2]}")
+    if T < 1:
+        raise ValueError("q must hold at least one token (T >= 1)")
+    if k.shape[1] != v.shape[1]:
+        raise ValueError(f"k has {k.shape[1]} heads but v has {v.shape[1]}")
+    Hkv = k.shape[1]
+    if Hkv < 1 or Hq % Hkv:
+        raise ValueError(f"q's heads ({Hq}) must be a multiple of k's heads ({Hkv})")
+    if k.shape[3] != Dk:
+        raise ValueError(f"q and k must share the head dim, got Dk={Dk} and {k.shape[3]}")
+    if Dk < 1 or v.shape[3] < 1:
+        raise ValueError("head dims must be at least 1")
+
+
+def check_qk_cmp(q, k_cmp, config: NSAConfig, name: str = "k_cmp", head_dim: int | None = None) -> None:
+    """``k_cmp``/``v_cmp``: ``(B, Hkv, Tc, D)`` with ``Tc = config.num_compressed(T)``."""
+    _tensor("q", q, 4)
+    _tensor(name, k_cmp, 4)
+    _same_device(name, k_cmp, q)
+    _same_dtype(name, k_cmp, q)
+    B, Hq, T, Dk = q.shape
+    if k_cmp.shape[0] != B:
+        raise ValueError(f"{name} has batch {k_cmp.shape[0]} but q has {B}")
+    Hkv = k_cmp.shape[1]
+    if Hkv < 1 or Hq % Hkv:
+        raise ValueError(f"q's heads ({Hq}) must be a multiple of {name}'s heads ({Hkv})")
+    tc = config.num_compressed(T)
+    if k_cmp.shape[2] != tc:
+        raise ValueError(
+            f"{name} must hold Tc = {tc} compressed blocks for T = {T} "
+            f"(compress_block={config.compress_block}, compress_stride={config.compress_stride}), "
+            f"got {k_cmp.shape[2]}"
+        )
+    expected = Dk if head_dim is None else head_dim
+    if k_cmp.shape[3] != expected:
+        raise ValueError(f"{name} must have head dim {expected}, got {k_cmp.shape[3]}")
+
+
+def check_gates(gates, q: Tensor) -> None:
+    _tensor("gates", gates, 4)
+    _same_device("gates", gates, q)
+    B, Hq, T, _ = q.shape
+    if tuple(gates.shape) != (B, Hq, T, 3):
+        raise ValueError(f"gates must have shape (B, Hq, T, 3) = {(B, Hq, T, 3)}, got {tuple(gates.shape)}")
+
+
+def _can_read_values(x: Tensor) -> bool:
+    if torch.compiler.is_compiling():
+        return False
+    return not (x.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
+def check_block_indices(block_indices, q: Tensor, num_kv_heads: int, config: NSAConfig) -> None:
+    """``(B, Hkv, T, n)`` integers in ``[-1, Ns)``."""
+    _tensor("block_indices", block_indices, 4, floating=False)
+    _same_device("block_indices", block_indices, q)
+    if block_indices.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"block_indices must be int32 or int64, got {block_indices.dtype}")
+    B, _, T, _ = q.shape
+    expected = (B, num_kv_heads, T, config.num_selected)
+    if tuple(block_indices.shape) != expected:
+        raise ValueError(f"block_indices must have shape (B, Hkv, T, n) = {expected}, got {tuple(block_indices.shape)}")
+    if _can_read_values(block_indices) and block_indices.numel():
+        ns = config.num_select_blocks(T)
+        lo, hi = int(block_indices.min()), int(block_indices.max())
+        if lo < -1 or hi >= ns:
+            raise ValueError(
+                f"block_indices must lie in [-1, {ns}) for T = {T} and select_block = "
+                f"{config.select_block}; found values in [{lo}, {hi}]"
+            )

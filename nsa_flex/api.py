@@ -1,0 +1,149 @@
+"""``attend()``: the whole NSA layer as one function."""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import torch
+from torch import Tensor
+
+from . import flex_backend, reference
+from ._validation import (
+    check_block_indices,
+    check_callable,
+    check_gates,
+    check_qk_cmp,
+    check_qkv,
+    resolve_config,
+    resolve_scale,
+)
+from .compression import mean_compress
+from .config import NSAConfig
+from .selection import select_blocks
+
+__all__ = ["attend", "NSAAux", "BACKENDS"]
+
+BACKENDS = ("flex", "reference")
+
+
+def _gate(o_cmp: Tensor, o_slc: Tensor, o_swa: Tensor, gates: Tensor | None) -> Tensor:
+    """``sum_i g[..., i] * o_i`` (eq. 5), as a reduction over a stacked last axis.
+
+    Written as stack-and-sum rather than ``g0*o_cmp + g1*o_slc + g2*o_swa`` because Inductor
+    would fuse that elementwise sum into the CPU FlexAttention template as an epilogue, which
+    the template then refuses (torch 2.13, "Unsupported for `epilogue_nodes`").
+    """
+    branches = torch.stack((o_cmp, o_slc, o_swa), dim=-1)  # (B, Hq, T, Dv, 3)
+    if gates is None:
+        return branches.sum(dim=-1)
+    return (branches * gates.to(branches.dtype)[..., None, :]).sum(dim=-1)
+
+
+class NSAAux(NamedTuple):
+    """What ``attend(..., return_aux=True)`` returns beside the output.
+
+    Attributes:
+        block_indices: ``(B, Hkv, T, n)`` int32, the selection used (given or computed).
+        o_cmp, o_slc, o_swa: ``(B, Hq, T, Dv)``, each branch's output before gating.
+    """
+
+    block_indices: Tensor
+    o_cmp: Tensor
+    o_slc: Tensor
+    o_swa: Tensor
+
+
+def attend(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    gates: Tensor | None = None,
+    *,
+    config: NSAConfig | None = None,
+    k_cmp: Tensor | None = None,
+    v_cmp: Tensor | None = None,
+    block_indices: Tensor | None = None,
+    scale: float | None = None,
+    score_mod: Callable | None = None,
+    mask_mod: Callable | None = None,
+    backend: str = "flex",
+    return_aux: bool = False,
+) -> Tensor | tuple[Tensor, NSAAux]:
+    """Native Sparse Attention: compressed, selected and sliding-window attention, gated.
+
+    ``o = g[..., 0] * o_cmp + g[..., 1] * o_slc + g[..., 2] * o_swa`` (paper eq. 5), causal,
+    with the semantics fixed in SPEC.md.
+
+    Args:
+        q: ``(B, Hq, T, Dk)`` queries.
+        k: ``(B, Hkv, T, Dk)`` keys; ``Hkv`` divides ``Hq`` and query head ``h`` reads KV head
+            ``h // (Hq // Hkv)``.
+        v: ``(B, Hkv, T, Dv)`` values; ``Dv`` may differ from ``Dk``.
+        gates: ``(B, Hq, T, 3)`` branch weights in the order (compressed, selected, window);
+            ``None`` weighs each branch 1.
+        config: hyperparameters (default ``NSAConfig()``, the paper's).
+        k_cmp, v_cmp: ``(B, Hkv, Tc, Dk)`` / ``(B, Hkv, Tc, Dv)`` compressed keys and values,
+            ``Tc = config.num_compressed(T)``; each defaults to the mean over its block.
+        block_indices: ``(B, Hkv, T, n)`` int32/int64 selection in ``[-1, Ns)`` (``-1`` is
+            padding, a repeated block counts once); when given, scoring is skipped.
+        scale: score scale (default ``Dk ** -0.5``).
+        score_mod: a FlexAttention ``score_mod(score, b, h, q_idx, kv_idx)`` applied in every
+            branch (and to the scores selection ranks by). ``kv_idx`` is a token position; in
+            the compressed branch block ``i`` is at its last token, ``i*d + l - 1``.
+        mask_mod: a FlexAttention ``mask_mod(b, h, q_idx, kv_idx)`` ANDed into every branch,
+            with the same coordinates (e.g. to keep packed documents apart).
+        backend: ``"flex"`` (FlexAttention) or ``"reference"`` (the dense oracle, for checks).
+        return_aux: also return :class:`NSAAux`.
+
+    Returns:
+        ``out (B, Hq, T, Dv)`` in ``q``'s dtype, or ``(out, aux)``.
+
+    Raises:
+        TypeError, ValueError: naming the argument, before any kernel runs.
+
+    Gradients flow to ``q, k, v, gates, k_cmp, v_cmp`` through the attention; the selection
+    itself is not differentiable. Under ``torch.compile(fullgraph=True)`` this traces without
+    graph breaks (value checks on ``block_indices`` are skipped while tracing).
+    """
+    check_qkv(q, k, v)
+    config = resolve_config(config)
+    scale = resolve_scale(scale, q)
+    if gates is not None:
+        check_gates(gates, q)
+    Dv = v.shape[-1]
+    if k_cmp is not None:
+        check_qk_cmp(q, k_cmp, config, "k_cmp")
+        if k_cmp.shape[1] != k.shape[1]:
+            raise ValueError(f"k_cmp has {k_cmp.shape[1]} heads but k has {k.shape[1]}")
+    if v_cmp is not None:
+        check_qk_cmp(q, v_cmp, config, "v_cmp", head_dim=Dv)
+        if v_cmp.shape[1] != k.shape[1]:
+            raise ValueError(f"v_cmp has {v_cmp.shape[1]} heads but k has {k.shape[1]}")
+    if block_indices is not None:
+        check_block_indices(block_indices, q, k.shape[1], config)
+    check_callable("score_mod", score_mod)
+    check_callable("mask_mod", mask_mod)
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if not isinstance(return_aux, bool):
+        raise TypeError(f"return_aux must be a bool, got {type(return_aux).__name__}")
+
+    if backend == "reference":
+        r = reference.attend(
+            q, k, v, gates, config=config, k_cmp=k_cmp, v_cmp=v_cmp,
+            block_indices=block_indices, scale=scale, score_mod=score_mod, mask_mod=mask_mod,
+        )
+        out, aux = r.out, NSAAux(r.block_indices, r.o_cmp, r.o_slc, r.o_swa)
+    else:
+        k_cmp = mean_compress(k, config) if k_cmp is None else k_cmp
+        v_cmp = mean_compress(v, config) if v_cmp is None else v_cmp
+        if block_indices is None:
+            block_indices = select_blocks(
+                q, k_cmp, config=config, scale=scale, score_mod=score_mod, mask_mod=mask_mod
+            )
+        o_cmp = flex_backend.compressed_branch(q, k_cmp, v_cmp, config, scale, score_mod, mask_mod)
+        o_slc = flex_backend.selected_branch(q, k, v, block_indices, config, scale, score_mod, mask_mod)
+        o_swa = flex_backend.window_branch(q, k, v, config, scale, score_mod, mask_mod)
+        out = _gate(o_cmp, o_slc, o_swa, gates)
+        aux = NSAAux(block_indices, o_cmp, o_slc, o_swa)
+    return (out, aux) if return_aux else out

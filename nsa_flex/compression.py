@@ -1,0 +1,80 @@
+"""Compression of keys and values into overlapping blocks (paper eq. 7).
+
+Compressed block ``i`` covers tokens ``[i*d, i*d + l - 1]`` (``l = compress_block``,
+``d = compress_stride``); a sequence of ``T`` tokens has ``Tc = (T - l) // d + 1`` of them
+(0 when ``T < l``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from .config import NSAConfig
+
+__all__ = ["block_view", "mean_compress", "BlockCompressor"]
+
+
+def block_view(x: Tensor, config: NSAConfig) -> Tensor:
+    """The compressed blocks of ``x`` as a strided view, without copying.
+
+    Args:
+        x: ``(B, H, T, D)``.
+
+    Returns:
+        ``(B, H, Tc, l, D)``: entry ``[:, :, i, j]`` is token ``i*d + j``.
+    """
+    if x.dim() != 4:
+        raise ValueError(f"x must be (B, H, T, D), got shape {tuple(x.shape)}")
+    B, H, T, D = x.shape
+    l, d = config.compress_block, config.compress_stride
+    tc = config.num_compressed(T)
+    if tc == 0:
+        return x.new_zeros(B, H, 0, l, D)
+    # unfold puts the window last: (B, H, Tc, D, l).
+    return x.unfold(2, l, d).transpose(-1, -2)
+
+
+def mean_compress(x: Tensor, config: NSAConfig) -> Tensor:
+    """The mean over each compressed block: ``(B, H, T, D) -> (B, H, Tc, D)``.
+
+    This is what ``attend()`` uses when no ``k_cmp``/``v_cmp`` are given.
+    """
+    return block_view(x, config).mean(dim=-2)
+
+
+class BlockCompressor(nn.Module):
+    """Learned compression ``phi``: an MLP over each block, with an intra-block position embedding.
+
+    ``phi(block) = mean(block) + MLP(flatten(block + pos))``: the mean keeps the layer close to
+    mean pooling at initialisation, and the MLP learns what the mean misses.
+
+    Args:
+        dim_head: ``D``, the feature size of the keys or values it compresses.
+        config: block length and stride.
+        hidden: the MLP's hidden width (default ``dim_head``).
+
+    Shapes:
+        ``(B, H, T, D) -> (B, H, Tc, D)``; all heads share the parameters.
+    """
+
+    def __init__(self, dim_head: int, config: NSAConfig, hidden: int | None = None) -> None:
+        super().__init__()
+        if not isinstance(dim_head, int) or dim_head < 1:
+            raise ValueError(f"dim_head must be a positive int, got {dim_head!r}")
+        hidden = dim_head if hidden is None else hidden
+        if not isinstance(hidden, int) or hidden < 1:
+            raise ValueError(f"hidden must be a positive int, got {hidden!r}")
+        self.config = config
+        l = config.compress_block
+        self.pos = nn.Parameter(torch.randn(l, dim_head) / math.sqrt(dim_head))
+        self.mlp = nn.Sequential(
+            nn.Linear(l * dim_head, hidden), nn.GELU(), nn.Linear(hidden, dim_head)
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        blocks = block_view(x, self.config)  # (B, H, Tc, l, D)
+        mixed = self.mlp((blocks + self.pos.to(blocks.dtype)).flatten(-2))
+        return blocks.mean(dim=-2) + mixed

@@ -1,0 +1,141 @@
+"""The flex backend: each NSA branch is one ``flex_attention`` call with its own BlockMask.
+
+- compressed: ``T`` queries against ``Tc`` compressed blocks, mask :func:`~nsa_flex.masks.compressed_mask`.
+- selected: queries folded so a GQA group shares rows (``(B, Hkv, T*G, Dk)``), BlockMask built
+  from ``block_indices`` (:func:`~nsa_flex.masks.selection_block_mask`); one K/V tile load serves
+  the whole group, as in the paper's kernel.
+- sliding window: :func:`~nsa_flex.masks.sliding_window_mask`.
+
+A user's ``score_mod``/``mask_mod`` always sees ``(b, query head, token, key position)``;
+the wrappers here translate from each branch's own coordinates.
+
+Where it runs: inside ``torch.compile`` the call is traced into the caller's graph; called
+eagerly on CUDA it goes through one shared ``torch.compile(flex_attention)`` so that eager users
+also get the fused kernel; on the CPU it runs FlexAttention's eager path, which materialises
+scores (fine for tests and small inputs) and which PyTorch refuses to differentiate, so a CPU
+call that needs gradients runs the same eager FlexAttention operator directly (see
+``_cpu_flex_with_grad``).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import torch
+from torch import Tensor
+from torch.nn.attention.flex_attention import flex_attention
+
+from .config import NSAConfig
+from .masks import compressed_block_mask, selection_block_mask, sliding_window_block_mask
+
+__all__ = ["compressed_branch", "selected_branch", "window_branch"]
+
+
+@functools.cache
+def _compiled_flex():
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def _cpu_flex_with_grad(q, k, v, score_mod, block_mask, scale):
+    # The public flex_attention refuses CPU inputs that require grad, although its eager
+    # operator differentiates fine (FlexAttention's math path: materialised scores, autograd).
+    # Captured tensors of score_mod get no gradient on this path; q, k, v do.
+    from torch._higher_order_ops.flex_attention import flex_attention as flex_op
+
+    if score_mod is None:
+        score_mod = _identity_score
+    G = q.shape[1] // k.shape[1]
+    if G > 1:
+        k, v = k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1)
+    out = flex_op(q, k, v, score_mod, block_mask.as_tuple(), scale, {"OUTPUT_LOGSUMEXP": True})
+    return out[0]
+
+
+def _identity_score(score, b, h, q_idx, kv_idx):
+    return score
+
+
+def _flex(q, k, v, score_mod, block_mask, scale) -> Tensor:
+    gqa = q.shape[1] != k.shape[1]
+    if torch.compiler.is_compiling():
+        fn = flex_attention
+    elif q.is_cuda:
+        fn = _compiled_flex()
+    elif torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return _cpu_flex_with_grad(q, k, v, score_mod, block_mask, scale)
+    else:
+        fn = flex_attention
+    return fn(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=gqa)
+
+
+def compressed_branch(
+    q: Tensor,
+    k_cmp: Tensor,
+    v_cmp: Tensor,
+    config: NSAConfig,
+    scale: float,
+    score_mod: Callable | None = None,
+    mask_mod: Callable | None = None,
+) -> Tensor:
+    """``o_cmp (B, Hq, T, Dv)``: attention over the compressed blocks visible to each query."""
+    B, Hq, T, _ = q.shape
+    if k_cmp.shape[2] == 0:
+        # No block is complete yet: the branch contributes exactly 0 (SPEC). Adding the empty
+        # (hence zero) sums keeps k_cmp/v_cmp in the graph, so whatever produced them gets
+        # zero gradients rather than none (DDP counts a parameter without a gradient as unused).
+        zero = k_cmp.sum() + v_cmp.sum()
+        return q.new_zeros(B, Hq, T, v_cmp.shape[-1]) + zero
+    l, d = config.compress_block, config.compress_stride
+    block_mask = compressed_block_mask(T, config, device=q.device, mask_mod=mask_mod)
+    user_score = None
+    if score_mod is not None:
+
+        def user_score(score, b, h, q_idx, kv_idx):  # block kv_idx is seen at its last token
+            return score_mod(score, b, h, q_idx, kv_idx * d + (l - 1))
+
+    return _flex(q, k_cmp, v_cmp, user_score, block_mask, scale)
+
+
+def window_branch(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    config: NSAConfig,
+    scale: float,
+    score_mod: Callable | None = None,
+    mask_mod: Callable | None = None,
+) -> Tensor:
+    """``o_swa (B, Hq, T, Dv)``: the last ``window`` keys up to each query."""
+    block_mask = sliding_window_block_mask(q.shape[2], config.window, device=q.device, mask_mod=mask_mod)
+    return _flex(q, k, v, score_mod, block_mask, scale)
+
+
+def selected_branch(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    block_indices: Tensor,
+    config: NSAConfig,
+    scale: float,
+    score_mod: Callable | None = None,
+    mask_mod: Callable | None = None,
+) -> Tensor:
+    """``o_slc (B, Hq, T, Dv)``: each query attends the keys ``s <= t`` of its selected blocks."""
+    B, Hq, T, Dk = q.shape
+    Hkv, Dv = k.shape[1], v.shape[-1]
+    G = Hq // Hkv
+    # Fold the group into rows: row t*G + g of KV head h is query head h*G + g at token t.
+    # A gather rather than transpose+reshape, so that the folded queries are a plain 4-D
+    # buffer: Inductor's CPU FlexAttention template cannot take a view of a 5-D one.
+    row = torch.arange(T * G, device=q.device)
+    q_rows = q.reshape(B, Hkv, G * T, Dk).index_select(2, (row % G) * T + row // G)
+    block_mask = selection_block_mask(block_indices, config, group_size=G, mask_mod=mask_mod)
+    user_score = None
+    if score_mod is not None:
+
+        def user_score(score, b, h, q_idx, kv_idx):
+            return score_mod(score, b, h * G + q_idx % G, q_idx // G, kv_idx)
+
+    out = _flex(q_rows, k, v, user_score, block_mask, scale)
+    return out.view(B, Hkv, T, G, Dv).transpose(2, 3).reshape(B, Hq, T, Dv)

@@ -1,0 +1,356 @@
+"""NSA's three masks as FlexAttention ``mask_mod`` factories, and the BlockMasks built from them.
+
+Each factory returns a small pure ``mask_mod(b, h, q_idx, kv_idx) -> bool tensor`` (the
+attention-gym habit), so it composes with a user's own mask through
+``torch.nn.attention.flex_attention.and_masks``. The BlockMask builders never evaluate a mask
+over ``T x T``: they compute which ``(Q tile, KV tile)`` pairs can hold a visible pair with
+vectorised integer arithmetic, then hand the lists to ``BlockMask.from_kv_blocks``. Tiles where
+every pair is visible are listed as *full* (FlexAttention skips the mask_mod there); the rest as
+partial, where the mask_mod decides each pair.
+
+Print a BlockMask (``print(block_mask)``) to see its tiles.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import torch
+from torch import Tensor
+from torch.nn.attention.flex_attention import BlockMask, and_masks
+
+from .config import NSAConfig
+
+__all__ = [
+    "causal_mask",
+    "compressed_mask",
+    "sliding_window_mask",
+    "selection_mask",
+    "selection_bits",
+    "compressed_block_mask",
+    "sliding_window_block_mask",
+    "selection_block_mask",
+    "block_mask_from_tiles",
+    "Q_BLOCK",
+    "KV_BLOCK",
+]
+
+MaskMod = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
+
+# FlexAttention's default tile; its kernels' default block sizes divide it.
+Q_BLOCK = 128
+KV_BLOCK = 128
+
+
+# --------------------------------------------------------------------------- mask_mods
+
+
+def causal_mask(b, h, q_idx, kv_idx):
+    """Key ``kv_idx`` is at or before query ``q_idx``."""
+    return kv_idx <= q_idx
+
+
+def compressed_mask(config: NSAConfig) -> MaskMod:
+    """Compressed branch: query ``q_idx`` sees compressed block ``kv_idx`` once the block's last
+    token ``kv_idx*d + l - 1`` is at or before it."""
+    l, d = config.compress_block, config.compress_stride
+
+    def compressed(b, h, q_idx, kv_idx):
+        return kv_idx * d + (l - 1) <= q_idx
+
+    return compressed
+
+
+def sliding_window_mask(window: int) -> MaskMod:
+    """Sliding window of ``window`` keys ending at the query: ``q_idx - window < kv_idx <= q_idx``."""
+
+    def sliding_window(b, h, q_idx, kv_idx):
+        return (kv_idx <= q_idx) & (q_idx - kv_idx < window)
+
+    return sliding_window
+
+
+def selection_bits(block_indices: Tensor, config: NSAConfig) -> Tensor:
+    """Pack each query's selected blocks into bits: ``(B, Hkv, T, n) -> (B, Hkv, T, ceil(Ns/32))``
+    int32, bit ``j % 32`` of word ``j // 32`` set iff block ``j`` is selected.
+
+    ``-1`` entries select nothing; a block listed twice counts once.
+    """
+    B, H, T, n = block_indices.shape
+    ns = config.num_select_blocks(T)
+    words = -(-ns // 32)
+    idx = block_indices.long()
+    valid = idx >= 0
+    # Mark a repeated index invalid so that the sum below is a bitwise OR.
+    idx = torch.sort(torch.where(valid, idx, ns), dim=-1).values
+    valid = idx < ns
+    valid[..., 1:] &= idx[..., 1:] != idx[..., :-1]
+    # What is dropped adds 0 to word 0. (Writing it to a spare word sliced off afterwards
+    # would leave a view, which the CPU FlexAttention template cannot take as a mask buffer.)
+    word = torch.where(valid, idx // 32, 0)
+    bit = torch.bitwise_left_shift(torch.ones_like(idx, dtype=torch.int32), (idx % 32).to(torch.int32))
+    bit = torch.where(valid, bit, 0)
+    out = torch.zeros(B, H, T, words, dtype=torch.int32, device=idx.device)
+    return out.scatter_add_(-1, word, bit)
+
+
+def selection_mask(bits: Tensor, select_block: int, group_size: int = 1) -> MaskMod:
+    """Selected branch: query ``t`` sees key ``kv_idx <= t`` iff ``kv_idx``'s selection block is
+    among the query's selected blocks.
+
+    Args:
+        bits: ``(B, Hkv, T, words)`` from :func:`selection_bits`.
+        select_block: ``l'``.
+        group_size: ``G``. The mask is written for *folded* queries, as the flex backend runs
+            the selected branch: KV head ``h``'s query row ``q_idx`` is token ``q_idx // G`` of
+            query head ``h*G + q_idx % G``, so the ``G`` heads that share a selection share a
+            tile of rows. With ``G=1`` rows are tokens.
+    """
+
+    _, H, T, W = bits.shape
+    # Index a flat view: Inductor's CPU FlexAttention template misreads multi-dimensional
+    # indexing into a mask buffer computed inside the same graph (wrong results, torch 2.13).
+    flat = bits.view(-1)
+
+    def selected(b, h, q_idx, kv_idx):
+        t = q_idx // group_size
+        j = kv_idx // select_block
+        word = flat[((b * H + h) * T + t) * W + j // 32]
+        return (((word >> (j % 32)) & 1) == 1) & (kv_idx <= t)
+
+    return selected
+
+
+# ----------------------------------------------------------------- tiles -> BlockMask
+
+
+def _tile_lists(tiles: Tensor) -> tuple[Tensor, Tensor]:
+    """``(..., nQ, nKV)`` bool -> (count ``(..., nQ)``, indices ``(..., nQ, nKV)`` listed first)."""
+    num = tiles.sum(dim=-1, dtype=torch.int32)
+    order = torch.sort(tiles.to(torch.int8), dim=-1, descending=True, stable=True).indices
+    return num, order.to(torch.int32)
+
+
+def block_mask_from_tiles(
+    any_tiles: Tensor,
+    full_tiles: Tensor | None,
+    seq_lengths: tuple[int, int],
+    mask_mod: MaskMod,
+    block_size: tuple[int, int] = (Q_BLOCK, KV_BLOCK),
+) -> BlockMask:
+    """A BlockMask from per-tile booleans.
+
+    Args:
+        any_tiles: ``(B, H, nQ, nKV)`` bool, true where a tile may hold a visible pair.
+        full_tiles: same shape, true where every pair of the tile is visible (``mask_mod``
+            is then skipped there), or ``None``.
+        seq_lengths: ``(q_len, kv_len)``.
+        mask_mod: decides each pair in partial tiles.
+        block_size: ``(Q tile, KV tile)``.
+    """
+    partial = any_tiles if full_tiles is None else any_tiles & ~full_tiles
+    kv_num, kv_idx = _tile_lists(partial)
+    full_num = full_idx = None
+    if full_tiles is not None:
+        full_num, full_idx = _tile_lists(full_tiles)
+    return BlockMask.from_kv_blocks(
+        kv_num,
+        kv_idx,
+        full_num,
+        full_idx,
+        BLOCK_SIZE=block_size,
+        mask_mod=mask_mod,
+        seq_lengths=seq_lengths,
+    )
+
+
+def _interval_tiles(q_len, kv_len, lo, hi, block_size, device):
+    """Tiles of a mask where query ``t`` sees the keys ``lo(t) <= s <= hi(t)``, with ``lo`` and
+    ``hi`` non-decreasing and consecutive queries' intervals touching, so that the keys a tile of
+    queries ``r0..r1`` sees span ``[lo(r0), hi(r1)]`` and those all of them see ``[lo(r1), hi(r0)]``.
+    """
+    qb, kb = block_size
+    nq, nk = -(-q_len // qb), -(-kv_len // kb)
+    r0 = torch.arange(nq, device=device) * qb
+    r1 = torch.clamp(r0 + qb, max=q_len) - 1
+    c0 = torch.arange(nk, device=device) * kb
+    c1 = torch.clamp(c0 + kb, max=kv_len) - 1
+    r0, r1 = r0[:, None], r1[:, None]
+    any_tiles = (c0 <= hi(r1)) & (c1 >= lo(r0))
+    # Tiles cut by the end of either sequence stay partial, as create_block_mask leaves them.
+    whole = (r0 + qb <= q_len) & (c0 + kb <= kv_len)
+    full_tiles = any_tiles & whole & (c0 >= lo(r1)) & (c1 <= hi(r0))
+    return any_tiles[None, None], full_tiles[None, None]
+
+
+def _with_user_mask(mask_mod: MaskMod, user_mask: MaskMod | None, full_tiles):
+    if user_mask is None:
+        return mask_mod, full_tiles
+    # The user's mask may cut any tile, so no tile is known to be full.
+    return and_masks(mask_mod, user_mask), None
+
+
+@functools.lru_cache(maxsize=64)
+def _compressed_block_mask_cached(seq_len, config, device, block_size):
+    return _build_compressed_block_mask(seq_len, config, device, None, block_size)
+
+
+def _build_compressed_block_mask(seq_len, config, device, user_mask, block_size):
+    l, d = config.compress_block, config.compress_stride
+    tc = config.num_compressed(seq_len)
+    any_t, full_t = _interval_tiles(
+        seq_len,
+        tc,
+        lo=lambda t: torch.zeros_like(t),
+        hi=lambda t: torch.div(t - (l - 1), d, rounding_mode="floor"),
+        block_size=block_size,
+        device=device,
+    )
+    user = None
+    if user_mask is not None:
+
+        def user(b, h, q_idx, kv_idx):  # the user sees block kv_idx at its last token
+            return user_mask(b, h, q_idx, kv_idx * d + (l - 1))
+
+    mask_mod, full_t = _with_user_mask(compressed_mask(config), user, full_t)
+    return block_mask_from_tiles(any_t, full_t, (seq_len, tc), mask_mod, block_size)
+
+
+def compressed_block_mask(
+    seq_len: int,
+    config: NSAConfig,
+    *,
+    device: torch.device | str = "cpu",
+    mask_mod: MaskMod | None = None,
+    block_size: tuple[int, int] = (Q_BLOCK, KV_BLOCK),
+) -> BlockMask:
+    """BlockMask of the compressed branch: ``T`` queries against ``Tc`` compressed blocks.
+
+    Args:
+        seq_len: ``T`` (must have ``Tc >= 1``).
+        mask_mod: the user's mask, ANDed in; it sees compressed block ``i`` at position
+            ``i*d + l - 1``, its last token.
+
+    Without a user mask the result is cached per (length, config, device, tile size) outside
+    ``torch.compile``; inside a compiled graph it is rebuilt, from a handful of fused ops.
+    """
+    device = torch.device(device)
+    if config.num_compressed(seq_len) < 1:
+        raise ValueError(f"seq_len {seq_len} is shorter than compress_block {config.compress_block}")
+    if mask_mod is None and not torch.compiler.is_compiling():
+        return _compressed_block_mask_cached(seq_len, config, device, tuple(block_size))
+    return _build_compressed_block_mask(seq_len, config, device, mask_mod, tuple(block_size))
+
+
+@functools.lru_cache(maxsize=64)
+def _window_block_mask_cached(seq_len, window, device, block_size):
+    return _build_window_block_mask(seq_len, window, device, None, block_size)
+
+
+def _build_window_block_mask(seq_len, window, device, user_mask, block_size):
+    any_t, full_t = _interval_tiles(
+        seq_len,
+        seq_len,
+        lo=lambda t: t - (window - 1),
+        hi=lambda t: t,
+        block_size=block_size,
+        device=device,
+    )
+    mask_mod, full_t = _with_user_mask(sliding_window_mask(window), user_mask, full_t)
+    return block_mask_from_tiles(any_t, full_t, (seq_len, seq_len), mask_mod, block_size)
+
+
+def sliding_window_block_mask(
+    seq_len: int,
+    window: int,
+    *,
+    device: torch.device | str = "cpu",
+    mask_mod: MaskMod | None = None,
+    block_size: tuple[int, int] = (Q_BLOCK, KV_BLOCK),
+) -> BlockMask:
+    """BlockMask of the sliding-window branch (``T x T``), with the user's ``mask_mod`` ANDed in.
+    Cached like :func:`compressed_block_mask`."""
+    device = torch.device(device)
+    if mask_mod is None and not torch.compiler.is_compiling():
+        return _window_block_mask_cached(seq_len, window, device, tuple(block_size))
+    return _build_window_block_mask(seq_len, window, device, mask_mod, tuple(block_size))
+
+
+def selection_block_mask(
+    block_indices: Tensor,
+    config: NSAConfig,
+    *,
+    group_size: int = 1,
+    mask_mod: MaskMod | None = None,
+    block_size: tuple[int, int] = (Q_BLOCK, KV_BLOCK),
+) -> BlockMask:
+    """BlockMask of the selected branch, straight from ``block_indices``, over folded queries.
+
+    Args:
+        block_indices: ``(B, Hkv, T, n)``, ``-1`` padded.
+        group_size: ``G = Hq // Hkv``. Rows are folded: KV head ``h``'s row ``t*G + g`` is query
+            head ``h*G + g`` at token ``t`` (see :func:`selection_mask`), so the mask is
+            ``(B, Hkv, T*G, T)`` and one Q tile holds ``Q_BLOCK / G`` tokens of a whole group.
+        mask_mod: the user's mask in unfolded coordinates ``(b, query head, token, key)``.
+
+    A KV tile is listed for a Q tile when a token of the tile selected a block that overlaps
+    the KV tile at or before the token; it is full when every token of the tile selected all of
+    it and the tile lies wholly before the first token. Nothing here is ``T x T`` and nothing
+    syncs with the host.
+    """
+    B, H, T, n = block_indices.shape
+    G = group_size
+    qb, kb = block_size
+    ls = config.select_block
+    dev = block_indices.device
+    rows = T * G
+    nq, nk = -(-rows // qb), -(-T // kb)
+    bits = selection_bits(block_indices, config)
+
+    idx = block_indices.long()  # (B, H, T, n)
+    t = torch.arange(T, device=dev)
+    # KV tiles a block touches, clipped to the tile holding the query (causality).
+    span = (ls - 1) // kb + 2
+    first = torch.div(idx * ls, kb, rounding_mode="floor")
+    last = torch.minimum(torch.div((idx + 1) * ls - 1, kb, rounding_mode="floor"), (t // kb)[:, None])
+    kv_t = first[..., None] + torch.arange(span, device=dev)  # (B, H, T, n, span)
+    ok = (idx >= 0)[..., None] & (kv_t <= last[..., None])
+    # Q tiles the token's G rows fall in.
+    qspan = (G - 1) // qb + 2
+    q_first, q_last = t * G // qb, (t * G + G - 1) // qb
+    q_t = q_first[:, None] + torch.arange(qspan, device=dev)  # (T, qspan)
+    q_ok = q_t <= q_last[:, None]
+
+    bh = torch.arange(B * H, device=dev).view(B, H, 1, 1, 1, 1)
+    flat = (bh * nq + q_t.view(1, 1, T, 1, 1, qspan)) * nk + kv_t[..., None]
+    valid = ok[..., None] & q_ok.view(1, 1, T, 1, 1, qspan)
+    dump = B * H * nq * nk
+    flat = torch.where(valid, flat, dump)
+    counts = torch.zeros(dump + 1, dtype=torch.int32, device=dev)
+    counts.scatter_add_(0, flat.flatten(), torch.ones_like(flat.flatten(), dtype=torch.int32))
+    counts = counts[:dump].view(B, H, nq, nk)
+    any_tiles = counts > 0
+
+    full_tiles = None
+    if mask_mod is None and (kb % ls == 0 or ls % kb == 0):
+        # Aligned tiles: each touched tile lies in one block, or holds kb/ls whole blocks, so a
+        # tile is fully selected iff every token of the Q tile brought all its blocks.
+        per_tile = kb // ls if kb % ls == 0 else 1
+        q0 = torch.arange(nq, device=dev) * qb
+        tok0 = q0 // G
+        tok1 = torch.clamp(q0 + qb, max=rows).sub(1) // G
+        ntok = (tok1 - tok0 + 1)[:, None]
+        c0 = torch.arange(nk, device=dev) * kb
+        whole = ((q0 + qb <= rows)[:, None]) & (c0 + kb <= T)
+        before = (c0 + kb - 1) <= tok0[:, None]
+        full_tiles = (counts == ntok * per_tile) & whole & before
+
+    selected = selection_mask(bits, ls, G)
+    if mask_mod is not None:
+
+        def user(b, h, q_idx, kv_idx):
+            return mask_mod(b, h * G + q_idx % G, q_idx // G, kv_idx)
+
+        selected = and_masks(selected, user)
+    return block_mask_from_tiles(any_tiles, full_tiles, (rows, T), selected, block_size)

@@ -1,0 +1,298 @@
+"""The plain-PyTorch oracle: every step of NSA written to be obviously right, not fast.
+
+Everything here materialises full ``T x T`` (or ``T x Tc``) score matrices, so it is only for
+small shapes; run it in float64 to check a backend. It shares no code with the backends beyond
+the config, so a bug in one does not hide in the other.
+
+Shapes follow SPEC.md: ``q (B, Hq, T, Dk)``, ``k (B, Hkv, T, Dk)``, ``v (B, Hkv, T, Dv)``,
+``G = Hq // Hkv``; query head ``h`` reads KV head ``h // G``.
+
+``score_mod(score, b, h, q_idx, kv_idx)`` and ``mask_mod(b, h, q_idx, kv_idx)`` are FlexAttention
+modifiers; here they are called once on broadcastable index tensors ``(B,1,1,1)``,
+``(1,H,1,1)``, ``(1,1,T,1)``, ``(1,1,1,S)``, so they must be written with elementwise tensor
+ops (as FlexAttention modifiers are). ``kv_idx`` is a token position in every branch: in the
+compressed branch, block ``i`` is seen at its last token ``i*d + l - 1``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import torch
+from torch import Tensor
+
+from .config import NSAConfig
+
+__all__ = [
+    "ReferenceOutput",
+    "mean_compress",
+    "compressed_kv_positions",
+    "masked_attention",
+    "compressed_attention",
+    "overlap_matrix",
+    "selection_scores",
+    "top_n",
+    "select_blocks",
+    "selected_attention",
+    "window_attention",
+    "attend",
+]
+
+
+class ReferenceOutput(NamedTuple):
+    out: Tensor
+    block_indices: Tensor
+    o_cmp: Tensor
+    o_slc: Tensor
+    o_swa: Tensor
+    p_cmp: Tensor
+
+
+def mean_compress(x: Tensor, config: NSAConfig) -> Tensor:
+    """``(B, H, T, D) -> (B, H, Tc, D)``: block ``i`` is the mean of tokens ``i*d .. i*d+l-1``."""
+    B, H, T, D = x.shape
+    l, d = config.compress_block, config.compress_stride
+    blocks = [x[:, :, i * d : i * d + l].mean(dim=2) for i in range(config.num_compressed(T))]
+    if not blocks:
+        return x.new_zeros(B, H, 0, D)
+    return torch.stack(blocks, dim=2)
+
+
+def compressed_kv_positions(seq_len: int, config: NSAConfig, device=None) -> Tensor:
+    """The position at which each compressed block becomes visible: its last token."""
+    i = torch.arange(config.num_compressed(seq_len), device=device)
+    return i * config.compress_stride + config.compress_block - 1
+
+
+def _index_grids(B: int, H: int, T: int, kv_pos: Tensor):
+    dev = kv_pos.device
+    b = torch.arange(B, device=dev, dtype=torch.int32).view(B, 1, 1, 1)
+    h = torch.arange(H, device=dev, dtype=torch.int32).view(1, H, 1, 1)
+    t = torch.arange(T, device=dev, dtype=torch.int32).view(1, 1, T, 1)
+    s = kv_pos.to(torch.int32).view(1, 1, 1, -1)
+    return b, h, t, s
+
+
+def masked_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    allowed: Tensor,
+    scale: float,
+    kv_pos: Tensor,
+    score_mod: Callable | None = None,
+    mask_mod: Callable | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Softmax attention over the keys that ``allowed`` (and ``mask_mod``) let through.
+
+    Args:
+        q: ``(B, Hq, T, Dk)``; k: ``(B, Hkv, S, Dk)``; v: ``(B, Hkv, S, Dv)``.
+        allowed: bool, broadcastable to ``(B, Hq, T, S)``.
+        kv_pos: ``(S,)`` the position each key is shown to ``score_mod``/``mask_mod`` as.
+
+    Returns:
+        ``(out (B, Hq, T, Dv), probs (B, Hq, T, S))``. A query with no key allowed gets output
+        0 and probabilities 0.
+    """
+    B, Hq, T, _ = q.shape
+    G = Hq // k.shape[1]
+    k = k.repeat_interleave(G, dim=1)
+    v = v.repeat_interleave(G, dim=1)
+    scores = (q @ k.transpose(-1, -2)) * scale
+    b, h, t, s = _index_grids(B, Hq, T, kv_pos)
+    if score_mod is not None:
+        scores = score_mod(scores, b, h, t, s).expand_as(scores)
+    allowed = allowed.expand(B, Hq, T, k.shape[2])
+    if mask_mod is not None:
+        allowed = allowed & mask_mod(b, h, t, s)
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    any_allowed = allowed.any(dim=-1, keepdim=True)
+    # Rows with nothing to attend: shift by 0 instead of -inf, so exp gives 0s, never NaN.
+    row_max = torch.where(any_allowed, scores.amax(dim=-1, keepdim=True), 0.0).detach()
+    weights = torch.exp(scores - row_max)
+    denom = weights.sum(dim=-1, keepdim=True)
+    probs = weights / torch.where(any_allowed, denom, 1.0)
+    return probs @ v, probs
+
+
+def compressed_attention(
+    q: Tensor,
+    k_cmp: Tensor,
+    v_cmp: Tensor,
+    config: NSAConfig,
+    scale: float,
+    score_mod: Callable | None = None,
+    mask_mod: Callable | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Compressed branch: query ``t`` sees block ``i`` iff ``i*d + l - 1 <= t``.
+
+    Returns ``(o_cmp (B, Hq, T, Dv), p_cmp (B, Hq, T, Tc))``.
+    """
+    B, Hq, T, _ = q.shape
+    kv_pos = compressed_kv_positions(T, config, q.device)
+    if kv_pos.numel() == 0:
+        return q.new_zeros(B, Hq, T, v_cmp.shape[-1]), q.new_zeros(B, Hq, T, 0)
+    t = torch.arange(T, device=q.device)
+    visible = kv_pos[None, :] <= t[:, None]
+    return masked_attention(q, k_cmp, v_cmp, visible, scale, kv_pos, score_mod, mask_mod)
+
+
+def overlap_matrix(seq_len: int, config: NSAConfig, dtype=torch.float64, device=None) -> Tensor:
+    """``(Tc, Ns)``: ``|tokens(i) ∩ tokens(j)| / d`` for compressed block ``i``, selection block ``j``."""
+    l, d, ls = config.compress_block, config.compress_stride, config.select_block
+    tc, ns = config.num_compressed(seq_len), config.num_select_blocks(seq_len)
+    m = torch.zeros(tc, ns, dtype=dtype, device=device)
+    for i in range(tc):
+        for j in range(ns):
+            lo = max(i * d, j * ls)
+            hi = min(i * d + l, (j + 1) * ls)  # exclusive ends
+            m[i, j] = max(hi - lo, 0) / d
+    return m
+
+
+def selection_scores(p_cmp: Tensor, config: NSAConfig, num_kv_heads: int) -> Tensor:
+    """Importance of each selection block (eqs. 8-10): token-overlap mapping, then GQA group sum.
+
+    Args:
+        p_cmp: ``(B, Hq, T, Tc)`` compressed-branch probabilities.
+
+    Returns:
+        ``(B, Hkv, T, Ns)``.
+    """
+    B, Hq, T, _ = p_cmp.shape
+    p_slc = p_cmp @ overlap_matrix(T, config, p_cmp.dtype, p_cmp.device)
+    return p_slc.view(B, num_kv_heads, Hq // num_kv_heads, T, -1).sum(dim=2)
+
+
+def top_n(scores: Tensor, config: NSAConfig) -> Tensor:
+    """Top-n selection with forced initial and local blocks (SPEC step 4-5).
+
+    Args:
+        scores: ``(B, Hkv, T, Ns)``.
+
+    Returns:
+        ``(B, Hkv, T, n)`` int32: chosen blocks ascending, then ``-1`` padding.
+    """
+    B, H, T, Ns = scores.shape
+    n, ls = config.num_selected, config.select_block
+    j = torch.arange(Ns, device=scores.device)[None, :]
+    current = (torch.arange(T, device=scores.device) // ls)[:, None]
+    candidate = j <= current
+    forced = candidate & ((j < config.num_initial) | (j > current - config.num_local))
+    inf = torch.tensor(float("inf"), dtype=scores.dtype, device=scores.device)
+    key = torch.where(forced, inf, torch.where(candidate, scores, -inf))
+    out = torch.full((B, H, T, n), -1, dtype=torch.int32, device=scores.device)
+    for b in range(B):
+        for h in range(H):
+            for t in range(T):
+                m = min(n, int(candidate[t].sum()))
+                chosen = torch.topk(key[b, h, t], m).indices.sort().values
+                out[b, h, t, :m] = chosen.to(torch.int32)
+    return out
+
+
+def select_blocks(
+    q: Tensor,
+    k_cmp: Tensor,
+    config: NSAConfig,
+    scale: float,
+    score_mod: Callable | None = None,
+    mask_mod: Callable | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Block selection from scratch: returns ``(block_indices (B, Hkv, T, n), scores (B, Hkv, T, Ns))``."""
+    T = q.shape[2]
+    v_dummy = k_cmp.new_zeros(*k_cmp.shape[:-1], 1)
+    _, p_cmp = compressed_attention(q, k_cmp, v_dummy, config, scale, score_mod, mask_mod)
+    scores = selection_scores(p_cmp, config, k_cmp.shape[1])
+    return top_n(scores, config), scores
+
+
+def _allowed_by_selection(block_indices: Tensor, config: NSAConfig, seq_len: int) -> Tensor:
+    """``(B, Hkv, T, T)`` bool: key ``s`` is in one of query ``t``'s blocks and ``s <= t``."""
+    B, H, T, n = block_indices.shape
+    s = torch.arange(seq_len, device=block_indices.device)
+    block_of_s = s // config.select_block
+    ns = config.num_select_blocks(seq_len)
+    # One column per block plus a dump column for the -1 padding.
+    idx = torch.where(block_indices < 0, ns, block_indices).long()
+    chosen = torch.zeros(B, H, T, ns + 1, dtype=torch.bool, device=idx.device)
+    chosen.scatter_(-1, idx, True)
+    in_selected = chosen[..., block_of_s]  # (B, H, T, S)
+    causal = s[None, :] <= torch.arange(T, device=s.device)[:, None]
+    return in_selected & causal
+
+
+def selected_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    block_indices: Tensor,
+    config: NSAConfig,
+    scale: float,
+    score_mod: Callable | None = None,
+    mask_mod: Callable | None = None,
+) -> Tensor:
+    """Selected branch: query ``t`` of head ``h`` sees keys ``s <= t`` in the blocks
+    ``block_indices[b, h // G, t]`` (``-1`` entries select nothing)."""
+    T = q.shape[2]
+    G = q.shape[1] // k.shape[1]
+    allowed = _allowed_by_selection(block_indices, config, T).repeat_interleave(G, dim=1)
+    kv_pos = torch.arange(T, device=q.device)
+    return masked_attention(q, k, v, allowed, scale, kv_pos, score_mod, mask_mod)[0]
+
+
+def window_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    config: NSAConfig,
+    scale: float,
+    score_mod: Callable | None = None,
+    mask_mod: Callable | None = None,
+) -> Tensor:
+    """Sliding window: query ``t`` sees keys ``t - w < s <= t``."""
+    T = q.shape[2]
+    s = torch.arange(T, device=q.device)
+    t = s[:, None]
+    allowed = (s[None, :] <= t) & (s[None, :] > t - config.window)
+    return masked_attention(q, k, v, allowed, scale, s, score_mod, mask_mod)[0]
+
+
+def attend(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    gates: Tensor | None = None,
+    *,
+    config: NSAConfig | None = None,
+    k_cmp: Tensor | None = None,
+    v_cmp: Tensor | None = None,
+    block_indices: Tensor | None = None,
+    scale: float | None = None,
+    score_mod: Callable | None = None,
+    mask_mod: Callable | None = None,
+) -> ReferenceOutput:
+    """The whole NSA layer (eq. 5), densely. Inputs are not validated: ``nsa_flex.attend``
+    does that before it calls here.
+
+    Returns:
+        ``ReferenceOutput``: ``out (B, Hq, T, Dv)``, the selection, each branch's output and
+        the compressed branch's probabilities.
+    """
+    config = NSAConfig() if config is None else config
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    k_cmp = mean_compress(k, config) if k_cmp is None else k_cmp
+    v_cmp = mean_compress(v, config) if v_cmp is None else v_cmp
+    o_cmp, p_cmp = compressed_attention(q, k_cmp, v_cmp, config, scale, score_mod, mask_mod)
+    if block_indices is None:
+        # Selection is not differentiable (SPEC): scores are computed without a graph.
+        scores = selection_scores(p_cmp.detach(), config, k.shape[1])
+        block_indices = top_n(scores, config)
+    o_slc = selected_attention(q, k, v, block_indices, config, scale, score_mod, mask_mod)
+    o_swa = window_attention(q, k, v, config, scale, score_mod, mask_mod)
+    if gates is None:
+        out = o_cmp + o_slc + o_swa
+    else:
+        g = gates.to(o_cmp.dtype)
+        out = g[..., 0:1] * o_cmp + g[..., 1:2] * o_slc + g[..., 2:3] * o_swa
+    return ReferenceOutput(out, block_indices, o_cmp, o_slc, o_swa, p_cmp)

@@ -1,0 +1,153 @@
+"""Block selection shared by every backend: importance scores and top-n (paper eqs. 8-12).
+
+The scores come from the compressed branch's softmax over compressed blocks. Materialising them
+for the whole sequence costs ``B * Hq * T * Tc`` floats (64 GiB at T=65536 with SPEC's reference
+shape), so ``select_blocks`` walks the queries in chunks sized to a fixed memory budget and keeps
+only the ``(B, Hkv, T, n)`` indices.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from ._validation import check_qk_cmp, resolve_config, resolve_scale
+from .config import NSAConfig
+
+__all__ = ["select_blocks", "top_n_blocks", "block_importance"]
+
+# Bytes one chunk's (B, Hq, chunk, Tc) float32 score tensor may take; softmax and the mapping
+# add about as much again, so selection peaks near twice this.
+_CHUNK_BYTES = 512 * 2**20
+
+
+def _index(n: int, device, shape) -> Tensor:
+    return torch.arange(n, device=device, dtype=torch.int32).view(shape)
+
+
+def block_importance(p_cmp: Tensor, config: NSAConfig, seq_len: int) -> Tensor:
+    """Map compressed-block probabilities onto selection blocks by token overlap (eq. 9).
+
+    Compressed block ``i`` covers the ``r = l / d`` stride-chunks ``i .. i + r - 1`` of ``d``
+    tokens; selection block ``j`` covers the ``l' / d`` chunks from ``j * l' / d``. Their
+    overlap over ``d`` is the number of chunks they share, so spreading each block's probability
+    over its chunks and summing the chunks of each selection block is the overlap rule, in
+    ``O(Tc * r)`` instead of a ``Tc x Ns`` product.
+
+    Args:
+        p_cmp: ``(..., Tc)``.
+
+    Returns:
+        ``(..., Ns)``.
+    """
+    d, r = config.compress_stride, config.compress_block // config.compress_stride
+    per_sel = config.select_block // d
+    ns = config.num_select_blocks(seq_len)
+    n_chunks = ns * per_sel
+    tc = p_cmp.shape[-1]
+    # chunk c collects p[c - k] for k in 0..r-1; pad r-1 zeros on the left and up to n_chunks
+    # on the right (Tc + r - 1 = T // d <= n_chunks).
+    padded = torch.nn.functional.pad(p_cmp, (r - 1, n_chunks - tc))
+    chunks = sum(padded[..., r - 1 - k : r - 1 - k + n_chunks] for k in range(r))
+    return chunks.unflatten(-1, (ns, per_sel)).sum(dim=-1)
+
+
+def top_n_blocks(scores: Tensor, config: NSAConfig, q_start: int = 0) -> Tensor:
+    """Pick ``n`` blocks per query: forced initial and local blocks, then the best candidates.
+
+    Args:
+        scores: ``(B, Hkv, C, Ns)`` importance of each block for queries ``q_start ..
+            q_start + C - 1``.
+
+    Returns:
+        ``(B, Hkv, C, n)`` int32, valid indices ascending, then ``-1``.
+    """
+    *lead, C, ns = scores.shape
+    n, ls = config.num_selected, config.select_block
+    j = _index(ns, scores.device, (1, ns))
+    current = (torch.arange(q_start, q_start + C, device=scores.device, dtype=torch.int32) // ls)[:, None]
+    candidate = j <= current
+    forced = candidate & ((j < config.num_initial) | (j > current - config.num_local))
+    key = scores.float().masked_fill(~candidate, float("-inf")).masked_fill(forced, float("inf"))
+    vals, idx = torch.topk(key, min(n, ns), dim=-1)
+    # Non-candidates sort last (sentinel ns), then become -1.
+    idx = torch.where(vals == float("-inf"), ns, idx)
+    idx = torch.sort(idx, dim=-1).values
+    idx = torch.where(idx == ns, -1, idx).to(torch.int32)
+    if ns < n:
+        idx = torch.nn.functional.pad(idx, (0, n - ns), value=-1)
+    return idx
+
+
+@torch.no_grad()
+def _select(q, k_cmp, config, scale, score_mod, mask_mod, chunk_size) -> Tensor:
+    B, Hq, T, _ = q.shape
+    Hkv, tc = k_cmp.shape[1], k_cmp.shape[2]
+    G = Hq // Hkv
+    n = config.num_selected
+    if tc == 0:
+        # Nothing compressed yet: every candidate scores 0, so only forced blocks and ties.
+        scores = q.new_zeros(B, Hkv, T, config.num_select_blocks(T), dtype=torch.float32)
+        return top_n_blocks(scores, config)
+    dtype = torch.promote_types(q.dtype, torch.float32)
+    kc = k_cmp.to(dtype)[:, :, None]  # (B, Hkv, 1, Tc, Dk)
+    kv_pos = _index(tc, q.device, (1, 1, 1, tc)) * config.compress_stride + config.compress_block - 1
+    if chunk_size is None:
+        chunk_size = max(1, _CHUNK_BYTES // max(1, B * Hq * tc * 4))
+    b_idx = _index(B, q.device, (B, 1, 1, 1))
+    h_idx = _index(Hq, q.device, (1, Hq, 1, 1))
+    out = []
+    for start in range(0, T, chunk_size):
+        stop = min(T, start + chunk_size)
+        qc = q[:, :, start:stop].to(dtype).unflatten(1, (Hkv, G))  # (B, Hkv, G, C, Dk)
+        s = (qc @ kc.transpose(-1, -2)).flatten(1, 2) * scale  # (B, Hq, C, Tc)
+        t_idx = torch.arange(start, stop, device=q.device, dtype=torch.int32).view(1, 1, -1, 1)
+        if score_mod is not None:
+            s = score_mod(s, b_idx, h_idx, t_idx, kv_pos).expand_as(s)
+        allowed = kv_pos <= t_idx
+        if mask_mod is not None:
+            allowed = allowed & mask_mod(b_idx, h_idx, t_idx, kv_pos)
+        # A query that sees no compressed block gets a row of NaN from softmax; it scores 0.
+        p = torch.softmax(s.masked_fill(~allowed, float("-inf")), dim=-1).nan_to_num_(0.0)
+        p = p.unflatten(1, (Hkv, G)).sum(dim=2)  # eq. 10: heads of a group share a selection
+        out.append(top_n_blocks(block_importance(p, config, T), config, start))
+    return torch.cat(out, dim=2) if len(out) > 1 else out[0]
+
+
+def select_blocks(
+    q: Tensor,
+    k_cmp: Tensor,
+    *,
+    config: NSAConfig | None = None,
+    scale: float | None = None,
+    score_mod: Callable | None = None,
+    mask_mod: Callable | None = None,
+    chunk_size: int | None = None,
+) -> Tensor:
+    """Choose each query's ``n`` selection blocks from the compressed keys.
+
+    Importance is the compressed branch's attention probability, moved onto selection blocks
+    by token overlap and summed over the heads of a GQA group; blocks ``0 .. num_initial-1``
+    and the ``num_local`` most recent are always taken (SPEC.md, "Selection").
+
+    Args:
+        q: ``(B, Hq, T, Dk)`` queries.
+        k_cmp: ``(B, Hkv, Tc, Dk)`` compressed keys, ``Tc = config.num_compressed(T)``.
+        config: hyperparameters (default ``NSAConfig()``).
+        scale: score scale (default ``Dk ** -0.5``).
+        score_mod, mask_mod: the same FlexAttention modifiers given to ``attend()``; they
+            shape the compressed-branch probabilities the scores come from.
+        chunk_size: queries scored at once (default: sized so a chunk's scores take ~512 MiB).
+
+    Returns:
+        ``block_indices``: ``(B, Hkv, T, n)`` int32; each row holds the chosen blocks in
+        ascending order, then ``-1`` padding. Not differentiable.
+    """
+    config = resolve_config(config)
+    check_qk_cmp(q, k_cmp, config)
+    scale = resolve_scale(scale, q)
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    return _select(q, k_cmp, config, scale, score_mod, mask_mod, chunk_size)
