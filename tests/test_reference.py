@@ -1,0 +1,96 @@
+"""The oracle itself: checked against hand-derived facts of the paper and SPEC.md."""
+
+import torch
+from hypothesis import given, strategies as st
+
+from nsa_flex import NSAConfig, reference as R
+
+from strategies import configs, make_qkv, Shape
+
+SMALL = NSAConfig(compress_block=8, compress_stride=4, select_block=8, num_selected=3, num_initial=1, num_local=1, window=8)
+
+
+def test_overlap_weights_follow_eq9():
+    # Paper sizes: selection block j overlaps five compressed blocks with weights 1,2,2,2,1.
+    m = R.overlap_matrix(1024, NSAConfig())
+    j = 5
+    col = m[:, j]
+    nz = col.nonzero().flatten()
+    assert col[nz].tolist() == [1, 2, 2, 2, 1]
+    # those blocks start at tokens 16 before block j up to 48 into it
+    assert (nz * 16).tolist() == [j * 64 - 16 + 16 * i for i in range(5)]
+
+
+def test_mean_compress_blocks():
+    x = torch.arange(2 * 40, dtype=torch.float64).view(1, 1, 40, 2)
+    c = R.mean_compress(x, SMALL)
+    assert c.shape == (1, 1, SMALL.num_compressed(40), 2)
+    assert torch.equal(c[0, 0, 3], x[0, 0, 12:20].mean(0))
+
+
+def test_compressed_branch_is_zero_before_first_block_and_never_nan():
+    q, k, v = make_qkv(Shape(1, 1, 2, 20, 16, 16), seed=0)
+    o, p = R.compressed_attention(q, R.mean_compress(k, SMALL), R.mean_compress(v, SMALL), SMALL, 0.25)
+    assert torch.isfinite(o).all()
+    assert (o[:, :, : SMALL.compress_block - 1] == 0).all()
+    assert (o[:, :, SMALL.compress_block - 1 :] != 0).any(dim=-1).all()
+    # rows with something visible are distributions
+    sums = p.sum(-1)
+    assert torch.allclose(sums[:, :, SMALL.compress_block - 1 :], torch.ones_like(sums[:, :, 7:]))
+
+
+def test_short_sequence_has_no_compressed_blocks():
+    q, k, v = make_qkv(Shape(1, 1, 1, 5, 16, 16), seed=1)
+    r = R.attend(q, k, v, config=SMALL)
+    assert r.o_cmp.shape == (1, 1, 5, 16) and (r.o_cmp == 0).all()
+    assert torch.isfinite(r.out).all()
+
+
+def test_window_sees_exactly_w_keys():
+    T, w = 30, 8
+    q = torch.zeros(1, 1, T, 16, dtype=torch.float64)  # uniform attention: output is the mean
+    k = torch.randn(1, 1, T, 16, dtype=torch.float64)
+    v = torch.arange(T, dtype=torch.float64).view(1, 1, T, 1).expand(1, 1, T, 16)
+    o = R.window_attention(q, k, v, NSAConfig(compress_block=8, compress_stride=4, select_block=8, num_selected=3, window=w), 1.0)
+    for t in range(T):
+        lo = max(0, t - w + 1)
+        assert torch.allclose(o[0, 0, t, 0], torch.tensor(sum(range(lo, t + 1)) / (t + 1 - lo), dtype=torch.float64))
+
+
+@given(configs(), st.integers(1, 200), st.integers(0, 2**31 - 1))
+def test_top_n_rules(config, T, seed):
+    g = torch.Generator().manual_seed(seed)
+    ns = config.num_select_blocks(T)
+    scores = torch.rand(1, 2, T, ns, generator=g, dtype=torch.float64)
+    idx = R.top_n(scores, config)
+    assert idx.shape == (1, 2, T, config.num_selected) and idx.dtype == torch.int32
+    for t in range(0, T, max(1, T // 13)):
+        cur = t // config.select_block
+        row = idx[0, 0, t]
+        valid = row[row >= 0].tolist()
+        assert valid == sorted(set(valid))  # ascending, unique
+        assert (row[len(valid):] == -1).all()  # padding last
+        assert all(0 <= j <= cur for j in valid)
+        assert len(valid) == min(config.num_selected, cur + 1)
+        forced = {j for j in range(config.num_initial) if j <= cur}
+        forced |= {j for j in range(cur - config.num_local + 1, cur + 1) if j >= 0}
+        assert forced <= set(valid)
+        # every unchosen candidate scores no more than every chosen unforced block
+        free = [j for j in valid if j not in forced]
+        left = [j for j in range(cur + 1) if j not in valid]
+        if free and left:
+            assert scores[0, 0, t, left].max() <= scores[0, 0, t, free].min()
+
+
+def test_reference_gradcheck():
+    q, k, v = make_qkv(Shape(1, 1, 2, 20, 8, 6), seed=3, requires_grad=True)
+    g = torch.rand(1, 2, 20, 3, dtype=torch.float64, requires_grad=True)
+    kc = R.mean_compress(k.detach(), SMALL).requires_grad_()
+    vc = R.mean_compress(v.detach(), SMALL).requires_grad_()
+    idx = R.attend(q, k, v, config=SMALL).block_indices  # fixed selection: gradcheck needs a smooth function
+
+    def f(q, k, v, g, kc, vc):
+        sm = lambda s, b, h, qi, ki: 3 * torch.tanh(s / 3)
+        return R.attend(q, k, v, g, config=SMALL, k_cmp=kc, v_cmp=vc, block_indices=idx, score_mod=sm).out
+
+    assert torch.autograd.gradcheck(f, (q, k, v, g, kc, vc), fast_mode=True)

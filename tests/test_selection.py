@@ -1,0 +1,109 @@
+"""select_blocks (the chunked selection every backend shares) against the reference."""
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from hypothesis import given, strategies as st
+
+from nsa_flex import NSAConfig, mean_compress, reference as R, select_blocks
+from nsa_flex.selection import block_importance
+
+from strategies import configs, make_qkv, shapes
+
+
+def chosen_scores(idx, scores):
+    """Sorted scores of the chosen blocks (padding as -1): equal for any valid tie-break."""
+    vals = scores.gather(-1, idx.clamp_min(0).long())
+    vals = torch.where(idx >= 0, vals, torch.full_like(vals, -1.0))
+    return vals.sort(dim=-1).values
+
+
+@given(configs(), shapes(max_t=400, max_work=600_000), st.integers(1, 97), st.integers(0, 2**31 - 1))
+def test_select_blocks_matches_reference(config, shape, chunk, seed):
+    q, k, _ = make_qkv(shape, seed)
+    k_cmp = mean_compress(k, config)
+    ref_idx, ref_scores = R.select_blocks(q, k_cmp, config, 0.3)
+    idx = select_blocks(q, k_cmp, config=config, scale=0.3, chunk_size=chunk)
+    assert idx.shape == ref_idx.shape and idx.dtype == torch.int32
+    # the same number of valid entries, forced ones included, and equally good picks
+    assert torch.equal((idx >= 0).sum(-1), (ref_idx >= 0).sum(-1))
+    torch.testing.assert_close(chosen_scores(idx, ref_scores), chosen_scores(ref_idx, ref_scores), rtol=1e-9, atol=1e-12)
+    assert_ascending_then_padding(idx)
+
+
+def assert_ascending_then_padding(idx):
+    valid = idx >= 0
+    assert (valid[..., 1:] <= valid[..., :-1]).all(), "padding only after the valid entries"
+    both = valid[..., 1:] & valid[..., :-1]
+    assert (idx.diff(dim=-1)[both] > 0).all(), "valid entries strictly ascending"
+
+
+@given(configs(), st.integers(1, 300), st.integers(0, 2**31 - 1))
+def test_overlap_mapping_equals_the_token_rule(config, T, seed):
+    tc = config.num_compressed(T)
+    p = torch.rand(2, 3, tc, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    torch.testing.assert_close(block_importance(p, config, T), p @ R.overlap_matrix(T, config))
+
+
+def test_score_and_mask_mods_shape_the_selection():
+    config = NSAConfig(compress_block=8, compress_stride=4, select_block=8, num_selected=3, num_initial=0, num_local=1)
+    q, k, _ = make_qkv(__import__("strategies").Shape(1, 1, 2, 64, 16, 16), seed=5)
+    k_cmp = mean_compress(k, config)
+    # a score_mod that strongly favours early blocks makes them win
+    favour_early = lambda s, b, h, qi, ki: s - 1.0 * ki  # steep, but no exp underflow ties
+    idx = select_blocks(q, k_cmp, config=config, score_mod=favour_early)
+    ref, _ = R.select_blocks(q, k_cmp, config, 16**-0.5, score_mod=favour_early)
+    assert torch.equal(idx, ref)
+    assert (idx[0, 0, 63, :2] == torch.tensor([0, 1], dtype=torch.int32)).all()
+    # a mask_mod hiding everything leaves only forced blocks plus zero-score candidates
+    nothing = lambda b, h, qi, ki: ki < 0
+    idx_masked = select_blocks(q, k_cmp, config=config, mask_mod=nothing)
+    assert (idx_masked[..., 63, :] >= 0).sum() == 3
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the largest tensor any op produces."""
+
+    def __init__(self):
+        super().__init__()
+        self.bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                self.bytes = max(self.bytes, t.numel() * t.element_size())
+        return out
+
+
+def test_memory_is_bounded_by_the_chunk():
+    # T=4096, Hq=32, Tc=255: the whole score matrix would be 128 MiB; a chunk of 64 queries
+    # is 2 MiB, and no intermediate may be larger than a few chunks' worth.
+    config = NSAConfig()
+    q = torch.randn(1, 32, 4096, 16)
+    k_cmp = torch.randn(1, 2, config.num_compressed(4096), 16)
+    with LargestTensor() as seen:
+        idx = select_blocks(q, k_cmp, config=config, chunk_size=64)
+    assert seen.bytes <= 4 * 2**20
+    # and the chunking does not change the answer
+    assert torch.equal(idx, select_blocks(q, k_cmp, config=config))
+
+
+@pytest.mark.parametrize(
+    "bad, exc, match",
+    [
+        (lambda q, kc: (q[0], kc), ValueError, "q must have 4"),
+        (lambda q, kc: (q, kc[:, :, :-1]), ValueError, "Tc"),
+        (lambda q, kc: (q, kc.float()), TypeError, "k_cmp"),
+        (lambda q, kc: (q, kc[:, :, :, :8]), ValueError, "head dim"),
+        (lambda q, kc: (q[:, :3], kc), ValueError, "multiple"),
+        (lambda q, kc: ("q", kc), TypeError, "q must be a torch.Tensor"),
+    ],
+)
+def test_select_blocks_rejects_bad_input(bad, exc, match):
+    config = NSAConfig(compress_block=8, compress_stride=4, select_block=8, num_selected=3)
+    q = torch.randn(1, 4, 40, 16, dtype=torch.float64)
+    kc = torch.randn(1, 2, config.num_compressed(40), 16, dtype=torch.float64)
+    with pytest.raises(exc, match=match):
+        select_blocks(*bad(q, kc), config=config)
