@@ -182,12 +182,10 @@ def top_n(scores: Tensor, config: NSAConfig) -> Tensor:
     inf = torch.tensor(float("inf"), dtype=scores.dtype, device=scores.device)
     key = torch.where(forced, inf, torch.where(candidate, scores, -inf))
     out = torch.full((B, H, T, n), -1, dtype=torch.int32, device=scores.device)
-    for b in range(B):
-        for h in range(H):
-            for t in range(T):
-                m = min(n, int(candidate[t].sum()))
-                chosen = torch.topk(key[b, h, t], m).indices.sort().values
-                out[b, h, t, :m] = chosen.to(torch.int32)
+    for t in range(T):
+        m = min(n, int(candidate[t].sum()))
+        chosen = torch.topk(key[:, :, t], m).indices.sort(dim=-1).values
+        out[:, :, t, :m] = chosen.to(torch.int32)
     return out
 
 
