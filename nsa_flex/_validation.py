@@ -28,6 +28,10 @@ def resolve_config(config) -> NSAConfig:
 def resolve_scale(scale, q: Tensor) -> float:
     if scale is None:
         return q.shape[-1] ** -0.5
+    if torch.compiler.is_compiling():
+        # Dynamo may pass a float as a symbolic value; it was checked when first seen eagerly
+        # or comes from our own code, and math.isfinite on it would break the graph.
+        return scale
     if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
         raise TypeError(f"scale must be a finite real number, got {scale!r}")
     return float(scale)

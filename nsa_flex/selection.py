@@ -102,15 +102,15 @@ def _select(q, k_cmp, config, scale, score_mod, mask_mod, chunk_size) -> Tensor:
     for start in range(0, T, chunk_size):
         stop = min(T, start + chunk_size)
         qc = q[:, :, start:stop].to(dtype).unflatten(1, (Hkv, G))  # (B, Hkv, G, C, Dk)
-        s = (qc @ kc.transpose(-1, -2)).flatten(1, 2) * scale  # (B, Hq, C, Tc)
+        s = (qc @ kc.transpose(-1, -2)).flatten(1, 2).mul_(scale)  # (B, Hq, C, Tc)
         t_idx = torch.arange(start, stop, device=q.device, dtype=torch.int32).view(1, 1, -1, 1)
         if score_mod is not None:
-            s = score_mod(s, b_idx, h_idx, t_idx, kv_pos).expand_as(s)
+            s = score_mod(s, b_idx, h_idx, t_idx, kv_pos).expand_as(s).clone()  # writable
         allowed = kv_pos <= t_idx
         if mask_mod is not None:
             allowed = allowed & mask_mod(b_idx, h_idx, t_idx, kv_pos)
         # A query that sees no compressed block gets a row of NaN from softmax; it scores 0.
-        p = torch.softmax(s.masked_fill(~allowed, float("-inf")), dim=-1).nan_to_num_(0.0)
+        p = torch.softmax(s.masked_fill_(~allowed, float("-inf")), dim=-1).nan_to_num_(0.0)
         p = p.unflatten(1, (Hkv, G)).sum(dim=2)  # eq. 10: heads of a group share a selection
         out.append(top_n_blocks(block_importance(p, config, T), config, start))
     return torch.cat(out, dim=2) if len(out) > 1 else out[0]
