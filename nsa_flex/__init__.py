@@ -13,11 +13,7 @@ from .api import BACKENDS, NSAAux, attend
 from .compression import BlockCompressor, mean_compress
 from .config import NSAConfig
 from .selection import select_blocks
-
-try:
-    from .module import SparseAttention
-except ImportError:  # the module file lands separately
-    SparseAttention = None
+from .module import SparseAttention
 
 __all__ = [
     "attend",

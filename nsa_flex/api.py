@@ -125,6 +125,11 @@ def attend(
     check_callable("mask_mod", mask_mod)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "flex" and q.is_cuda and min(q.shape[-1], v.shape[-1]) < 16:
+        raise ValueError(
+            f"the flex backend on CUDA needs head dims of at least 16 (FlexAttention's kernels); "
+            f"got Dk={q.shape[-1]}, Dv={v.shape[-1]}"
+        )
     if not isinstance(return_aux, bool):
         raise TypeError(f"return_aux must be a bool, got {type(return_aux).__name__}")
 

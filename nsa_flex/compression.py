@@ -55,12 +55,17 @@ class BlockCompressor(nn.Module):
         dim_head: ``D``, the feature size of the keys or values it compresses.
         config: block length and stride.
         hidden: the MLP's hidden width (default ``dim_head``).
+        out_bias: whether the MLP's last layer has a bias. Leave it off for keys: a bias added
+            to every compressed key shifts all of a query's compressed scores by the same
+            amount, which softmax ignores, so it would never learn.
 
     Shapes:
         ``(B, H, T, D) -> (B, H, Tc, D)``; all heads share the parameters.
     """
 
-    def __init__(self, dim_head: int, config: NSAConfig, hidden: int | None = None) -> None:
+    def __init__(
+        self, dim_head: int, config: NSAConfig, hidden: int | None = None, out_bias: bool = True
+    ) -> None:
         super().__init__()
         if not isinstance(dim_head, int) or dim_head < 1:
             raise ValueError(f"dim_head must be a positive int, got {dim_head!r}")
@@ -71,7 +76,7 @@ class BlockCompressor(nn.Module):
         l = config.compress_block
         self.pos = nn.Parameter(torch.randn(l, dim_head) / math.sqrt(dim_head))
         self.mlp = nn.Sequential(
-            nn.Linear(l * dim_head, hidden), nn.GELU(), nn.Linear(hidden, dim_head)
+            nn.Linear(l * dim_head, hidden), nn.GELU(), nn.Linear(hidden, dim_head, bias=out_bias)
         )
 
     def forward(self, x: Tensor) -> Tensor:

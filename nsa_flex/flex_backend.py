@@ -56,8 +56,23 @@ def _identity_score(score, b, h, q_idx, kv_idx):
     return score
 
 
+def _kernel_options(q: Tensor, k: Tensor, v: Tensor) -> dict | None:
+    """Tile sizes for the CUDA kernels, chosen to fit shared memory on every dtype and head dim.
+
+    Inductor's single default config for the forward kernel overflowed the H200's 227 KiB of
+    shared memory in some cases (bf16 with D=64 at T=4099; fp32 with Dk=192: 240-272 KiB
+    asked), and with autotuning off it has no fallback. 64x64 tiles with two stages fit:
+    fp32 with D=256 needs ~200 KiB (64x32 tiles past D=128). These are safe rather than tuned.
+    """
+    if not q.is_cuda:
+        return None
+    wide = q.element_size() >= 4 and max(q.shape[-1], v.shape[-1]) > 128
+    return {"BLOCK_M": 64, "BLOCK_N": 32 if wide else 64, "num_stages": 2, "num_warps": 4}
+
+
 def _flex(q, k, v, score_mod, block_mask, scale) -> Tensor:
     gqa = q.shape[1] != k.shape[1]
+    opts = _kernel_options(q, k, v)
     if torch.compiler.is_compiling():
         fn = flex_attention
     elif q.is_cuda:
@@ -66,7 +81,10 @@ def _flex(q, k, v, score_mod, block_mask, scale) -> Tensor:
         return _cpu_flex_with_grad(q, k, v, score_mod, block_mask, scale)
     else:
         fn = flex_attention
-    return fn(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=gqa)
+    return fn(
+        q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=gqa,
+        kernel_options=opts,
+    )
 
 
 def compressed_branch(

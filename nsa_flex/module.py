@@ -1,0 +1,177 @@
+"""``SparseAttention``: a drop-in NSA attention layer, ``(B, T, dim) -> (B, T, dim)``."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from einops import rearrange
+from torch import Tensor, nn
+
+from .api import BACKENDS, attend
+from .compression import BlockCompressor
+from .config import NSAConfig
+from .rotary import RotaryEmbedding
+
+__all__ = ["SparseAttention"]
+
+
+def _check_positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value}")
+
+
+class SparseAttention(nn.Module):
+    """Native Sparse Attention layer (Yuan et al., arXiv 2502.11089) on ``nsa_flex.attend``.
+
+    Queries, keys and values are linear projections of ``x``; queries and keys are rotated by
+    RoPE; the rotated keys and the values are compressed into blocks by two learned
+    ``BlockCompressor`` MLPs; the three branches (compressed, selected, sliding window) are
+    mixed by per-head gates ``sigmoid(Linear(x))``; an output projection maps back to ``dim``.
+
+    Args:
+        dim: model width, the last dimension of ``x``.
+        heads: ``Hq``, query heads.
+        kv_heads: ``Hkv``, key/value heads (default ``heads``); must divide ``heads``.
+        dim_head: ``Dk``, query/key feature size per head; even when ``rotary``.
+        dim_head_v: ``Dv``, value feature size per head (default ``dim_head``).
+        config: NSA hyperparameters (default ``NSAConfig()``, the paper's).
+        rotary: apply RoPE to queries and keys.
+        rotary_base: RoPE's wavelength base.
+        compress_hidden: hidden width of the compression MLPs (default: the head size).
+        backend: ``"flex"`` (FlexAttention) or ``"reference"`` (the dense float64-able oracle).
+            A plain attribute: it may be changed after construction.
+        bias: whether the linear projections have a bias.
+
+    Shapes:
+        ``forward(x)``: ``x (B, T, dim) -> (B, T, dim)``.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        kv_heads: int | None = None,
+        dim_head: int = 64,
+        dim_head_v: int | None = None,
+        config: NSAConfig | None = None,
+        *,
+        rotary: bool = True,
+        rotary_base: float = 10000.0,
+        compress_hidden: int | None = None,
+        backend: str = "flex",
+        bias: bool = False,
+    ) -> None:
+        super().__init__()
+        kv_heads = heads if kv_heads is None else kv_heads
+        dim_head_v = dim_head if dim_head_v is None else dim_head_v
+        for name, value in [
+            ("dim", dim),
+            ("heads", heads),
+            ("kv_heads", kv_heads),
+            ("dim_head", dim_head),
+            ("dim_head_v", dim_head_v),
+        ]:
+            _check_positive_int(name, value)
+        if compress_hidden is not None:
+            _check_positive_int("compress_hidden", compress_hidden)
+        if heads % kv_heads:
+            raise ValueError(f"heads ({heads}) must be divisible by kv_heads ({kv_heads})")
+        config = NSAConfig() if config is None else config
+        if not isinstance(config, NSAConfig):
+            raise TypeError(f"config must be an NSAConfig, got {type(config).__name__}")
+        if not isinstance(rotary, bool):
+            raise TypeError(f"rotary must be a bool, got {type(rotary).__name__}")
+        if rotary and dim_head % 2:
+            raise ValueError(f"dim_head must be even when rotary=True, got {dim_head}")
+        if isinstance(rotary_base, bool) or not isinstance(rotary_base, (int, float)):
+            raise TypeError(f"rotary_base must be a number, got {type(rotary_base).__name__}")
+        if not rotary_base > 1.0:
+            raise ValueError(f"rotary_base must be > 1, got {rotary_base}")
+        if not isinstance(bias, bool):
+            raise TypeError(f"bias must be a bool, got {type(bias).__name__}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+        self.dim = dim
+        self.heads = heads
+        self.kv_heads = kv_heads
+        self.dim_head = dim_head
+        self.dim_head_v = dim_head_v
+        self.config = config
+        self.backend = backend
+
+        self.to_q = nn.Linear(dim, heads * dim_head, bias=bias)
+        self.to_k = nn.Linear(dim, kv_heads * dim_head, bias=bias)
+        self.to_v = nn.Linear(dim, kv_heads * dim_head_v, bias=bias)
+        self.to_gates = nn.Linear(dim, heads * 3, bias=bias)
+        self.to_out = nn.Linear(heads * dim_head_v, dim, bias=bias)
+        self.rotary = RotaryEmbedding(dim_head, base=rotary_base) if rotary else None
+        # no output bias for keys: softmax over the compressed scores would ignore it
+        self.compress_k = BlockCompressor(dim_head, config, hidden=compress_hidden, out_bias=False)
+        self.compress_v = BlockCompressor(dim_head_v, config, hidden=compress_hidden)
+
+    def extra_repr(self) -> str:
+        return (
+            f"dim={self.dim}, heads={self.heads}, kv_heads={self.kv_heads}, "
+            f"dim_head={self.dim_head}, dim_head_v={self.dim_head_v}, backend={self.backend!r}, "
+            f"config={self.config}"
+        )
+
+    def forward(
+        self,
+        x: Tensor,
+        *,
+        score_mod: Callable | None = None,
+        mask_mod: Callable | None = None,
+        return_aux: bool = False,
+    ):
+        """Attend over ``x`` causally with NSA.
+
+        Args:
+            x: ``(B, T, dim)``, floating point, on the module's device.
+            score_mod, mask_mod: FlexAttention modifiers, passed to ``attend`` for every branch
+                (see ``nsa_flex.attend`` for the positions they see).
+            return_aux: also return ``attend``'s aux (``block_indices (B, Hkv, T, n)`` and the
+                per-branch outputs ``o_cmp``, ``o_slc``, ``o_swa``, each ``(B, Hq, T, Dv)``).
+
+        Returns:
+            ``(B, T, dim)``, or ``(out, aux)`` when ``return_aux``.
+        """
+        # Shape/dtype/device checks only: they are static under torch.compile, so forward
+        # stays one graph.
+        if x.dim() != 3:
+            raise ValueError(f"x must be (B, T, dim), got shape {tuple(x.shape)}")
+        if x.shape[-1] != self.dim:
+            raise ValueError(f"x's last dimension must be dim={self.dim}, got {x.shape[-1]}")
+        if not x.is_floating_point():
+            raise TypeError(f"x must be floating point, got {x.dtype}")
+        if x.device != self.to_q.weight.device:
+            raise ValueError(
+                f"x is on {x.device} but the module's parameters are on {self.to_q.weight.device}"
+            )
+
+        q = rearrange(self.to_q(x), "b t (h d) -> b h t d", h=self.heads)
+        k = rearrange(self.to_k(x), "b t (h d) -> b h t d", h=self.kv_heads)
+        v = rearrange(self.to_v(x), "b t (h d) -> b h t d", h=self.kv_heads)
+        if self.rotary is not None:
+            q, k = self.rotary(q), self.rotary(k)
+        gates = rearrange(self.to_gates(x), "b t (h g) -> b h t g", g=3).sigmoid()
+
+        result = attend(
+            q,
+            k,
+            v,
+            gates,
+            config=self.config,
+            k_cmp=self.compress_k(k),
+            v_cmp=self.compress_v(v),
+            backend=self.backend,
+            score_mod=score_mod,
+            mask_mod=mask_mod,
+            return_aux=return_aux,
+        )
+        out, aux = result if return_aux else (result, None)
+        out = self.to_out(rearrange(out, "b h t d -> b t (h d)"))
+        return (out, aux) if return_aux else out

@@ -1,0 +1,91 @@
+"""Rotary position embedding (RoPE; Su et al., "RoFormer", arXiv 2104.09864).
+
+The rotate-half convention (GPT-NeoX, Llama): feature ``i`` and feature ``i + D/2`` form one
+rotating pair, turned by the angle ``pos * base ** (-2i / D)``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["RotaryEmbedding", "rotate_half"]
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    """``[x1, x2] -> [-x2, x1]`` over the last dimension, split into halves."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotates each ``(i, i + D/2)`` feature pair of a token by an angle proportional to its position.
+
+    After rotation, ``<rope(q)_m, rope(k)_n>`` depends on the positions only through ``m - n``,
+    and every vector keeps its norm.
+
+    Args:
+        dim: ``D``, the feature size it rotates; must be even.
+        base: the wavelength base; pair ``i`` turns by ``base ** (-2i / D)`` radians per position.
+
+    Shapes:
+        ``forward(x)``: ``(B, H, T, D) -> (B, H, T, D)``, same dtype as ``x``.
+
+    The module holds no state: angles are computed on each call (in at least float32, so bf16
+    inputs do not lose the phase of far positions), which keeps it exact under ``.double()``,
+    ``.to(bf16)`` and ``torch.compile``.
+    """
+
+    def __init__(self, dim: int, base: float = 10000.0) -> None:
+        super().__init__()
+        if isinstance(dim, bool) or not isinstance(dim, int):
+            raise TypeError(f"dim must be an int, got {type(dim).__name__}")
+        if dim < 2 or dim % 2:
+            raise ValueError(f"dim must be a positive even int, got {dim}")
+        if isinstance(base, bool) or not isinstance(base, (int, float)):
+            raise TypeError(f"base must be a number, got {type(base).__name__}")
+        if not base > 1.0:
+            raise ValueError(f"base must be > 1, got {base}")
+        self.dim = dim
+        self.base = float(base)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, base={self.base}"
+
+    def cos_sin(
+        self, seq_len: int, *, offset: int = 0, device=None, dtype=torch.float32
+    ) -> tuple[Tensor, Tensor]:
+        """The rotation angles' ``(cos, sin)``, each ``(seq_len, D)``, for positions
+        ``offset .. offset + seq_len - 1``."""
+        exponent = torch.arange(0, self.dim, 2, device=device, dtype=dtype) / self.dim
+        inv_freq = self.base**-exponent  # (D/2,)
+        pos = torch.arange(offset, offset + seq_len, device=device, dtype=dtype)
+        angles = torch.outer(pos, inv_freq)  # (T, D/2)
+        angles = torch.cat((angles, angles), dim=-1)  # (T, D): pair i and i + D/2 share an angle
+        return angles.cos(), angles.sin()
+
+    def forward(self, x: Tensor, *, offset: int = 0) -> Tensor:
+        """Rotate ``x``.
+
+        Args:
+            x: ``(B, H, T, D)``, floating point.
+            offset: the position of ``x[:, :, 0]`` (non-negative), e.g. the number of tokens
+                already decoded.
+
+        Returns:
+            ``(B, H, T, D)``, same dtype as ``x``.
+        """
+        if x.dim() != 4:
+            raise ValueError(f"x must be (B, H, T, D), got shape {tuple(x.shape)}")
+        if x.shape[-1] != self.dim:
+            raise ValueError(f"x's last dimension must be dim={self.dim}, got {x.shape[-1]}")
+        if not x.is_floating_point():
+            raise TypeError(f"x must be floating point, got {x.dtype}")
+        if isinstance(offset, bool) or not isinstance(offset, int):
+            raise TypeError(f"offset must be an int, got {type(offset).__name__}")
+        if offset < 0:
+            raise ValueError(f"offset must be >= 0, got {offset}")
+        compute = torch.promote_types(x.dtype, torch.float32)
+        cos, sin = self.cos_sin(x.shape[2], offset=offset, device=x.device, dtype=compute)
+        xc = x.to(compute)
+        return (xc * cos + rotate_half(xc) * sin).to(x.dtype)
