@@ -32,8 +32,10 @@ def resolve_scale(scale, q: Tensor) -> float:
         # Dynamo may pass a float as a symbolic value; it was checked when first seen eagerly
         # or comes from our own code, and math.isfinite on it would break the graph.
         return scale
-    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
-        raise TypeError(f"scale must be a finite real number, got {scale!r}")
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"scale must be a real number, got {type(scale).__name__}")
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale!r}")
     return float(scale)
 
 

@@ -67,12 +67,16 @@ class BlockCompressor(nn.Module):
         self, dim_head: int, config: NSAConfig, hidden: int | None = None, out_bias: bool = True
     ) -> None:
         super().__init__()
-        if not isinstance(dim_head, int) or dim_head < 1:
-            raise ValueError(f"dim_head must be a positive int, got {dim_head!r}")
         hidden = dim_head if hidden is None else hidden
-        if not isinstance(hidden, int) or hidden < 1:
-            raise ValueError(f"hidden must be a positive int, got {hidden!r}")
+        for name, value in (("dim_head", dim_head), ("hidden", hidden)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+            if value < 1:
+                raise ValueError(f"{name} must be positive, got {value}")
+        if not isinstance(config, NSAConfig):
+            raise TypeError(f"config must be an NSAConfig, got {type(config).__name__}")
         self.config = config
+        self.dim_head = dim_head
         l = config.compress_block
         self.pos = nn.Parameter(torch.randn(l, dim_head) / math.sqrt(dim_head))
         self.mlp = nn.Sequential(
@@ -80,6 +84,8 @@ class BlockCompressor(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.dim() == 4 and x.shape[-1] != self.dim_head:
+            raise ValueError(f"x must have head dim {self.dim_head}, got {x.shape[-1]}")
         blocks = block_view(x, self.config)  # (B, H, Tc, l, D)
         mixed = self.mlp((blocks + self.pos.to(blocks.dtype)).flatten(-2))
         return blocks.mean(dim=-2) + mixed

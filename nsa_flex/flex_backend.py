@@ -37,6 +37,22 @@ def _compiled_flex():
     return torch.compile(flex_attention, dynamic=False)
 
 
+def _room_to_recompile():
+    """Config patch under which the shared compiled flex_attention may hold many graphs.
+
+    Each branch and each sequence length is its own graph (three per length), and Dynamo's
+    default limit of 8 per function is reached by the third length; past it Dynamo would run
+    FlexAttention unfused, materialising the scores, with only a warning.
+    """
+    cfg = torch._dynamo.config
+    name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
+    return cfg.patch(**{name: max(getattr(cfg, name), _MAX_EAGER_GRAPHS)})
+
+
+# Enough for ~40 sequence lengths in one process; torch.compile'd models don't use this path.
+_MAX_EAGER_GRAPHS = 128
+
+
 def _cpu_flex_with_grad(q, k, v, score_mod, block_mask, scale):
     # The public flex_attention refuses CPU inputs that require grad, although its eager
     # operator differentiates fine (FlexAttention's math path: materialised scores, autograd).
@@ -56,7 +72,7 @@ def _identity_score(score, b, h, q_idx, kv_idx):
     return score
 
 
-def _kernel_options(q: Tensor, k: Tensor, v: Tensor) -> dict | None:
+def _kernel_options(q: Tensor, v: Tensor) -> dict | None:
     """Tile sizes for the CUDA kernels, chosen to fit shared memory on every dtype and head dim.
 
     Inductor's single default config for the forward kernel overflowed the H200's 227 KiB of
@@ -66,25 +82,27 @@ def _kernel_options(q: Tensor, k: Tensor, v: Tensor) -> dict | None:
     """
     if not q.is_cuda:
         return None
-    wide = q.element_size() >= 4 and max(q.shape[-1], v.shape[-1]) > 128
+    return _tile_options(q.element_size(), max(q.shape[-1], v.shape[-1]))
+
+
+def _tile_options(element_size: int, head_dim: int) -> dict:
+    wide = element_size >= 4 and head_dim > 128
     return {"BLOCK_M": 64, "BLOCK_N": 32 if wide else 64, "num_stages": 2, "num_warps": 4}
 
 
 def _flex(q, k, v, score_mod, block_mask, scale) -> Tensor:
-    gqa = q.shape[1] != k.shape[1]
-    opts = _kernel_options(q, k, v)
-    if torch.compiler.is_compiling():
-        fn = flex_attention
-    elif q.is_cuda:
-        fn = _compiled_flex()
-    elif torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        return _cpu_flex_with_grad(q, k, v, score_mod, block_mask, scale)
-    else:
-        fn = flex_attention
-    return fn(
-        q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=gqa,
-        kernel_options=opts,
+    kw = dict(
+        score_mod=score_mod, block_mask=block_mask, scale=scale,
+        enable_gqa=q.shape[1] != k.shape[1], kernel_options=_kernel_options(q, v),
     )
+    if torch.compiler.is_compiling():
+        return flex_attention(q, k, v, **kw)
+    if q.is_cuda:
+        with _room_to_recompile():
+            return _compiled_flex()(q, k, v, **kw)
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return _cpu_flex_with_grad(q, k, v, score_mod, block_mask, scale)
+    return flex_attention(q, k, v, **kw)
 
 
 def compressed_branch(

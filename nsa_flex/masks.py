@@ -71,6 +71,19 @@ def sliding_window_mask(window: int) -> MaskMod:
     return sliding_window
 
 
+def _unique_blocks(block_indices: Tensor, ns: int) -> tuple[Tensor, Tensor]:
+    """Each row's blocks sorted, with a validity mask that is false for padding and repeats.
+
+    Returns ``(idx, valid)``, both ``(B, H, T, n)``: ``idx`` int64 (padding sorted last as
+    ``ns``), ``valid`` bool.
+    """
+    idx = block_indices.long()
+    idx = torch.sort(torch.where(idx >= 0, idx, ns), dim=-1).values
+    valid = idx < ns
+    valid[..., 1:] &= idx[..., 1:] != idx[..., :-1]
+    return idx, valid
+
+
 def selection_bits(block_indices: Tensor, config: NSAConfig) -> Tensor:
     """Pack each query's selected blocks into bits: ``(B, Hkv, T, n) -> (B, Hkv, T, ceil(Ns/32))``
     int32, bit ``j % 32`` of word ``j // 32`` set iff block ``j`` is selected.
@@ -80,12 +93,7 @@ def selection_bits(block_indices: Tensor, config: NSAConfig) -> Tensor:
     B, H, T, n = block_indices.shape
     ns = config.num_select_blocks(T)
     words = -(-ns // 32)
-    idx = block_indices.long()
-    valid = idx >= 0
-    # Mark a repeated index invalid so that the sum below is a bitwise OR.
-    idx = torch.sort(torch.where(valid, idx, ns), dim=-1).values
-    valid = idx < ns
-    valid[..., 1:] &= idx[..., 1:] != idx[..., :-1]
+    idx, valid = _unique_blocks(block_indices, ns)  # unique, so the sum below is a bitwise OR
     # What is dropped adds 0 to word 0. (Writing it to a spare word sliced off afterwards
     # would leave a view, which the CPU FlexAttention template cannot take as a mask buffer.)
     word = torch.where(valid, idx // 32, 0)
@@ -308,14 +316,15 @@ def selection_block_mask(
     nq, nk = -(-rows // qb), -(-T // kb)
     bits = selection_bits(block_indices, config)
 
-    idx = block_indices.long()  # (B, H, T, n)
+    # Repeats count once: the full-tile test below counts (token, block) pairs.
+    idx, valid = _unique_blocks(block_indices, config.num_select_blocks(T))  # (B, H, T, n)
     t = torch.arange(T, device=dev)
     # KV tiles a block touches, clipped to the tile holding the query (causality).
     span = (ls - 1) // kb + 2
     first = torch.div(idx * ls, kb, rounding_mode="floor")
     last = torch.minimum(torch.div((idx + 1) * ls - 1, kb, rounding_mode="floor"), (t // kb)[:, None])
     kv_t = first[..., None] + torch.arange(span, device=dev)  # (B, H, T, n, span)
-    ok = (idx >= 0)[..., None] & (kv_t <= last[..., None])
+    ok = valid[..., None] & (kv_t <= last[..., None])
     # Q tiles the token's G rows fall in.
     qspan = (G - 1) // qb + 2
     q_first, q_last = t * G // qb, (t * G + G - 1) // qb

@@ -18,8 +18,9 @@ from .config import NSAConfig
 
 __all__ = ["select_blocks", "top_n_blocks", "block_importance"]
 
-# Bytes one chunk's (B, Hq, chunk, Tc) float32 score tensor may take; softmax and the mapping
-# add about as much again, so selection peaks near twice this.
+# Bytes one chunk's (B, Hq, chunk, Tc) score tensor may take. The softmax output is a second
+# such tensor and the mask and the mapping add smaller ones, so selection's extra memory is
+# about two to three times this (the GPU test checks < 2 GiB at T=65536, SPEC's shape).
 _CHUNK_BYTES = 512 * 2**20
 
 
@@ -95,7 +96,8 @@ def _select(q, k_cmp, config, scale, score_mod, mask_mod, chunk_size) -> Tensor:
     kc = k_cmp.to(dtype)[:, :, None]  # (B, Hkv, 1, Tc, Dk)
     kv_pos = _index(tc, q.device, (1, 1, 1, tc)) * config.compress_stride + config.compress_block - 1
     if chunk_size is None:
-        chunk_size = max(1, _CHUNK_BYTES // max(1, B * Hq * tc * 4))
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        chunk_size = max(1, _CHUNK_BYTES // max(1, B * Hq * tc * itemsize))
     b_idx = _index(B, q.device, (B, 1, 1, 1))
     h_idx = _index(Hq, q.device, (1, Hq, 1, 1))
     out = []

@@ -183,7 +183,7 @@ BAD = [
     ("indices low", lambda d: d.update(block_indices=torch.full((2, 2, 40, 3), -2, dtype=torch.int32)), ValueError, "block_indices must lie"),
     ("config", lambda d: d.update(config={"window": 3}), TypeError, "config must be an NSAConfig"),
     ("scale", lambda d: d.update(scale="0.1"), TypeError, "scale must be"),
-    ("scale nan", lambda d: d.update(scale=float("nan")), TypeError, "scale must be"),
+    ("scale nan", lambda d: d.update(scale=float("nan")), ValueError, "scale must be finite"),
     ("score_mod", lambda d: d.update(score_mod=3), TypeError, "score_mod must be callable"),
     ("mask_mod", lambda d: d.update(mask_mod="x"), TypeError, "mask_mod must be callable"),
     ("backend", lambda d: d.update(backend="cuda"), ValueError, "backend must be one of"),

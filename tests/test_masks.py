@@ -131,3 +131,17 @@ def test_full_tiles_exist_for_aligned_blocks():
     bm = selection_block_mask(idx, config)
     check_block_mask(bm, 1, 1, tight=False)
     assert int(bm.full_kv_num_blocks[0, 0, 2:].min()) >= 1  # tile 0 (blocks 0 and 1) is full
+
+
+def test_repeated_blocks_do_not_make_a_tile_full():
+    # Tokens 128..191 select [0, 0], tokens 192..255 select [0, 1]: counting the repeat twice
+    # would call KV tile 0 (blocks 0 and 1) full for the first Q tile, whose tokens never
+    # selected block 1.
+    config = NSAConfig(num_selected=2, num_initial=0, num_local=0)
+    T = 256
+    idx = torch.zeros(1, 1, T, 2, dtype=torch.int32)
+    idx[0, 0, 192:, 1] = 1
+    bm = selection_block_mask(idx, config)
+    dense = check_block_mask(bm, 1, 1, tight=False)
+    assert not dense[0, 0, 128:192, 64:128].any()
+    assert int(bm.full_kv_num_blocks[0, 0, 1]) == 0

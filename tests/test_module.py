@@ -300,3 +300,27 @@ def test_demo_runs_on_cpu():
     assert result.returncode == 0, result.stdout + result.stderr
     assert "PASS" in result.stdout
     assert "#" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [
+        (dict(dim_head=8.0), TypeError, "dim_head must be an int"),
+        (dict(dim_head=0), ValueError, "dim_head must be positive"),
+        (dict(hidden=True), TypeError, "hidden must be an int"),
+        (dict(config={"compress_block": 8}), TypeError, "config must be an NSAConfig"),
+    ],
+)
+def test_block_compressor_rejects_bad_arguments(kwargs, exc, match):
+    from nsa_flex import BlockCompressor
+
+    args = dict(dim_head=8, config=SMALL) | kwargs
+    with pytest.raises(exc, match=match):
+        BlockCompressor(**args)
+
+
+def test_block_compressor_checks_the_head_dim():
+    from nsa_flex import BlockCompressor
+
+    with pytest.raises(ValueError, match="head dim 8"):
+        BlockCompressor(8, SMALL)(torch.randn(1, 1, 40, 6))

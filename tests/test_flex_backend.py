@@ -1,0 +1,36 @@
+"""Pieces of the flex backend that the end-to-end tests cannot see on the CPU."""
+
+import torch
+
+from nsa_flex import flex_backend
+
+
+def _graphs_compiled(shapes, patch):
+    torch._dynamo.reset()
+    fn = torch.compile(lambda x: x * 2 + 1, dynamic=False, backend="eager")
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    with patch():
+        for n in shapes:
+            assert torch.equal(fn(torch.ones(n)), torch.full((n,), 3.0))
+    return counters["stats"]["unique_graphs"]
+
+
+def test_eager_compiled_flex_has_room_for_many_lengths():
+    # Eager CUDA calls share one torch.compile(flex_attention); each branch and length is a
+    # new graph. Dynamo's default stops compiling (and runs unfused) past 8 of them.
+    import contextlib
+
+    shapes = range(1, 13)
+    assert _graphs_compiled(shapes, contextlib.nullcontext) < 12
+    assert _graphs_compiled(shapes, flex_backend._room_to_recompile) == 12
+    torch._dynamo.reset()
+
+
+def test_kernel_tiles():
+    assert flex_backend._kernel_options(torch.empty(1, 1, 1, 64), torch.empty(1, 1, 1, 64)) is None  # CPU
+    for size, dim, block_n in [(2, 64, 64), (2, 256, 64), (4, 128, 64), (4, 192, 32), (4, 256, 32)]:
+        opts = flex_backend._tile_options(size, dim)
+        assert opts["BLOCK_N"] == block_n and opts["BLOCK_M"] == 64 and opts["num_stages"] == 2
+        # the BlockMask's 128-wide tiles must be multiples of the kernel's
+        assert 128 % opts["BLOCK_M"] == 0 and 128 % opts["BLOCK_N"] == 0
