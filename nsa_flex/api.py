@@ -7,7 +7,7 @@ from typing import Callable, NamedTuple
 import torch
 from torch import Tensor
 
-from . import flex_backend, reference
+from . import flex_backend, reference, triton_backend
 from ._validation import (
     check_block_indices,
     check_callable,
@@ -23,7 +23,7 @@ from .selection import select_blocks
 
 __all__ = ["attend", "NSAAux", "BACKENDS"]
 
-BACKENDS = ("flex", "reference")
+BACKENDS = ("flex", "triton", "reference")
 
 
 def _gate(o_cmp: Tensor, o_slc: Tensor, o_swa: Tensor, gates: Tensor | None) -> Tensor:
@@ -37,6 +37,19 @@ def _gate(o_cmp: Tensor, o_slc: Tensor, o_swa: Tensor, gates: Tensor | None) -> 
     if gates is None:
         return branches.sum(dim=-1)
     return (branches * gates.to(branches.dtype)[..., None, :]).sum(dim=-1)
+
+
+def _check_triton(q: Tensor, score_mod, mask_mod) -> None:
+    ok, why = triton_backend.available(q.device)
+    if not ok:
+        raise ValueError(why)
+    if score_mod is not None or mask_mod is not None:
+        raise ValueError(
+            "the triton backend's selected-branch kernel runs no score_mod or mask_mod; "
+            "use backend='flex' for them"
+        )
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"the triton backend takes float16, bfloat16 or float32, got {q.dtype}")
 
 
 class NSAAux(NamedTuple):
@@ -92,7 +105,10 @@ def attend(
             the compressed branch block ``i`` is at its last token, ``i*d + l - 1``.
         mask_mod: a FlexAttention ``mask_mod(b, h, q_idx, kv_idx)`` ANDed into every branch,
             with the same coordinates (e.g. to keep packed documents apart).
-        backend: ``"flex"`` (FlexAttention) or ``"reference"`` (the dense oracle, for checks).
+        backend: ``"flex"`` (FlexAttention), ``"triton"`` (the hand-written selected-branch
+            kernel; compressed and window branches on FlexAttention; no ``score_mod`` or
+            ``mask_mod``; CUDA, or the CPU under ``TRITON_INTERPRET=1``) or ``"reference"``
+            (the dense oracle, for checks).
         return_aux: also return :class:`NSAAux`.
 
     Returns:
@@ -125,11 +141,13 @@ def attend(
     check_callable("mask_mod", mask_mod)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "flex" and q.is_cuda and min(q.shape[-1], v.shape[-1]) < 16:
+    if backend != "reference" and q.is_cuda and min(q.shape[-1], v.shape[-1]) < 16:
         raise ValueError(
-            f"the flex backend on CUDA needs head dims of at least 16 (FlexAttention's kernels); "
-            f"got Dk={q.shape[-1]}, Dv={v.shape[-1]}"
+            f"the {backend} backend on CUDA needs head dims of at least 16 (FlexAttention's "
+            f"kernels); got Dk={q.shape[-1]}, Dv={v.shape[-1]}"
         )
+    if backend == "triton":
+        _check_triton(q, score_mod, mask_mod)
     if not isinstance(return_aux, bool):
         raise TypeError(f"return_aux must be a bool, got {type(return_aux).__name__}")
 
@@ -147,7 +165,10 @@ def attend(
                 q, k_cmp, config=config, scale=scale, score_mod=score_mod, mask_mod=mask_mod
             )
         o_cmp = flex_backend.compressed_branch(q, k_cmp, v_cmp, config, scale, score_mod, mask_mod)
-        o_slc = flex_backend.selected_branch(q, k, v, block_indices, config, scale, score_mod, mask_mod)
+        if backend == "triton":
+            o_slc = triton_backend.selected_branch(q, k, v, block_indices, config, scale)
+        else:
+            o_slc = flex_backend.selected_branch(q, k, v, block_indices, config, scale, score_mod, mask_mod)
         o_swa = flex_backend.window_branch(q, k, v, config, scale, score_mod, mask_mod)
         out = _gate(o_cmp, o_slc, o_swa, gates)
         aux = NSAAux(block_indices, o_cmp, o_slc, o_swa)

@@ -21,6 +21,7 @@ from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, and_masks
 
 from .config import NSAConfig
+from .selection import sort_unique_blocks
 
 __all__ = [
     "causal_mask",
@@ -71,19 +72,6 @@ def sliding_window_mask(window: int) -> MaskMod:
     return sliding_window
 
 
-def _unique_blocks(block_indices: Tensor, ns: int) -> tuple[Tensor, Tensor]:
-    """Each row's blocks sorted, with a validity mask that is false for padding and repeats.
-
-    Returns ``(idx, valid)``, both ``(B, H, T, n)``: ``idx`` int64 (padding sorted last as
-    ``ns``), ``valid`` bool.
-    """
-    idx = block_indices.long()
-    idx = torch.sort(torch.where(idx >= 0, idx, ns), dim=-1).values
-    valid = idx < ns
-    valid[..., 1:] &= idx[..., 1:] != idx[..., :-1]
-    return idx, valid
-
-
 def selection_bits(block_indices: Tensor, config: NSAConfig) -> Tensor:
     """Pack each query's selected blocks into bits: ``(B, Hkv, T, n) -> (B, Hkv, T, ceil(Ns/32))``
     int32, bit ``j % 32`` of word ``j // 32`` set iff block ``j`` is selected.
@@ -93,7 +81,7 @@ def selection_bits(block_indices: Tensor, config: NSAConfig) -> Tensor:
     B, H, T, n = block_indices.shape
     ns = config.num_select_blocks(T)
     words = -(-ns // 32)
-    idx, valid = _unique_blocks(block_indices, ns)  # unique, so the sum below is a bitwise OR
+    idx, valid = sort_unique_blocks(block_indices, ns)  # unique, so the sum below is a bitwise OR
     # What is dropped adds 0 to word 0. (Writing it to a spare word sliced off afterwards
     # would leave a view, which the CPU FlexAttention template cannot take as a mask buffer.)
     word = torch.where(valid, idx // 32, 0)
@@ -317,7 +305,7 @@ def selection_block_mask(
     bits = selection_bits(block_indices, config)
 
     # Repeats count once: the full-tile test below counts (token, block) pairs.
-    idx, valid = _unique_blocks(block_indices, config.num_select_blocks(T))  # (B, H, T, n)
+    idx, valid = sort_unique_blocks(block_indices, config.num_select_blocks(T))  # (B, H, T, n)
     t = torch.arange(T, device=dev)
     # KV tiles a block touches, clipped to the tile holding the query (causality).
     span = (ls - 1) // kb + 2

@@ -16,7 +16,7 @@ from torch import Tensor
 from ._validation import check_qk_cmp, resolve_config, resolve_scale
 from .config import NSAConfig
 
-__all__ = ["select_blocks", "top_n_blocks", "block_importance"]
+__all__ = ["select_blocks", "top_n_blocks", "block_importance", "sort_unique_blocks"]
 
 # Bytes one chunk's (B, Hq, chunk, Tc) score tensor may take. The softmax output is a second
 # such tensor and the mask and the mapping add smaller ones, so selection's extra memory is
@@ -80,6 +80,26 @@ def top_n_blocks(scores: Tensor, config: NSAConfig, q_start: int = 0) -> Tensor:
     if ns < n:
         idx = torch.nn.functional.pad(idx, (0, n - ns), value=-1)
     return idx
+
+
+def sort_unique_blocks(block_indices: Tensor, num_blocks: int) -> tuple[Tensor, Tensor]:
+    """Each row's blocks sorted, with a mask that is false for ``-1`` padding and repeats.
+
+    Every backend reads a given selection through this, so that a block listed twice counts
+    once everywhere.
+
+    Args:
+        block_indices: ``(B, Hkv, T, n)`` integers in ``[-1, num_blocks)``.
+
+    Returns:
+        ``(idx, valid)``, both ``(B, Hkv, T, n)``: ``idx`` int64 ascending, padding sorted last
+        as ``num_blocks``; ``valid`` bool.
+    """
+    idx = block_indices.long()
+    idx = torch.sort(torch.where(idx >= 0, idx, num_blocks), dim=-1).values
+    valid = idx < num_blocks
+    valid[..., 1:] &= idx[..., 1:] != idx[..., :-1]
+    return idx, valid
 
 
 @torch.no_grad()

@@ -2,6 +2,12 @@ import os
 
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    # The triton backend's kernels run on the CPU only under Triton's interpreter, which must
+    # be chosen before the kernels are defined. (Never on a GPU machine: it would also capture
+    # Inductor's own Triton kernels.)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 from hypothesis import settings
 
 settings.register_profile("ci", max_examples=25, deadline=None, derandomize=True, print_blob=True)

@@ -104,7 +104,7 @@ def test_no_rotary_has_no_rotary_module():
         (dict(rotary_base="1e4"), TypeError, "rotary_base"),
         (dict(compress_hidden=0), ValueError, "compress_hidden"),
         (dict(compress_hidden=2.5), TypeError, "compress_hidden"),
-        (dict(backend="triton"), ValueError, "backend"),
+        (dict(backend="cuda"), ValueError, "backend"),
         (dict(backend=None), ValueError, "backend"),
         (dict(bias=1), TypeError, "bias"),
     ],

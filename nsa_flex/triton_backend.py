@@ -1,0 +1,164 @@
+"""The triton backend's selected branch: launch code and autograd around ``triton_kernels``.
+
+The forward and dQ kernels run one program per (query position, batch row, KV head), the G
+query heads of the group as the rows of every tile. The dK/dV kernel runs one program per
+(selection-block tile, batch row, KV head) over the queries that selected that block: the
+selection is inverted with a sort, so every key has exactly one writer and the gradients are
+deterministic without atomics. Nothing here reads device values on the host, so forward and
+backward can be captured in a CUDA graph.
+
+On the CPU the kernels run only under Triton's interpreter (``TRITON_INTERPRET=1`` set before
+``nsa_flex`` is imported), which is slow and meant for tests on tiny shapes.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+from .config import NSAConfig
+from .selection import sort_unique_blocks
+
+__all__ = ["selected_attention", "selected_branch", "invert_selection", "available"]
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def available(device: torch.device) -> tuple[bool, str]:
+    """Whether the kernels can run on ``device``, and why not."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False, "the triton backend needs the `triton` package"
+    if device.type == "cuda" or _interpreting():
+        return True, ""
+    return False, (
+        f"the triton backend runs on CUDA tensors (got {device}); on the CPU only under "
+        "Triton's interpreter, TRITON_INTERPRET=1 set before importing nsa_flex"
+    )
+
+
+def _pow2(x: int, least: int = 16) -> int:
+    return max(least, 1 << (x - 1).bit_length())
+
+
+def _meta(G: int, Dk: int, Dv: int, select_block: int, dtype: torch.dtype) -> dict:
+    return dict(
+        G=G,
+        SEL_BLOCK=select_block,
+        DK=Dk,
+        DV=Dv,
+        BLOCK_G=_pow2(G),
+        BLOCK_N=min(64, _pow2(select_block)),
+        BLOCK_DK=_pow2(Dk),
+        BLOCK_DV=_pow2(Dv),
+        # float32 inputs get true float32 products (Triton's default would be TF32)
+        IEEE=dtype == torch.float32,
+    )
+
+
+def _strides(x: Tensor) -> tuple[int, ...]:
+    return tuple(x.stride())
+
+
+def invert_selection(idx: Tensor, num_blocks: int) -> tuple[Tensor, Tensor]:
+    """For each block, the queries that selected it.
+
+    Args:
+        idx: ``(B, Hkv, T, n)`` int, each row ascending and unique with ``-1`` last.
+
+    Returns:
+        ``(qlist (B, Hkv, T*n) int32, qstart (B, Hkv, Ns+1) int32)``: the queries that selected
+        block ``j`` are ``qlist[b, h, qstart[b, h, j] : qstart[b, h, j+1]]``, ascending.
+    """
+    B, H, T, n = idx.shape
+    valid = idx >= 0
+    t = torch.arange(T, device=idx.device).view(1, 1, T, 1)
+    block = torch.where(valid, idx.long(), num_blocks)
+    key = (block * T + t).view(B, H, T * n)  # padding sorts after every real block
+    qlist = (torch.sort(key, dim=-1).values % T).to(torch.int32)
+    counts = torch.zeros(B, H, num_blocks + 1, dtype=torch.int64, device=idx.device)
+    counts.scatter_add_(-1, block.view(B, H, T * n), torch.ones_like(key))
+    qstart = torch.zeros_like(counts)
+    qstart[..., 1:] = torch.cumsum(counts[..., :num_blocks], dim=-1)
+    return qlist.contiguous(), qstart.to(torch.int32).contiguous()
+
+
+class _SelectedAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, idx, select_block, scale):
+        from .triton_kernels import selected_fwd_kernel
+
+        B, Hq, T, Dk = q.shape
+        Hkv, Dv = k.shape[1], v.shape[-1]
+        meta = _meta(Hq // Hkv, Dk, Dv, select_block, q.dtype)
+        o = torch.empty(B, Hq, T, Dv, device=q.device, dtype=q.dtype)
+        lse = torch.empty(B, Hq, T, device=q.device, dtype=torch.float32)
+        selected_fwd_kernel[(T, B * Hkv)](
+            q, k, v, idx, o, lse,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(idx), *_strides(o), *_strides(lse),
+            T, Hkv, scale, N_SEL=idx.shape[-1], **meta,
+        )
+        ctx.mark_non_differentiable(lse)
+        ctx.save_for_backward(q, k, v, idx, o, lse)
+        ctx.select_block, ctx.scale = select_block, scale
+        return o, lse
+
+    @staticmethod
+    def backward(ctx, do, dlse):
+        from .triton_kernels import selected_dkdv_kernel, selected_dq_kernel
+
+        q, k, v, idx, o, lse = ctx.saved_tensors
+        B, Hq, T, Dk = q.shape
+        Hkv, Dv = k.shape[1], v.shape[-1]
+        meta = _meta(Hq // Hkv, Dk, Dv, ctx.select_block, q.dtype)
+        do = do.to(q.dtype).contiguous()
+        delta = (do.float() * o.float()).sum(dim=-1)  # (B, Hq, T): rowsum(dO * O)
+        dq = torch.empty_like(q)
+        selected_dq_kernel[(T, B * Hkv)](
+            q, k, v, idx, do, lse, delta, dq,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(idx), *_strides(do), *_strides(lse),
+            T, Hkv, ctx.scale, N_SEL=idx.shape[-1], **meta,
+        )
+        ns = -(-T // ctx.select_block)
+        qlist, qstart = invert_selection(idx, ns)
+        chunks = -(-ctx.select_block // meta["BLOCK_N"])
+        dk, dv = torch.empty_like(k), torch.empty_like(v)
+        selected_dkdv_kernel[(ns * chunks, B * Hkv)](
+            q, k, v, do, lse, delta, qlist, qstart, dk, dv,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(lse),
+            *_strides(qlist)[:2], *_strides(qstart)[:2],
+            T, Hkv, ctx.scale, CHUNKS=chunks, **meta,
+        )
+        return dq, dk, dv, None, None, None
+
+
+def selected_attention(
+    q: Tensor, k: Tensor, v: Tensor, block_indices: Tensor, select_block: int, scale: float
+) -> tuple[Tensor, Tensor]:
+    """Selected-branch attention with the Triton kernels.
+
+    Args:
+        q: ``(B, Hq, T, Dk)``; k: ``(B, Hkv, T, Dk)``; v: ``(B, Hkv, T, Dv)``.
+        block_indices: ``(B, Hkv, T, n)`` in ``[-1, ceil(T / select_block))``; ``-1`` and repeats
+            select nothing more.
+
+    Returns:
+        ``(o (B, Hq, T, Dv), lse (B, Hq, T) float32)``; ``lse`` is ``-inf`` (and ``o`` is 0) for a
+        query that sees no key. Differentiable in ``q, k, v``.
+    """
+    ns = -(-q.shape[2] // select_block)
+    idx, valid = sort_unique_blocks(block_indices, ns)
+    idx = torch.where(valid, idx, -1).to(torch.int32).contiguous()
+    return _SelectedAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), idx, select_block, scale)
+
+
+def selected_branch(
+    q: Tensor, k: Tensor, v: Tensor, block_indices: Tensor, config: NSAConfig, scale: float
+) -> Tensor:
+    """``o_slc (B, Hq, T, Dv)`` for ``attend(..., backend="triton")``."""
+    return selected_attention(q, k, v, block_indices, config.select_block, scale)[0]
