@@ -100,8 +100,11 @@ def _flex(q, k, v, score_mod, block_mask, scale) -> Tensor:
     if q.is_cuda:
         with _room_to_recompile():
             return _compiled_flex()(q, k, v, **kw)
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        return _cpu_flex_with_grad(q, k, v, score_mod, block_mask, scale)
+    if q.requires_grad or k.requires_grad or v.requires_grad:
+        if torch.is_grad_enabled():
+            return _cpu_flex_with_grad(q, k, v, score_mod, block_mask, scale)
+        # under no_grad nothing will differentiate, but the public call refuses such inputs
+        q, k, v = q.detach(), k.detach(), v.detach()
     return flex_attention(q, k, v, **kw)
 
 

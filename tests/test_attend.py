@@ -205,3 +205,12 @@ def test_device_mismatch_is_named():
     q, k, v = make_qkv(Shape(1, 1, 1, 8, 16, 16), 0)
     with pytest.raises(ValueError, match="k is on meta"):
         attend(q, k.to("meta"), v, config=CFG)
+
+
+def test_no_grad_with_inputs_that_require_grad():
+    # on the CPU, the public flex_attention refuses such inputs even under no_grad
+    q, k, v = make_qkv(Shape(1, 1, 2, 40, 16, 16), 2, requires_grad=True)
+    with torch.no_grad():
+        out = attend(q, k, v, config=CFG)
+    assert not out.requires_grad
+    assert rel_err(out, attend(q, k, v, config=CFG, backend="reference")) < TOL

@@ -1,0 +1,317 @@
+"""``python -m nsa_flex.bench``: time nsa_flex against full attention and the peer NSA kernel.
+
+Every contender runs in this one process on the same inputs, at SPEC.md's reference shape
+(``B=1, Hq=64, Hkv=4, Dk=Dv=128``, bf16, default config) and ``T`` in 8k..64k:
+
+- ``selected``: the selected branch alone on one set of ``block_indices``: the flex backend, the
+  triton backend, and flash-linear-attention's ``parallel_nsa`` selection kernel when ``fla`` is
+  importable (``pip install fla-core``; it takes ``-1``-padded indices with per-query counts).
+- ``layer``: the whole layer (compression, scoring, top-n, three branches, gates): both
+  backends, and ``parallel_nsa`` with its own compression and top-n (no window branch: fla's
+  needs flash-attn).
+- ``full``: full causal attention through SDPA's cuDNN and flash backends and FlexAttention.
+
+Times are ``triton.testing.do_bench`` medians on CUDA (forward, and forward+backward), peak
+memory is measured around one forward+backward. ``--quick`` runs tiny sizes, and on the CPU skips
+what needs CUDA and says so. Results: a table on stdout, ``results.json`` and ``times.png`` (with
+matplotlib) under ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from . import attend, flex_backend, select_blocks, triton_backend
+from .compression import mean_compress
+from .config import NSAConfig
+
+
+@dataclass
+class Row:
+    part: str
+    name: str
+    T: int
+    fwd_ms: float | None = None
+    fwd_bwd_ms: float | None = None
+    peak_mib: float | None = None
+    note: str = ""
+
+
+@dataclass
+class Problem:
+    B: int
+    Hq: int
+    Hkv: int
+    D: int
+    dtype: torch.dtype
+    device: torch.device
+    config: NSAConfig = field(default_factory=NSAConfig)
+
+
+def _time(fn: Callable[[], object], device: torch.device, reps: int) -> float:
+    """Median milliseconds of ``fn``."""
+    if device.type == "cuda":
+        from triton.testing import do_bench
+
+        return float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
+    fn()  # warm up (compiles, caches)
+    samples = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(samples)
+
+
+def _peak_mib(fn: Callable[[], object], device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def _measure(part, name, T, fwd, inputs, device, reps, note="") -> Row:
+    """Time ``fwd()`` and ``fwd()`` plus a backward into ``inputs``."""
+
+    def fwd_bwd():
+        out = fwd()
+        grads = torch.autograd.grad(out.float().sum(), inputs)
+        return grads
+
+    row = Row(part, name, T, note=note)
+    with torch.no_grad():
+        row.fwd_ms = _time(fwd, device, reps)
+    if device.type == "cuda":  # FlexAttention has no CPU backward through its compiled path
+        row.fwd_bwd_ms = _time(fwd_bwd, device, reps)
+        row.peak_mib = _peak_mib(fwd_bwd, device)
+    return row
+
+
+def _triton_timeable(device: torch.device) -> tuple[bool, str]:
+    if device.type != "cuda":  # Triton's CPU interpreter is for tests; timing it means nothing
+        return False, "needs CUDA"
+    return triton_backend.available(device)
+
+
+def _fla():
+    try:
+        from fla.ops.nsa import parallel_nsa
+    except Exception:  # not installed, or installed without a usable GPU
+        return None
+    return parallel_nsa
+
+
+def _inputs(p: Problem, T: int, seed: int = 0):
+    g = torch.Generator(device=p.device).manual_seed(seed)
+
+    grad = p.device.type == "cuda"  # backward is timed on CUDA only
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g, device=p.device).to(p.dtype).requires_grad_(grad)
+
+    q, k, v = rnd(p.B, p.Hq, T, p.D), rnd(p.B, p.Hkv, T, p.D), rnd(p.B, p.Hkv, T, p.D)
+    gates = torch.rand(p.B, p.Hq, T, 3, generator=g, device=p.device).to(p.dtype).requires_grad_(grad)
+    return q, k, v, gates
+
+
+def bench_selected(p: Problem, T: int, reps: int) -> list[Row]:
+    q, k, v, _ = _inputs(p, T)
+    config, scale = p.config, p.D**-0.5
+    idx = select_blocks(q.detach(), mean_compress(k.detach(), config), config=config)
+    rows = [
+        _measure("selected", "nsa_flex flex", T,
+                 lambda: flex_backend.selected_branch(q, k, v, idx, config, scale), (q, k, v), p.device, reps)
+    ]
+    ok, why = _triton_timeable(p.device)
+    if ok:
+        rows.append(_measure("selected", "nsa_flex triton", T,
+                             lambda: triton_backend.selected_branch(q, k, v, idx, config, scale), (q, k, v), p.device, reps))
+    else:
+        rows.append(Row("selected", "nsa_flex triton", T, note=f"skipped: {why}"))
+    fla = _fla()
+    if fla is None or p.device.type != "cuda":
+        rows.append(Row("selected", "fla parallel_nsa", T, note="skipped: needs fla-core and CUDA"))
+    else:
+        # fla's layout is (B, T, H, D); padding counts as -1 there too, told apart by counts
+        qt, kt, vt = (x.detach().transpose(1, 2).contiguous().requires_grad_() for x in (q, k, v))
+        idx_t = idx.transpose(1, 2).long().contiguous()
+        counts = (idx_t >= 0).sum(-1)
+        rows.append(_measure(
+            "selected", "fla parallel_nsa", T,
+            lambda: fla(qt, kt, vt, block_indices=idx_t, block_counts=counts, block_size=config.select_block, scale=scale),
+            (qt, kt, vt), p.device, reps,
+        ))
+    return rows
+
+
+def bench_layer(p: Problem, T: int, reps: int) -> list[Row]:
+    q, k, v, gates = _inputs(p, T)
+    config = p.config
+    rows = []
+    for backend in ("flex", "triton"):
+        ok, why = (True, "") if backend == "flex" else _triton_timeable(p.device)
+        if not ok:
+            rows.append(Row("layer", f"nsa_flex {backend}", T, note=f"skipped: {why}"))
+            continue
+        rows.append(_measure("layer", f"nsa_flex {backend}", T,
+                             lambda b=backend: attend(q, k, v, gates, config=config, backend=b),
+                             (q, k, v, gates), p.device, reps))
+    fla = _fla()
+    if fla is None or p.device.type != "cuda":
+        rows.append(Row("layer", "fla parallel_nsa", T, note="skipped: needs fla-core and CUDA"))
+    else:
+        qt, kt, vt = (x.detach().transpose(1, 2).contiguous().requires_grad_() for x in (q, k, v))
+        g = gates.detach().transpose(1, 2).contiguous()
+        rows.append(_measure(
+            "layer", "fla parallel_nsa", T,
+            lambda: fla(qt, kt, vt, g_cmp=g[..., 0], g_slc=g[..., 1], block_counts=config.num_selected,
+                        block_size=config.select_block),
+            (qt, kt, vt), p.device, reps,
+            note="compression (l=d=64) + top-n + selection; no window branch (needs flash-attn)",
+        ))
+    return rows
+
+
+def bench_full(p: Problem, T: int, reps: int) -> list[Row]:
+    q, k, v, _ = _inputs(p, T)
+    rows = []
+    if p.device.type != "cuda":
+        for name in ("SDPA cuDNN", "SDPA flash"):
+            rows.append(Row("full", name, T, note="skipped: needs CUDA"))
+    else:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        for name, kind in (("SDPA cuDNN", SDPBackend.CUDNN_ATTENTION), ("SDPA flash", SDPBackend.FLASH_ATTENTION)):
+
+            def sdpa(kind=kind):
+                with sdpa_kernel(kind):
+                    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+            try:
+                rows.append(_measure("full", name, T, sdpa, (q, k, v), p.device, reps))
+            except RuntimeError as e:  # a backend that refuses this shape or GQA
+                rows.append(Row("full", name, T, note=f"failed: {str(e).splitlines()[0][:100]}"))
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    mask = create_block_mask(lambda b, h, qi, kv: kv <= qi, None, None, T, T, device=p.device)
+    fn = torch.compile(flex_attention, dynamic=False) if p.device.type == "cuda" else flex_attention
+    rows.append(_measure("full", "FlexAttention", T,
+                         lambda: fn(q, k, v, block_mask=mask, enable_gqa=True), (q, k, v), p.device, reps))
+    return rows
+
+
+PARTS = {"selected": bench_selected, "layer": bench_layer, "full": bench_full}
+
+
+def _table(rows: list[Row]) -> str:
+    lines = [f"{'part':9} {'contender':18} {'T':>6} {'fwd ms':>9} {'fwd+bwd ms':>11} {'peak MiB':>9}  ratios / note"]
+    base = {}  # (T) -> SDPA cuDNN row, the bar every ratio is taken against
+    for r in rows:
+        if r.part == "full" and r.name == "SDPA cuDNN" and r.fwd_ms:
+            base[r.T] = r
+    for r in rows:
+        fmt = lambda x, w: f"{x:>{w}.2f}" if x is not None else f"{'-':>{w}}"
+        note = r.note
+        b = base.get(r.T)
+        if b and r.fwd_ms and r is not b:
+            ratio = f"cuDNN/this: fwd {b.fwd_ms / r.fwd_ms:.2f}x"
+            if b.fwd_bwd_ms and r.fwd_bwd_ms:
+                ratio += f", fwd+bwd {b.fwd_bwd_ms / r.fwd_bwd_ms:.2f}x"
+            note = f"{ratio}  {note}".strip()
+        lines.append(f"{r.part:9} {r.name:18} {r.T:>6} {fmt(r.fwd_ms, 9)} {fmt(r.fwd_bwd_ms, 11)} {fmt(r.peak_mib, 9)}  {note}")
+    return "\n".join(lines)
+
+
+def _plot(rows: list[Row], path: Path) -> str:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed: no plot"
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    for ax, key, title in zip(axes, ("fwd_ms", "fwd_bwd_ms"), ("forward", "forward + backward")):
+        for part, name in dict.fromkeys((r.part, r.name) for r in rows):
+            pts = [(r.T, getattr(r, key)) for r in rows if (r.part, r.name) == (part, name) and getattr(r, key)]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=f"{part}: {name}")
+        if not ax.lines:
+            ax.text(0.5, 0.5, "not measured here", ha="center", va="center", transform=ax.transAxes)
+            continue
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("sequence length T")
+        ax.set_ylabel("ms (median)")
+        ax.set_title(title)
+        ax.grid(True, which="both", alpha=0.3)
+    handles, labels = axes[0].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8)
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return f"plot: {path}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m nsa_flex.bench", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="tiny sizes (runs on the CPU)")
+    ap.add_argument("--out", type=Path, default=Path("bench_out"), help="folder for results.json and times.png")
+    ap.add_argument("--seq-lens", type=int, nargs="+", help="sequence lengths (default 8k..64k, or tiny with --quick)")
+    ap.add_argument("--parts", nargs="+", choices=sorted(PARTS), default=["selected", "layer", "full"])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--reps", type=int, default=3, help="timed repetitions on the CPU (CUDA uses do_bench)")
+    args = ap.parse_args(argv)
+
+    device = torch.device(args.device)
+    if args.quick:
+        p = Problem(1, 4, 2, 32, torch.float32 if device.type == "cpu" else torch.bfloat16, device,
+                    NSAConfig(select_block=32, num_selected=4, window=64))
+        lens = args.seq_lens or [64, 128]
+    else:
+        p = Problem(1, 64, 4, 128, torch.bfloat16, device)
+        lens = args.seq_lens or [8192, 16384, 32768, 65536]
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # bf16 run; nothing here is float32 math
+    print(f"nsa_flex.bench: device={device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}), "
+          f"torch {torch.__version__}, B={p.B} Hq={p.Hq} Hkv={p.Hkv} D={p.D} {p.dtype}, {p.config}")
+    if device.type != "cuda":
+        print("no CUDA: SDPA cuDNN/flash, fla and all backward timings are skipped")
+    rows: list[Row] = []
+    for T in lens:
+        for part in args.parts:
+            rows += PARTS[part](p, T, args.reps)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    print(_table(rows))
+    args.out.mkdir(parents=True, exist_ok=True)
+    meta = dict(device=str(device), torch=torch.__version__, dtype=str(p.dtype), B=p.B, Hq=p.Hq, Hkv=p.Hkv,
+                D=p.D, config=asdict(p.config), argv=sys.argv[1:])
+    if device.type == "cuda":
+        import triton
+
+        meta.update(gpu=torch.cuda.get_device_name(device), triton=triton.__version__)
+    (args.out / "results.json").write_text(json.dumps(dict(meta=meta, rows=[asdict(r) for r in rows]), indent=1))
+    print(f"results: {args.out / 'results.json'}")
+    print(_plot(rows, args.out / "times.png"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,36 @@
+"""``python -m nsa_flex.bench --quick`` runs where the tests run and writes its results."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_quick_bench_runs_and_writes_results(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run(
+        [sys.executable, "-m", "nsa_flex.bench", "--quick", "--out", str(tmp_path), "--reps", "1"],
+        capture_output=True, text=True, env=env, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    rows = results["rows"]
+    assert {r["part"] for r in rows} == {"selected", "layer", "full"}
+    assert {r["T"] for r in rows} == {64, 128}
+    flex = [r for r in rows if r["name"] == "nsa_flex flex"]
+    assert flex and all(r["fwd_ms"] > 0 for r in flex)
+    if not torch.cuda.is_available():
+        skipped = [r for r in rows if r["name"] in ("SDPA cuDNN", "fla parallel_nsa", "nsa_flex triton")]
+        assert skipped and all(r["fwd_ms"] is None and r["note"].startswith("skipped") for r in skipped)
+        assert "skipped" in proc.stdout
+    assert "contender" in proc.stdout  # the table
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return
+    assert (tmp_path / "times.png").stat().st_size > 0
