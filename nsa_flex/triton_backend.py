@@ -47,17 +47,26 @@ def _pow2(x: int, least: int = 16) -> int:
 
 
 def _meta(G: int, Dk: int, Dv: int, select_block: int, dtype: torch.dtype) -> dict:
+    block_dk, block_dv = _pow2(Dk), _pow2(Dv)
+    # Key tile: up to 64 keys, fewer when one K+V tile would pass 64 KiB, so that two pipeline
+    # stages fit in shared memory for every dtype and head dim up to 256.
+    block_n = min(64, _pow2(select_block))
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    while block_n > 16 and block_n * (block_dk + block_dv) * itemsize > 64 * 2**10:
+        block_n //= 2
     return dict(
         G=G,
         SEL_BLOCK=select_block,
         DK=Dk,
         DV=Dv,
         BLOCK_G=_pow2(G),
-        BLOCK_N=min(64, _pow2(select_block)),
-        BLOCK_DK=_pow2(Dk),
-        BLOCK_DV=_pow2(Dv),
+        BLOCK_N=block_n,
+        BLOCK_DK=block_dk,
+        BLOCK_DV=block_dv,
         # float32 inputs get true float32 products (Triton's default would be TF32)
         IEEE=dtype == torch.float32,
+        num_warps=4,
+        num_stages=2,
     )
 
 

@@ -37,8 +37,9 @@ def selected_fwd_kernel(
 ):
     t = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // Hkv
-    h = bh % Hkv
+    # 64-bit offsets: B * Hq * T * D passes 2**31 at the reference shape once B >= 4
+    b = (bh // Hkv).to(tl.int64)
+    h = (bh % Hkv).to(tl.int64)
     g = tl.arange(0, BLOCK_G)
     dk = tl.arange(0, BLOCK_DK)
     dv = tl.arange(0, BLOCK_DV)
@@ -103,8 +104,9 @@ def selected_dq_kernel(
     with ``q``'s layout (``DQ`` is written with ``q``'s strides)."""
     t = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // Hkv
-    h = bh % Hkv
+    # 64-bit offsets: B * Hq * T * D passes 2**31 at the reference shape once B >= 4
+    b = (bh // Hkv).to(tl.int64)
+    h = (bh % Hkv).to(tl.int64)
     g = tl.arange(0, BLOCK_G)
     dk = tl.arange(0, BLOCK_DK)
     dv = tl.arange(0, BLOCK_DV)
@@ -170,8 +172,9 @@ def selected_dkdv_kernel(
     """
     pid = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // Hkv
-    h = bh % Hkv
+    # 64-bit offsets: B * Hq * T * D passes 2**31 at the reference shape once B >= 4
+    b = (bh // Hkv).to(tl.int64)
+    h = (bh % Hkv).to(tl.int64)
     j = pid // CHUNKS
     off = (pid % CHUNKS) * BLOCK_N
     g = tl.arange(0, BLOCK_G)
@@ -188,7 +191,7 @@ def selected_dkdv_kernel(
     start = tl.load(QSTART + b * ssb + h * ssh + j)
     stop = tl.load(QSTART + b * ssb + h * ssh + j + 1)
     for e in range(start, stop):
-        t = tl.load(QLIST + b * sxb + h * sxh + e)
+        t = tl.load(QLIST + b * sxb + h * sxh + e).to(tl.int64)
         q = _load_rows(Q + b * sqb + h * G * sqh + t * sqt, sqh, sqd, g, dk, g_ok, dk_ok)
         do = _load_rows(DO + b * sdb + h * G * sdh + t * sdt, sdh, sdd, g, dv, g_ok, dv_ok)
         row = b * slb + (h * G + g) * slh + t * slt

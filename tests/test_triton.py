@@ -116,3 +116,18 @@ def test_sparse_attention_module_on_triton_backend():
     y.square().sum().backward()
     assert rel_err(y, ref(x.double())) < 1e-5
     assert all(p.grad is not None for p in layer.parameters())
+
+
+@pytest.mark.parametrize(
+    "dtype, D, select_block, block_n",
+    [(torch.bfloat16, 128, 64, 64), (torch.bfloat16, 256, 64, 64), (torch.float32, 128, 64, 64),
+     (torch.float32, 256, 64, 32), (torch.float32, 192, 64, 32), (torch.bfloat16, 64, 8, 16), (torch.bfloat16, 64, 48, 64)],
+)
+def test_tiles_fit_shared_memory(dtype, D, select_block, block_n):
+    from nsa_flex.triton_backend import _meta
+
+    meta = _meta(16, D, D, select_block, dtype)
+    assert meta["BLOCK_N"] == block_n
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    per_stage = meta["BLOCK_N"] * (meta["BLOCK_DK"] + meta["BLOCK_DV"]) * itemsize
+    assert meta["num_stages"] * per_stage <= 160 * 2**10  # of the H200's 227 KiB, with room for Q
