@@ -45,6 +45,7 @@ class Row:
     fwd_ms: float | None = None
     fwd_bwd_ms: float | None = None
     peak_mib: float | None = None
+    rel_err_vs_flex: float | None = None  # output against the flex backend's on the same inputs
     note: str = ""
 
 
@@ -85,8 +86,12 @@ def _peak_mib(fn: Callable[[], object], device: torch.device) -> float | None:
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
-def _measure(part, name, T, fwd, inputs, device, reps, note="") -> Row:
-    """Time ``fwd()`` and ``fwd()`` plus a backward into ``inputs``."""
+def _measure(part, name, T, fwd, inputs, device, reps, note="", check=None) -> Row:
+    """Time ``fwd()`` and ``fwd()`` plus a backward into ``inputs``.
+
+    ``check``: ``(reference output, map of this output to its layout)``; the relative error is
+    recorded before any timing. A contender that raises is recorded as failed, not fatal.
+    """
 
     def fwd_bwd():
         out = fwd()
@@ -94,11 +99,18 @@ def _measure(part, name, T, fwd, inputs, device, reps, note="") -> Row:
         return grads
 
     row = Row(part, name, T, note=note)
-    with torch.no_grad():
-        row.fwd_ms = _time(fwd, device, reps)
-    if device.type == "cuda":  # FlexAttention has no CPU backward through its compiled path
-        row.fwd_bwd_ms = _time(fwd_bwd, device, reps)
-        row.peak_mib = _peak_mib(fwd_bwd, device)
+    try:
+        with torch.no_grad():
+            if check is not None:
+                ref, to_ref = check
+                out = to_ref(fwd()).float()
+                row.rel_err_vs_flex = float((out - ref.float()).norm() / ref.float().norm())
+            row.fwd_ms = _time(fwd, device, reps)
+        if device.type == "cuda":  # FlexAttention has no CPU backward through its compiled path
+            row.fwd_bwd_ms = _time(fwd_bwd, device, reps)
+            row.peak_mib = _peak_mib(fwd_bwd, device)
+    except (RuntimeError, AssertionError, ValueError, TypeError) as e:
+        row.note = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
     return row
 
 
@@ -133,14 +145,16 @@ def bench_selected(p: Problem, T: int, reps: int) -> list[Row]:
     q, k, v, _ = _inputs(p, T)
     config, scale = p.config, p.D**-0.5
     idx = select_blocks(q.detach(), mean_compress(k.detach(), config), config=config)
-    rows = [
-        _measure("selected", "nsa_flex flex", T,
-                 lambda: flex_backend.selected_branch(q, k, v, idx, config, scale), (q, k, v), p.device, reps)
-    ]
+    flex = lambda: flex_backend.selected_branch(q, k, v, idx, config, scale)
+    with torch.no_grad():
+        ref = flex()
+    same = (ref, lambda o: o)
+    rows = [_measure("selected", "nsa_flex flex", T, flex, (q, k, v), p.device, reps)]
     ok, why = _triton_timeable(p.device)
     if ok:
         rows.append(_measure("selected", "nsa_flex triton", T,
-                             lambda: triton_backend.selected_branch(q, k, v, idx, config, scale), (q, k, v), p.device, reps))
+                             lambda: triton_backend.selected_branch(q, k, v, idx, config, scale), (q, k, v), p.device, reps,
+                             check=same))
     else:
         rows.append(Row("selected", "nsa_flex triton", T, note=f"skipped: {why}"))
     fla = _fla()
@@ -154,7 +168,7 @@ def bench_selected(p: Problem, T: int, reps: int) -> list[Row]:
         rows.append(_measure(
             "selected", "fla parallel_nsa", T,
             lambda: fla(qt, kt, vt, block_indices=idx_t, block_counts=counts, block_size=config.select_block, scale=scale),
-            (qt, kt, vt), p.device, reps,
+            (qt, kt, vt), p.device, reps, check=(ref, lambda o: o.transpose(1, 2)),
         ))
     return rows
 
@@ -163,6 +177,8 @@ def bench_layer(p: Problem, T: int, reps: int) -> list[Row]:
     q, k, v, gates = _inputs(p, T)
     config = p.config
     rows = []
+    with torch.no_grad():
+        ref = attend(q, k, v, gates, config=config)
     for backend in ("flex", "triton"):
         ok, why = (True, "") if backend == "flex" else _triton_timeable(p.device)
         if not ok:
@@ -170,7 +186,8 @@ def bench_layer(p: Problem, T: int, reps: int) -> list[Row]:
             continue
         rows.append(_measure("layer", f"nsa_flex {backend}", T,
                              lambda b=backend: attend(q, k, v, gates, config=config, backend=b),
-                             (q, k, v, gates), p.device, reps))
+                             (q, k, v, gates), p.device, reps,
+                             check=None if backend == "flex" else (ref, lambda o: o)))
     fla = _fla()
     if fla is None or p.device.type != "cuda":
         rows.append(Row("layer", "fla parallel_nsa", T, note="skipped: needs fla-core and CUDA"))
@@ -233,6 +250,8 @@ def _table(rows: list[Row]) -> str:
             if b.fwd_bwd_ms and r.fwd_bwd_ms:
                 ratio += f", fwd+bwd {b.fwd_bwd_ms / r.fwd_bwd_ms:.2f}x"
             note = f"{ratio}  {note}".strip()
+        if r.rel_err_vs_flex is not None:
+            note = f"{note}  rel err vs flex {r.rel_err_vs_flex:.1e}".strip()
         lines.append(f"{r.part:9} {r.name:18} {r.T:>6} {fmt(r.fwd_ms, 9)} {fmt(r.fwd_bwd_ms, 11)} {fmt(r.peak_mib, 9)}  {note}")
     return "\n".join(lines)
 

@@ -34,3 +34,17 @@ def test_quick_bench_runs_and_writes_results(tmp_path):
     except ImportError:
         return
     assert (tmp_path / "times.png").stat().st_size > 0
+
+
+def test_measure_checks_before_timing_and_survives_failures():
+    from nsa_flex.bench import _measure
+
+    x = torch.randn(8, 8)
+    row = _measure("p", "twice", 8, lambda: x * 2, (), torch.device("cpu"), 1, check=(x * 2 * (1 + 1e-3), lambda o: o))
+    assert row.fwd_ms > 0 and abs(row.rel_err_vs_flex - 1e-3 / (1 + 1e-3)) < 1e-6
+
+    def broken():
+        raise RuntimeError("no kernel for this shape")
+
+    row = _measure("p", "broken", 8, broken, (), torch.device("cpu"), 1)
+    assert row.fwd_ms is None and row.note.startswith("failed: RuntimeError: no kernel")
