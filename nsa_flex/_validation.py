@@ -79,6 +79,8 @@ def check_qkv(q, k, v) -> None:
         raise ValueError(f"sequence lengths differ: q {T}, k {k.shape[2]}, v {v.shape[2]}")
     if T < 1:
         raise ValueError("q must hold at least one token (T >= 1)")
+    if B < 1:
+        raise ValueError("q must hold at least one batch row (B >= 1)")
     if k.shape[1] != v.shape[1]:
         raise ValueError(f"k has {k.shape[1]} heads but v has {v.shape[1]}")
     Hkv = k.shape[1]
@@ -88,6 +90,18 @@ def check_qkv(q, k, v) -> None:
         raise ValueError(f"q and k must share the head dim, got Dk={Dk} and {k.shape[3]}")
     if Dk < 1 or v.shape[3] < 1:
         raise ValueError("head dims must be at least 1")
+
+
+def check_kernel_head_dims(q: Tensor, v: Tensor, backend: str) -> None:
+    """The kernels take head dims from 16 (FlexAttention's CUDA floor) to 256 (SPEC's range)."""
+    Dk, Dv = q.shape[-1], v.shape[-1]
+    if max(Dk, Dv) > 256:
+        raise ValueError(f"the {backend} backend takes head dims up to 256; got Dk={Dk}, Dv={Dv}")
+    if q.is_cuda and min(Dk, Dv) < 16:
+        raise ValueError(
+            f"the {backend} backend on CUDA needs head dims of at least 16 (FlexAttention's "
+            f"kernels); got Dk={Dk}, Dv={Dv}"
+        )
 
 
 def check_qk_cmp(q, k_cmp, config: NSAConfig, name: str = "k_cmp", head_dim: int | None = None) -> None:
@@ -128,21 +142,23 @@ def _can_read_values(x: Tensor) -> bool:
     return not (x.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
-def check_block_indices(block_indices, q: Tensor, num_kv_heads: int, config: NSAConfig) -> None:
-    """``(B, Hkv, T, n)`` integers in ``[-1, Ns)``."""
+def check_block_indices(
+    block_indices, q: Tensor, num_kv_heads: int, num_blocks: int, num_selected: int | None = None
+) -> None:
+    """``(B, Hkv, T, n)`` integers in ``[-1, num_blocks)``; ``n`` is ``num_selected`` if given."""
     _tensor("block_indices", block_indices, 4, floating=False)
     _same_device("block_indices", block_indices, q)
     if block_indices.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"block_indices must be int32 or int64, got {block_indices.dtype}")
     B, _, T, _ = q.shape
-    expected = (B, num_kv_heads, T, config.num_selected)
-    if tuple(block_indices.shape) != expected:
+    n = block_indices.shape[-1] if num_selected is None else num_selected
+    expected = (B, num_kv_heads, T, n)
+    if tuple(block_indices.shape) != expected or n < 1:
         raise ValueError(f"block_indices must have shape (B, Hkv, T, n) = {expected}, got {tuple(block_indices.shape)}")
-    if _can_read_values(block_indices) and block_indices.numel():
-        ns = config.num_select_blocks(T)
-        lo, hi = int(block_indices.min()), int(block_indices.max())
-        if lo < -1 or hi >= ns:
+    if _can_read_values(block_indices):
+        lo, hi = (int(x) for x in torch.aminmax(block_indices))  # one read of the device
+        if lo < -1 or hi >= num_blocks:
             raise ValueError(
-                f"block_indices must lie in [-1, {ns}) for T = {T} and select_block = "
-                f"{config.select_block}; found values in [{lo}, {hi}]"
+                f"block_indices must lie in [-1, {num_blocks}) for T = {T} (Ns blocks); "
+                f"found values in [{lo}, {hi}]"
             )

@@ -12,6 +12,7 @@ from ._validation import (
     check_block_indices,
     check_callable,
     check_gates,
+    check_kernel_head_dims,
     check_qk_cmp,
     check_qkv,
     resolve_config,
@@ -48,8 +49,7 @@ def _check_triton(q: Tensor, score_mod, mask_mod) -> None:
             "the triton backend's selected-branch kernel runs no score_mod or mask_mod; "
             "use backend='flex' for them"
         )
-    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise TypeError(f"the triton backend takes float16, bfloat16 or float32, got {q.dtype}")
+    triton_backend.check_dtype(q)
 
 
 class NSAAux(NamedTuple):
@@ -118,7 +118,8 @@ def attend(
         TypeError, ValueError: naming the argument, before any kernel runs.
 
     Gradients flow to ``q, k, v, gates, k_cmp, v_cmp`` through the attention; the selection
-    itself is not differentiable. Under ``torch.compile(fullgraph=True)`` this traces without
+    itself is not differentiable. With the flex backend, under
+    ``torch.compile(fullgraph=True)`` this traces without
     graph breaks (value checks on ``block_indices`` are skipped while tracing).
     """
     check_qkv(q, k, v)
@@ -136,16 +137,13 @@ def attend(
         if v_cmp.shape[1] != k.shape[1]:
             raise ValueError(f"v_cmp has {v_cmp.shape[1]} heads but k has {k.shape[1]}")
     if block_indices is not None:
-        check_block_indices(block_indices, q, k.shape[1], config)
+        check_block_indices(block_indices, q, k.shape[1], config.num_select_blocks(q.shape[2]), config.num_selected)
     check_callable("score_mod", score_mod)
     check_callable("mask_mod", mask_mod)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend != "reference" and q.is_cuda and min(q.shape[-1], v.shape[-1]) < 16:
-        raise ValueError(
-            f"the {backend} backend on CUDA needs head dims of at least 16 (FlexAttention's "
-            f"kernels); got Dk={q.shape[-1]}, Dv={v.shape[-1]}"
-        )
+    if backend != "reference":
+        check_kernel_head_dims(q, v, backend)
     if backend == "triton":
         _check_triton(q, score_mod, mask_mod)
     if not isinstance(return_aux, bool):

@@ -53,19 +53,29 @@ def _room_to_recompile():
 _MAX_EAGER_GRAPHS = 128
 
 
+@functools.cache
+def _cpu_flex_op():
+    from torch._higher_order_ops.flex_attention import flex_attention as flex_op
+
+    def call(q, k, v, score_mod, block_mask, scale):
+        return flex_op(q, k, v, score_mod, block_mask, scale, {"OUTPUT_LOGSUMEXP": True})[0]
+
+    # Traced by Dynamo (eager backend), as the public flex_attention does: tensors that the
+    # mods capture (a learned ALiBi slope, say) become inputs of the traced call and so get
+    # gradients.
+    return torch.compile(call, backend="eager", fullgraph=True, dynamic=False)
+
+
 def _cpu_flex_with_grad(q, k, v, score_mod, block_mask, scale):
     # The public flex_attention refuses CPU inputs that require grad, although its eager
     # operator differentiates fine (FlexAttention's math path: materialised scores, autograd).
-    # Captured tensors of score_mod get no gradient on this path; q, k, v do.
-    from torch._higher_order_ops.flex_attention import flex_attention as flex_op
-
     if score_mod is None:
         score_mod = _identity_score
     G = q.shape[1] // k.shape[1]
-    if G > 1:
+    if G > 1:  # the operator has no enable_gqa
         k, v = k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1)
-    out = flex_op(q, k, v, score_mod, block_mask.as_tuple(), scale, {"OUTPUT_LOGSUMEXP": True})
-    return out[0]
+    with _room_to_recompile():
+        return _cpu_flex_op()(q, k, v, score_mod, block_mask.as_tuple(), scale)
 
 
 def _identity_score(score, b, h, q_idx, kv_idx):

@@ -121,6 +121,11 @@ def selection_mask(bits: Tensor, select_block: int, group_size: int = 1) -> Mask
 # ----------------------------------------------------------------- tiles -> BlockMask
 
 
+def _positive(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
 def _tile_lists(tiles: Tensor) -> tuple[Tensor, Tensor]:
     """``(..., nQ, nKV)`` bool -> (count ``(..., nQ)``, indices ``(..., nQ, nKV)`` listed first)."""
     num = tiles.sum(dim=-1, dtype=torch.int32)
@@ -268,6 +273,7 @@ def sliding_window_block_mask(
     """BlockMask of the sliding-window branch (``T x T``), with the user's ``mask_mod`` ANDed in.
     Cached like :func:`compressed_block_mask`."""
     device = torch.device(device)
+    _positive("window", window)
     if mask_mod is None and not torch.compiler.is_compiling():
         return _window_block_mask_cached(seq_len, window, device, tuple(block_size))
     return _build_window_block_mask(seq_len, window, device, mask_mod, tuple(block_size))
@@ -295,6 +301,7 @@ def selection_block_mask(
     it and the tile lies wholly before the first token. Nothing here is ``T x T`` and nothing
     syncs with the host.
     """
+    _positive("group_size", group_size)
     B, H, T, n = block_indices.shape
     G = group_size
     qb, kb = block_size

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+import torch
 from einops import rearrange
 from torch import Tensor, nn
 
@@ -40,7 +41,8 @@ class SparseAttention(nn.Module):
         rotary: apply RoPE to queries and keys.
         rotary_base: RoPE's wavelength base.
         compress_hidden: hidden width of the compression MLPs (default: the head size).
-        backend: ``"flex"`` (FlexAttention) or ``"reference"`` (the dense float64-able oracle).
+        backend: one of ``nsa_flex.BACKENDS``: ``"flex"`` (FlexAttention), ``"triton"`` (the
+            hand-written selected-branch kernel) or ``"reference"`` (the dense oracle).
             A plain attribute: it may be changed after construction.
         bias: whether the linear projections have a bias.
 
@@ -147,6 +149,8 @@ class SparseAttention(nn.Module):
             raise ValueError(f"x's last dimension must be dim={self.dim}, got {x.shape[-1]}")
         if not x.is_floating_point():
             raise TypeError(f"x must be floating point, got {x.dtype}")
+        if x.dtype != self.to_q.weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(f"x has dtype {x.dtype} but the module's parameters are {self.to_q.weight.dtype}")
         if x.device != self.to_q.weight.device:
             raise ValueError(
                 f"x is on {x.device} but the module's parameters are on {self.to_q.weight.device}"

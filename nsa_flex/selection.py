@@ -71,7 +71,8 @@ def top_n_blocks(scores: Tensor, config: NSAConfig, q_start: int = 0) -> Tensor:
     current = (torch.arange(q_start, q_start + C, device=scores.device, dtype=torch.int32) // ls)[:, None]
     candidate = j <= current
     forced = candidate & ((j < config.num_initial) | (j > current - config.num_local))
-    key = scores.float().masked_fill(~candidate, float("-inf")).masked_fill(forced, float("inf"))
+    key = scores.to(torch.promote_types(scores.dtype, torch.float32))
+    key = key.masked_fill(~candidate, float("-inf")).masked_fill(forced, float("inf"))
     vals, idx = torch.topk(key, min(n, ns), dim=-1)
     # Non-candidates sort last (sentinel ns), then become -1.
     idx = torch.where(vals == float("-inf"), ns, idx)

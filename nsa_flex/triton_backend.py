@@ -18,6 +18,7 @@ import os
 import torch
 from torch import Tensor
 
+from ._validation import check_block_indices, check_kernel_head_dims, check_qkv, resolve_scale
 from .config import NSAConfig
 from .selection import sort_unique_blocks
 
@@ -40,6 +41,15 @@ def available(device: torch.device) -> tuple[bool, str]:
         f"the triton backend runs on CUDA tensors (got {device}); on the CPU only under "
         "Triton's interpreter, TRITON_INTERPRET=1 set before importing nsa_flex"
     )
+
+
+def check_dtype(q: Tensor) -> None:
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"the triton backend takes float16, bfloat16 or float32, got {q.dtype}")
+    if q.dtype == torch.bfloat16 and q.device.type == "cpu":
+        # Triton's interpreter computes bf16 tl.dot wrongly (seen with triton 3.9); refuse
+        # rather than return garbage. float16 and float32 interpret fine.
+        raise TypeError("the triton backend under Triton's CPU interpreter takes float16 or float32, not bfloat16")
 
 
 def _pow2(x: int, least: int = 16) -> int:
@@ -160,8 +170,21 @@ def selected_attention(
         ``(o (B, Hq, T, Dv), lse (B, Hq, T) float32)``; ``lse`` is ``-inf`` (and ``o`` is 0) for a
         query that sees no key. Differentiable in ``q, k, v``.
     """
-    ns = -(-q.shape[2] // select_block)
-    idx, valid = sort_unique_blocks(block_indices, ns)
+    check_qkv(q, k, v)
+    ok, why = available(q.device)
+    if not ok:
+        raise ValueError(why)
+    check_dtype(q)
+    check_kernel_head_dims(q, v, "triton")
+    if isinstance(select_block, bool) or not isinstance(select_block, int) or select_block < 1:
+        raise ValueError(f"select_block must be a positive int, got {select_block!r}")
+    scale = resolve_scale(scale, q)
+    check_block_indices(block_indices, q, k.shape[1], -(-q.shape[2] // select_block))
+    return _selected(q, k, v, block_indices, select_block, scale)
+
+
+def _selected(q, k, v, block_indices, select_block, scale):
+    idx, valid = sort_unique_blocks(block_indices, -(-q.shape[2] // select_block))
     idx = torch.where(valid, idx, -1).to(torch.int32).contiguous()
     return _SelectedAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), idx, select_block, scale)
 
@@ -169,5 +192,5 @@ def selected_attention(
 def selected_branch(
     q: Tensor, k: Tensor, v: Tensor, block_indices: Tensor, config: NSAConfig, scale: float
 ) -> Tensor:
-    """``o_slc (B, Hq, T, Dv)`` for ``attend(..., backend="triton")``."""
-    return selected_attention(q, k, v, block_indices, config.select_block, scale)[0]
+    """``o_slc (B, Hq, T, Dv)`` for ``attend(..., backend="triton")``, which has validated."""
+    return _selected(q, k, v, block_indices, config.select_block, scale)[0]

@@ -4,9 +4,10 @@ import pytest
 import torch
 from hypothesis import given, strategies as st
 
-from nsa_flex import NSAConfig, attend, mean_compress, select_blocks
+from nsa_flex import NSAConfig, attend, mean_compress, reference as R, select_blocks
 
 from strategies import Shape, configs, make_qkv, rel_err, shapes
+from test_selection import chosen_scores
 
 TOL = 1e-10  # float64: both sides are exact softmax attention up to rounding
 
@@ -57,7 +58,10 @@ def test_mods_pass_through_every_branch(config, shape, mod_name, use_docs, seed)
         mask_mod = lambda b, h, qi, kv: doc[qi] == doc[kv]
     kw = dict(config=config, score_mod=SCORE_MODS[mod_name], mask_mod=mask_mod)
     (out, aux), (ref, ref_aux) = both(q, k, v, gates, **kw)
-    # selection ran with the mods on both sides; compare attention on one selection
+    # selection ran with the mods on both sides: equally good picks ...
+    _, scores = R.select_blocks(q, mean_compress(k, config), config, shape.Dk**-0.5, kw["score_mod"], mask_mod)
+    torch.testing.assert_close(chosen_scores(aux.block_indices, scores), chosen_scores(ref_aux.block_indices, scores), rtol=1e-9, atol=1e-12)
+    # ... and the same attention on one selection
     out = attend(q, k, v, gates, block_indices=ref_aux.block_indices, **kw)
     assert rel_err(out, ref) < TOL
     assert torch.isfinite(out).all()
@@ -172,6 +176,8 @@ BAD = [
     ("length", lambda d: d.update(v=d["v"][:, :, :30]), ValueError, "sequence lengths"),
     ("Dk", lambda d: d.update(k=d["k"][..., :8]), ValueError, "head dim"),
     ("empty", lambda d: d.update(q=d["q"][:, :, :0], k=d["k"][:, :, :0], v=d["v"][:, :, :0]), ValueError, "T >= 1"),
+    ("no rows", lambda d: d.update(q=d["q"][:0], k=d["k"][:0], v=d["v"][:0]), ValueError, "B >= 1"),
+    ("Dv > 256", lambda d: d.update(v=torch.randn(2, 2, 40, 264, dtype=torch.float64)), ValueError, "head dims up to 256"),
     ("gates shape", lambda d: d.update(gates=torch.rand(2, 4, 40, 2, dtype=torch.float64)), ValueError, "gates must have shape"),
     ("gates int", lambda d: d.update(gates=torch.ones(2, 4, 40, 3, dtype=torch.long)), TypeError, "gates must have a floating"),
     ("k_cmp Tc", lambda d: d.update(k_cmp=torch.randn(2, 2, 5, 16, dtype=torch.float64)), ValueError, "k_cmp must hold Tc = 9"),
@@ -214,3 +220,16 @@ def test_no_grad_with_inputs_that_require_grad():
         out = attend(q, k, v, config=CFG)
     assert not out.requires_grad
     assert rel_err(out, attend(q, k, v, config=CFG, backend="reference")) < TOL
+
+
+def test_tensors_captured_by_score_mod_get_gradients():
+    # a learned per-head ALiBi slope: its gradient must match the reference's, on every path
+    config = NSAConfig(compress_block=8, compress_stride=4, select_block=8, num_selected=3, num_initial=1, num_local=1, window=16)
+    q, k, v = make_qkv(Shape(1, 1, 2, 40, 16, 16), 8, requires_grad=True)
+    grads = []
+    for backend in ("flex", "reference"):
+        slope = torch.tensor([0.3, 0.1], dtype=torch.float64, requires_grad=True)
+        mod = lambda s, b, h, qi, kv: s - slope[h] * (qi - kv)
+        out = attend(q, k, v, config=config, backend=backend, score_mod=mod)
+        grads.append(torch.autograd.grad(out.square().sum(), (slope, q)))
+    assert rel_err(grads[0][0], grads[1][0]) < TOL and rel_err(grads[0][1], grads[1][1]) < TOL

@@ -29,6 +29,9 @@ CASES = [
     (Shape(4, 2, 2, 507, 64, 64), NSAConfig(select_block=32, num_selected=6), False),
     # G=3, Dk != Dv, a length that is no multiple of any block, small tiles of every kind, mods
     (Shape(2, 1, 3, 333, 32, 48), NSAConfig(compress_block=16, compress_stride=8, select_block=48, num_selected=4, window=100), True),
+    # no mods, so full tiles are used: a window shorter than T, selection blocks of a whole
+    # 128-wide tile, and G=5 so that tiles of folded rows cut tokens
+    (Shape(1, 1, 5, 700, 32, 32), NSAConfig(select_block=128, num_selected=3, window=200), False),
 ]
 
 

@@ -145,3 +145,12 @@ def test_repeated_blocks_do_not_make_a_tile_full():
     dense = check_block_mask(bm, 1, 1, tight=False)
     assert not dense[0, 0, 128:192, 64:128].any()
     assert int(bm.full_kv_num_blocks[0, 0, 1]) == 0
+
+
+def test_builders_reject_bad_sizes():
+    import pytest
+
+    with pytest.raises(ValueError, match="window"):
+        sliding_window_block_mask(10, 0)
+    with pytest.raises(ValueError, match="group_size"):
+        selection_block_mask(torch.zeros(1, 1, 10, 2, dtype=torch.int32), NSAConfig(num_selected=2, num_initial=0), group_size=0)

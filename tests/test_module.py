@@ -324,3 +324,11 @@ def test_block_compressor_checks_the_head_dim():
 
     with pytest.raises(ValueError, match="head dim 8"):
         BlockCompressor(8, SMALL)(torch.randn(1, 1, 40, 6))
+
+
+def test_x_dtype_must_match_the_parameters_outside_autocast():
+    layer = make_layer(dtype=torch.float32)
+    with pytest.raises(TypeError, match="x has dtype torch.float64"):
+        layer(torch.randn(1, 20, 16, dtype=torch.float64))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layer(torch.randn(1, 20, 16)).shape == (1, 20, 16)
