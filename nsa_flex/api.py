@@ -118,9 +118,9 @@ def attend(
         TypeError, ValueError: naming the argument, before any kernel runs.
 
     Gradients flow to ``q, k, v, gates, k_cmp, v_cmp`` through the attention; the selection
-    itself is not differentiable. With the flex backend, under
-    ``torch.compile(fullgraph=True)`` this traces without
-    graph breaks (value checks on ``block_indices`` are skipped while tracing).
+    itself is not differentiable. With the flex backend, under ``torch.compile(fullgraph=True)``
+    this traces without graph breaks (value checks on ``block_indices`` are skipped while
+    tracing).
     """
     check_qkv(q, k, v)
     config = resolve_config(config)

@@ -21,6 +21,28 @@ def _load_rows(ptr, stride_row, stride_col, rows, cols, row_mask, col_mask):
 
 
 @triton.jit
+def _dot(a, b, IEEE: tl.constexpr):
+    # float32 inputs get true float32 products; Triton's default would be TF32
+    if IEEE:
+        out = tl.dot(a, b, input_precision="ieee")
+    else:
+        out = tl.dot(a, b)
+    return out
+
+
+@triton.jit
+def _kv_tile(k_base, v_base, skt, skd, svt, svd, j, off, t, n, dk, dv, dk_ok, dv_ok,
+             SEL_BLOCK: tl.constexpr):
+    """Keys and values ``off .. off + BLOCK_N - 1`` of selection block ``j``, those after query
+    ``t`` or past the block masked: ``(k, v, visible)``."""
+    s_pos = j * SEL_BLOCK + off + n
+    visible = (off + n < SEL_BLOCK) & (s_pos <= t)
+    k = _load_rows(k_base, skt, skd, s_pos, dk, visible, dk_ok)
+    v = _load_rows(v_base, svt, svd, s_pos, dv, visible, dv_ok)
+    return k, v, visible
+
+
+@triton.jit
 def selected_fwd_kernel(
     Q, K, V, IDX, O, LSE,
     sqb, sqh, sqt, sqd,
@@ -56,25 +78,16 @@ def selected_fwd_kernel(
         j = tl.load(IDX + b * sib + h * sih + t * sit + slot * sin)
         if j >= 0:
             for off in range(0, SEL_BLOCK, BLOCK_N):
-                s_pos = j * SEL_BLOCK + off + n
-                kv_ok = (off + n < SEL_BLOCK) & (s_pos <= t)
-                k = _load_rows(k_base, skt, skd, s_pos, dk, kv_ok, dk_ok)
-                v = _load_rows(v_base, svt, svd, s_pos, dv, kv_ok, dv_ok)
-                if IEEE:
-                    s = tl.dot(q, tl.trans(k), input_precision="ieee")
-                else:
-                    s = tl.dot(q, tl.trans(k))
+                k, v, kv_ok = _kv_tile(k_base, v_base, skt, skd, svt, svd, j, off, t, n, dk, dv,
+                                       dk_ok, dv_ok, SEL_BLOCK)
+                s = _dot(q, tl.trans(k), IEEE)
                 s = tl.where(kv_ok[None, :], s * scale, float("-inf"))
                 m_new = tl.maximum(m_i, tl.max(s, 1))
                 m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
                 alpha = tl.exp(m_i - m_safe)
                 p = tl.exp(s - m_safe[:, None])
                 l_i = l_i * alpha + tl.sum(p, 1)
-                if IEEE:
-                    pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
-                else:
-                    pv = tl.dot(p.to(v.dtype), v)
-                acc = acc * alpha[:, None] + pv
+                acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
                 m_i = m_new
     has = l_i > 0
     out = acc / tl.where(has, l_i, 1.0)[:, None]
@@ -126,22 +139,13 @@ def selected_dq_kernel(
         j = tl.load(IDX + b * sib + h * sih + t * sit + slot * sin)
         if j >= 0:
             for off in range(0, SEL_BLOCK, BLOCK_N):
-                s_pos = j * SEL_BLOCK + off + n
-                kv_ok = (off + n < SEL_BLOCK) & (s_pos <= t)
-                k = _load_rows(k_base, skt, skd, s_pos, dk, kv_ok, dk_ok)
-                v = _load_rows(v_base, svt, svd, s_pos, dv, kv_ok, dv_ok)
-                if IEEE:
-                    s = tl.dot(q, tl.trans(k), input_precision="ieee")
-                    dp = tl.dot(do, tl.trans(v), input_precision="ieee")
-                else:
-                    s = tl.dot(q, tl.trans(k))
-                    dp = tl.dot(do, tl.trans(v))
+                k, v, kv_ok = _kv_tile(k_base, v_base, skt, skd, svt, svd, j, off, t, n, dk, dv,
+                                       dk_ok, dv_ok, SEL_BLOCK)
+                s = _dot(q, tl.trans(k), IEEE)
+                dp = _dot(do, tl.trans(v), IEEE)
                 p = tl.where(kv_ok[None, :], tl.exp(s * scale - lse[:, None]), 0.0)
                 ds = p * (dp - delta[:, None])
-                if IEEE:
-                    dq += tl.dot(ds.to(k.dtype), k, input_precision="ieee")
-                else:
-                    dq += tl.dot(ds.to(k.dtype), k)
+                dq += _dot(ds.to(k.dtype), k, IEEE)
     dq_ptr = DQ + b * sqb + h * G * sqh + t * sqt
     tl.store(dq_ptr + g[:, None] * sqh + dk[None, :] * sqd, (dq * scale).to(DQ.dtype.element_ty),
              mask=g_ok[:, None] & dk_ok[None, :])
@@ -199,20 +203,12 @@ def selected_dkdv_kernel(
         lse = tl.where(lse == float("-inf"), float("inf"), lse)
         delta = tl.load(DELTA + row, mask=g_ok, other=0.0)
         ok = in_block & (s_pos <= t)
-        if IEEE:
-            s = tl.dot(q, tl.trans(k), input_precision="ieee")
-            dp = tl.dot(do, tl.trans(v), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(k))
-            dp = tl.dot(do, tl.trans(v))
+        s = _dot(q, tl.trans(k), IEEE)
+        dp = _dot(do, tl.trans(v), IEEE)
         p = tl.where(ok[None, :], tl.exp(s * scale - lse[:, None]), 0.0)  # (BLOCK_G, BLOCK_N)
         ds = p * (dp - delta[:, None])
-        if IEEE:
-            dv_acc += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision="ieee")
-            dk_acc += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision="ieee")
-        else:
-            dv_acc += tl.dot(tl.trans(p.to(do.dtype)), do)
-            dk_acc += tl.dot(tl.trans(ds.to(q.dtype)), q)
+        dv_acc += _dot(tl.trans(p.to(do.dtype)), do, IEEE)
+        dk_acc += _dot(tl.trans(ds.to(q.dtype)), q, IEEE)
     dk_ptr = DK_OUT + b * skb + h * skh
     dv_ptr = DV_OUT + b * svb + h * svh
     tl.store(dk_ptr + s_pos[:, None] * skt + dk[None, :] * skd, (dk_acc * scale).to(DK_OUT.dtype.element_ty),
