@@ -332,3 +332,29 @@ def test_x_dtype_must_match_the_parameters_outside_autocast():
         layer(torch.randn(1, 20, 16, dtype=torch.float64))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert layer(torch.randn(1, 20, 16)).shape == (1, 20, 16)
+
+
+def test_bf16_autocast_matches_float32():
+    layer = make_layer("flex", dtype=torch.float32, dim_head=16)
+    x = torch.randn(2, 40, 16)
+    ref = layer(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+    assert out.dtype == torch.bfloat16
+    assert rel_err(out, ref) < 2e-2
+
+
+@pytest.mark.parametrize("backend", ["flex", "reference"])
+def test_activation_checkpointing_gives_the_same_gradients(backend):
+    from torch.utils.checkpoint import checkpoint
+
+    layer = make_layer(backend, dtype=torch.float32, dim_head=16)
+    x = torch.randn(2, 40, 16, requires_grad=True)
+    layer(x).square().sum().backward()
+    plain = [p.grad.clone() for p in layer.parameters()] + [x.grad.clone()]
+    layer.zero_grad()
+    x.grad = None
+    checkpoint(layer, x, use_reentrant=False).square().sum().backward()
+    again = [p.grad for p in layer.parameters()] + [x.grad]
+    for a, b in zip(again, plain):
+        assert rel_err(a, b) < 1e-6
