@@ -1,0 +1,252 @@
+"""Train a small byte-level causal language model with NSA and with full attention (SDPA).
+
+The text is the Python standard library's own ``.py`` sources, read at run time, so nothing is
+downloaded. Both models share everything but the attention layer, and train under the same
+budget (steps, batch, sequence length, learning rate). The script logs loss and tokens per
+second, shows a progress line, and writes ``log.json`` and ``loss.png`` (both curves) to ``--out``.
+
+    python examples/train_lm.py --out runs/lm                       # GPU defaults: T=2048
+    python examples/train_lm.py --device cpu --steps 3 --seq-len 128 --layers 1 --dim 64 \\
+        --heads 4 --kv-heads 2 --batch 2 --out /tmp/lm               # a smoke run on the CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
+
+from nsa_flex import NSAConfig, SparseAttention  # noqa: E402
+from nsa_flex.rotary import RotaryEmbedding  # noqa: E402
+
+
+def stdlib_bytes(max_bytes: int) -> torch.Tensor:
+    """The standard library's ``.py`` files, in a fixed order, as one uint8 tensor."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    chunks, total = [], 0
+    for path in sorted(root.rglob("*.py")):
+        if "site-packages" in path.parts:
+            continue
+        try:
+            data = path.read_bytes()
+        except OSError:
+            continue
+        chunks.append(data + b"\0")
+        total += len(data) + 1
+        if total >= max_bytes:
+            break
+    if not chunks:
+        raise RuntimeError(f"no .py files under {root}")
+    return torch.frombuffer(bytearray(b"".join(chunks)[:max_bytes]), dtype=torch.uint8)
+
+
+class FullAttention(nn.Module):
+    """Causal SDPA attention with the same projections, GQA and RoPE as ``SparseAttention``."""
+
+    def __init__(self, dim: int, heads: int, kv_heads: int, dim_head: int):
+        super().__init__()
+        self.heads, self.kv_heads, self.dim_head = heads, kv_heads, dim_head
+        self.to_q = nn.Linear(dim, heads * dim_head, bias=False)
+        self.to_k = nn.Linear(dim, kv_heads * dim_head, bias=False)
+        self.to_v = nn.Linear(dim, kv_heads * dim_head, bias=False)
+        self.to_out = nn.Linear(heads * dim_head, dim, bias=False)
+        self.rotary = RotaryEmbedding(dim_head)
+
+    def forward(self, x):
+        B, T, _ = x.shape
+        q = self.to_q(x).view(B, T, self.heads, -1).transpose(1, 2)
+        k = self.to_k(x).view(B, T, self.kv_heads, -1).transpose(1, 2)
+        v = self.to_v(x).view(B, T, self.kv_heads, -1).transpose(1, 2)
+        q, k = self.rotary(q), self.rotary(k)
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.heads != self.kv_heads)
+        return self.to_out(o.transpose(1, 2).reshape(B, T, -1))
+
+
+class Block(nn.Module):
+    def __init__(self, attn: nn.Module, dim: int):
+        super().__init__()
+        self.norm1, self.attn = nn.RMSNorm(dim), attn
+        self.norm2 = nn.RMSNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim, bias=False), nn.GELU(), nn.Linear(4 * dim, dim, bias=False))
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class ByteLM(nn.Module):
+    def __init__(self, attention: str, layers: int, dim: int, heads: int, kv_heads: int, config: NSAConfig):
+        super().__init__()
+        dim_head = dim // heads
+
+        def attn():
+            if attention == "nsa":
+                return SparseAttention(dim, heads, kv_heads, dim_head=dim_head, config=config)
+            return FullAttention(dim, heads, kv_heads, dim_head)
+
+        self.embed = nn.Embedding(256, dim)
+        self.blocks = nn.ModuleList(Block(attn(), dim) for _ in range(layers))
+        self.norm = nn.RMSNorm(dim)
+        self.head = nn.Linear(dim, 256, bias=False)
+        self.head.weight = self.embed.weight  # tied
+        nn.init.normal_(self.embed.weight, std=0.02)  # unit-variance rows would give logits of std sqrt(dim)
+
+    def forward(self, tokens):
+        x = self.embed(tokens)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.norm(x))
+
+
+def batches(data: torch.Tensor, batch: int, seq_len: int, gen: torch.Generator):
+    while True:
+        starts = torch.randint(0, data.numel() - seq_len - 1, (batch,), generator=gen)
+        window = torch.stack([data[s : s + seq_len + 1] for s in starts.tolist()]).long()
+        yield window[:, :-1], window[:, 1:]
+
+
+@torch.no_grad()
+def evaluate(model, data, args, device, autocast) -> float:
+    gen = torch.Generator().manual_seed(1234)  # the same validation windows every time
+    it = batches(data, args.batch, args.seq_len, gen)
+    losses = []
+    for _ in range(args.eval_batches):
+        x, y = (t.to(device) for t in next(it))
+        with autocast():
+            logits = model(x)
+        losses.append(F.cross_entropy(logits.float().flatten(0, 1), y.flatten()).item())
+    return sum(losses) / len(losses)
+
+
+def train(attention: str, train_data, val_data, args, device) -> dict:
+    torch.manual_seed(args.seed)
+    config = NSAConfig(select_block=args.select_block, num_selected=args.num_selected, window=args.window)
+    model = ByteLM(attention, args.layers, args.dim, args.heads, args.kv_heads, config).to(device)
+    step_fn = torch.compile(model) if args.compile else model
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1, betas=(0.9, 0.95))
+    def autocast():  # bf16 on the GPU; the CPU run stays in float32
+        if device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    gen = torch.Generator().manual_seed(args.seed)
+    it = batches(train_data, args.batch, args.seq_len, gen)
+    log = dict(attention=attention, steps=[], train_loss=[], val_steps=[], val_loss=[], step_ms=[])
+    tokens_per_step = args.batch * args.seq_len
+    for step in range(1, args.steps + 1):
+        lr = args.lr * min(1.0, step / max(1, args.warmup)) * 0.5 * (1 + math.cos(math.pi * step / args.steps))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        x, y = (t.to(device) for t in next(it))
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        with autocast():
+            logits = step_fn(x)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        ms = (time.perf_counter() - start) * 1e3
+        log["steps"].append(step)
+        log["train_loss"].append(loss.item())
+        log["step_ms"].append(ms)
+        if step % args.eval_every == 0 or step == args.steps:
+            log["val_steps"].append(step)
+            log["val_loss"].append(evaluate(model, val_data, args, device, autocast))
+        done = int(30 * step / args.steps)
+        print(f"\r{attention:4} [{'#' * done}{'.' * (30 - done)}] step {step}/{args.steps} loss {loss.item():.3f} "
+              f"{tokens_per_step / (ms / 1e3):,.0f} tok/s", end="", flush=True)
+    print()
+    # steady-state step time: the median after the first few (compilation) steps
+    steady = sorted(log["step_ms"][min(3, len(log["step_ms"]) - 1):])
+    log["median_step_ms"] = steady[len(steady) // 2]
+    log["tokens_per_s"] = tokens_per_step / (log["median_step_ms"] / 1e3)
+    log["final_val_loss"] = log["val_loss"][-1]
+    return log
+
+
+def plot(logs: list[dict], path: Path) -> str:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed: no plot"
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for color, log in zip(("tab:blue", "tab:orange"), logs):
+        ax.plot(log["steps"], log["train_loss"], color=color, alpha=0.3, label=f"{log['attention']} train")
+        ax.plot(log["val_steps"], log["val_loss"], color=color, marker="o", label=f"{log['attention']} val")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats per byte)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return f"plot: {path}"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--attention", choices=["nsa", "sdpa", "both"], default="both")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq-len", type=int, default=2048)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--dim", type=int, default=384)
+    ap.add_argument("--heads", type=int, default=6)
+    ap.add_argument("--kv-heads", type=int, default=2)
+    ap.add_argument("--select-block", type=int, default=64)
+    ap.add_argument("--num-selected", type=int, default=16)
+    ap.add_argument("--window", type=int, default=512)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--warmup", type=int, default=50)
+    ap.add_argument("--eval-every", type=int, default=100)
+    ap.add_argument("--eval-batches", type=int, default=8)
+    ap.add_argument("--max-bytes", type=int, default=40_000_000)
+    ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, default=Path("runs/train_lm"))
+    args = ap.parse_args(argv)
+    if args.dim % args.heads or (args.dim // args.heads) % 2:
+        ap.error("--dim must be a multiple of --heads with an even head size")
+
+    device = torch.device(args.device)
+    data = stdlib_bytes(args.max_bytes)
+    split = int(data.numel() * 0.95)
+    train_data, val_data = data[:split], data[split:]
+    if val_data.numel() <= args.seq_len + 1:
+        ap.error("--max-bytes is too small for a validation split of this --seq-len")
+    print(f"data: {data.numel():,} bytes of stdlib sources; device {device}; "
+          f"{args.layers} layers x {args.dim} wide, T={args.seq_len}, batch {args.batch}, {args.steps} steps")
+    kinds = ["nsa", "sdpa"] if args.attention == "both" else [args.attention]
+    logs = [train(kind, train_data, val_data, args, device) for kind in kinds]
+    args.out.mkdir(parents=True, exist_ok=True)
+    meta = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    (args.out / "log.json").write_text(json.dumps(dict(args=meta, torch=torch.__version__, runs=logs), indent=1))
+    for log in logs:
+        print(f"{log['attention']:4}: final val loss {log['final_val_loss']:.4f}, "
+              f"median step {log['median_step_ms']:.1f} ms ({log['tokens_per_s']:,.0f} tok/s)")
+    print(plot(logs, args.out / "loss.png"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
