@@ -41,15 +41,12 @@ def _gate(o_cmp: Tensor, o_slc: Tensor, o_swa: Tensor, gates: Tensor | None) -> 
 
 
 def _check_triton(q: Tensor, score_mod, mask_mod) -> None:
-    ok, why = triton_backend.available(q.device)
-    if not ok:
-        raise ValueError(why)
+    triton_backend.check_runnable(q)
     if score_mod is not None or mask_mod is not None:
         raise ValueError(
             "the triton backend's selected-branch kernel runs no score_mod or mask_mod; "
             "use backend='flex' for them"
         )
-    triton_backend.check_dtype(q)
 
 
 class NSAAux(NamedTuple):

@@ -43,7 +43,11 @@ def available(device: torch.device) -> tuple[bool, str]:
     )
 
 
-def check_dtype(q: Tensor) -> None:
+def check_runnable(q: Tensor) -> None:
+    """Raise unless the kernels can run on ``q``'s device and dtype."""
+    ok, why = available(q.device)
+    if not ok:
+        raise ValueError(why)
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise TypeError(f"the triton backend takes float16, bfloat16 or float32, got {q.dtype}")
     if q.dtype == torch.bfloat16 and q.device.type == "cpu":
@@ -171,10 +175,7 @@ def selected_attention(
         query that sees no key. Differentiable in ``q, k, v``.
     """
     check_qkv(q, k, v)
-    ok, why = available(q.device)
-    if not ok:
-        raise ValueError(why)
-    check_dtype(q)
+    check_runnable(q)
     check_kernel_head_dims(q, v, "triton")
     if isinstance(select_block, bool) or not isinstance(select_block, int) or select_block < 1:
         raise ValueError(f"select_block must be a positive int, got {select_block!r}")

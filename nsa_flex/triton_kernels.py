@@ -43,6 +43,16 @@ def _kv_tile(k_base, v_base, skt, skd, svt, svd, j, off, t, n, dk, dv, dk_ok, dv
 
 
 @triton.jit
+def _row_stats(LSE, DELTA, row, g_ok):
+    """The forward's log-sum-exp and ``rowsum(dO * O)`` of the group's rows, for recomputing
+    ``p = exp(s - lse)``. An empty row (``lse = -inf``) reads as ``+inf``, so its ``p`` is 0."""
+    lse = tl.load(LSE + row, mask=g_ok, other=float("inf"))
+    lse = tl.where(lse == float("-inf"), float("inf"), lse)
+    delta = tl.load(DELTA + row, mask=g_ok, other=0.0)
+    return lse, delta
+
+
+@triton.jit
 def selected_fwd_kernel(
     Q, K, V, IDX, O, LSE,
     sqb, sqh, sqt, sqd,
@@ -128,10 +138,7 @@ def selected_dq_kernel(
 
     q = _load_rows(Q + b * sqb + h * G * sqh + t * sqt, sqh, sqd, g, dk, g_ok, dk_ok)
     do = _load_rows(DO + b * sdb + h * G * sdh + t * sdt, sdh, sdd, g, dv, g_ok, dv_ok)
-    row = b * slb + (h * G + g) * slh + t * slt
-    lse = tl.load(LSE + row, mask=g_ok, other=float("inf"))
-    lse = tl.where(lse == float("-inf"), float("inf"), lse)  # empty rows: p = 0
-    delta = tl.load(DELTA + row, mask=g_ok, other=0.0)
+    lse, delta = _row_stats(LSE, DELTA, b * slb + (h * G + g) * slh + t * slt, g_ok)
     dq = tl.zeros([BLOCK_G, BLOCK_DK], tl.float32)
     k_base = K + b * skb + h * skh
     v_base = V + b * svb + h * svh
@@ -198,10 +205,7 @@ def selected_dkdv_kernel(
         t = tl.load(QLIST + b * sxb + h * sxh + e).to(tl.int64)
         q = _load_rows(Q + b * sqb + h * G * sqh + t * sqt, sqh, sqd, g, dk, g_ok, dk_ok)
         do = _load_rows(DO + b * sdb + h * G * sdh + t * sdt, sdh, sdd, g, dv, g_ok, dv_ok)
-        row = b * slb + (h * G + g) * slh + t * slt
-        lse = tl.load(LSE + row, mask=g_ok, other=float("inf"))
-        lse = tl.where(lse == float("-inf"), float("inf"), lse)
-        delta = tl.load(DELTA + row, mask=g_ok, other=0.0)
+        lse, delta = _row_stats(LSE, DELTA, b * slb + (h * G + g) * slh + t * slt, g_ok)
         ok = in_block & (s_pos <= t)
         s = _dot(q, tl.trans(k), IEEE)
         dp = _dot(do, tl.trans(v), IEEE)
