@@ -28,6 +28,22 @@ def _index(n: int, device, shape) -> Tensor:
     return torch.arange(n, device=device, dtype=torch.int32).view(shape)
 
 
+def _check_length(name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+def _check_floating(name: str, x, min_dim: int = 1) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must have a floating dtype, got {x.dtype}")
+    if x.dim() < min_dim:
+        raise ValueError(f"{name} must have at least {min_dim} dimensions, got shape {tuple(x.shape)}")
+
+
 def block_importance(p_cmp: Tensor, config: NSAConfig, seq_len: int) -> Tensor:
     """Map compressed-block probabilities onto selection blocks by token overlap (eq. 9).
 
@@ -42,12 +58,20 @@ def block_importance(p_cmp: Tensor, config: NSAConfig, seq_len: int) -> Tensor:
 
     Returns:
         ``(..., Ns)``.
+
+    Raises:
+        TypeError, ValueError: if ``p_cmp`` does not end in ``config.num_compressed(seq_len)``.
     """
+    config = resolve_config(config)
+    _check_length("seq_len", seq_len, minimum=1)
+    _check_floating("p_cmp", p_cmp)
+    tc = config.num_compressed(seq_len)
+    if p_cmp.shape[-1] != tc:
+        raise ValueError(f"p_cmp must end in Tc = {tc} compressed blocks for seq_len {seq_len}, got {p_cmp.shape[-1]}")
     d, r = config.compress_stride, config.compress_block // config.compress_stride
     per_sel = config.select_block // d
     ns = config.num_select_blocks(seq_len)
     n_chunks = ns * per_sel
-    tc = p_cmp.shape[-1]
     # chunk c collects p[c - k] for k in 0..r-1; pad r-1 zeros on the left and up to n_chunks
     # on the right (Tc + r - 1 = T // d <= n_chunks).
     padded = torch.nn.functional.pad(p_cmp, (r - 1, n_chunks - tc))
@@ -64,9 +88,21 @@ def top_n_blocks(scores: Tensor, config: NSAConfig, q_start: int = 0) -> Tensor:
 
     Returns:
         ``(B, Hkv, C, n)`` int32, valid indices ascending, then ``-1``.
+
+    Raises:
+        TypeError, ValueError: if ``scores`` is not floating or has fewer blocks than the
+            queries can select from.
     """
+    config = resolve_config(config)
+    _check_length("q_start", q_start, minimum=0)
+    _check_floating("scores", scores, min_dim=2)
     *lead, C, ns = scores.shape
     n, ls = config.num_selected, config.select_block
+    if ns < -(-(q_start + C) // ls):
+        raise ValueError(
+            f"scores must cover the {-(-(q_start + C) // ls)} blocks up to query {q_start + C - 1}, "
+            f"got {ns}"
+        )
     j = _index(ns, scores.device, (1, ns))
     current = (torch.arange(q_start, q_start + C, device=scores.device, dtype=torch.int32) // ls)[:, None]
     candidate = j <= current

@@ -107,3 +107,21 @@ def test_select_blocks_rejects_bad_input(bad, exc, match):
     kc = torch.randn(1, 2, config.num_compressed(40), 16, dtype=torch.float64)
     with pytest.raises(exc, match=match):
         select_blocks(*bad(q, kc), config=config)
+
+
+def test_steps_reject_bad_input():
+    from nsa_flex.selection import top_n_blocks
+
+    config = NSAConfig(compress_block=8, compress_stride=4, select_block=8, num_selected=3)
+    with pytest.raises(ValueError, match="Tc = 9"):
+        block_importance(torch.rand(1, 1, 8), config, 40)
+    with pytest.raises(TypeError, match="p_cmp must have a floating"):
+        block_importance(torch.ones(1, 1, 9, dtype=torch.long), config, 40)
+    with pytest.raises(ValueError, match="seq_len must be >= 1"):
+        block_importance(torch.rand(1, 1, 0), config, 0)
+    with pytest.raises(ValueError, match="scores must cover the 5 blocks"):
+        top_n_blocks(torch.rand(1, 1, 40, 4), config)
+    with pytest.raises(ValueError, match="q_start must be >= 0"):
+        top_n_blocks(torch.rand(1, 1, 40, 5), config, q_start=-1)
+    with pytest.raises(ValueError, match="at least 2 dimensions"):
+        top_n_blocks(torch.rand(5), config)
