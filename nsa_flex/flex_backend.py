@@ -26,8 +26,16 @@ import torch
 from torch import Tensor
 from torch.nn.attention.flex_attention import flex_attention
 
+from . import triton_backend
 from .config import NSAConfig
-from .masks import compressed_block_mask, selection_block_mask, sliding_window_block_mask
+from .masks import (
+    KV_BLOCK,
+    Q_BLOCK,
+    compressed_block_mask,
+    selection_block_mask,
+    selection_tile,
+    sliding_window_block_mask,
+)
 
 __all__ = ["compressed_branch", "selected_branch", "window_branch"]
 
@@ -82,7 +90,7 @@ def _identity_score(score, b, h, q_idx, kv_idx):
     return score
 
 
-def _kernel_options(q: Tensor, v: Tensor) -> dict | None:
+def _kernel_options(q: Tensor, v: Tensor, block_size: tuple[int, int]) -> dict | None:
     """Tile sizes for the CUDA kernels, chosen to fit shared memory on every dtype and head dim.
 
     Inductor's single default config for the forward kernel overflowed the H200's 227 KiB of
@@ -92,18 +100,32 @@ def _kernel_options(q: Tensor, v: Tensor) -> dict | None:
     """
     if not q.is_cuda:
         return None
-    return _tile_options(q.element_size(), max(q.shape[-1], v.shape[-1]))
+    return _tile_options(q.element_size(), max(q.shape[-1], v.shape[-1]), tuple(block_size))
 
 
-def _tile_options(element_size: int, head_dim: int) -> dict:
+def _tile_options(element_size: int, head_dim: int, block_size: tuple[int, int] = (128, 128)) -> dict:
+    """Kernel tiles that divide the BlockMask's ``(Q tile, KV tile)``, as FlexAttention needs.
+
+    For the selected branch's small tiles (one token's 16 rows by one 64-key block) the
+    backward's tiles are given too: its defaults (64-128 rows) would not divide them.
+    """
+    qb, kb = block_size
     wide = element_size >= 4 and head_dim > 128
-    return {"BLOCK_M": 64, "BLOCK_N": 32 if wide else 64, "num_stages": 2, "num_warps": 4}
+    n = min(32 if wide else 64, kb)
+    options = {"BLOCK_M": min(64, qb), "BLOCK_N": n, "num_stages": 2, "num_warps": 4}
+    if qb < 128 or kb < 128:
+        # dK/dV: BLOCK_N1 keys against BLOCK_M1 query rows at a time (N1 % M1 == 0);
+        # dQ: BLOCK_M2 rows against BLOCK_N2 keys at a time (M2 % N2 == 0).
+        m2 = min(64, qb)
+        options.update(BLOCK_M1=min(qb, n, 32), BLOCK_N1=n, BLOCK_M2=m2, BLOCK_N2=min(m2, n))
+    return options
 
 
-def _flex(q, k, v, score_mod, block_mask, scale) -> Tensor:
+def _flex(q, k, v, score_mod, block_mask, scale, return_lse: bool = False):
     kw = dict(
-        score_mod=score_mod, block_mask=block_mask, scale=scale,
-        enable_gqa=q.shape[1] != k.shape[1], kernel_options=_kernel_options(q, v),
+        score_mod=score_mod, block_mask=block_mask, scale=scale, return_lse=return_lse,
+        enable_gqa=q.shape[1] != k.shape[1],
+        kernel_options=_kernel_options(q, v, block_mask.BLOCK_SIZE),
     )
     if torch.compiler.is_compiling():
         return flex_attention(q, k, v, **kw)
@@ -160,6 +182,84 @@ def window_branch(
     return _flex(q, k, v, score_mod, block_mask, scale)
 
 
+def _selection_tile(q: Tensor, k: Tensor, v: Tensor, G: int, config: NSAConfig) -> tuple[int, int]:
+    """The selected branch's BlockMask tile: one token by one block (:func:`~nsa_flex.masks.selection_tile`)
+    unless FlexAttention's CUDA backward must run in half precision.
+
+    Inductor (torch 2.11-2.13) drops every backward kernel config whose tiles do not divide the
+    BlockMask's, before it looks at the tile sizes we pass, and its only half-precision config
+    on Hopper for head dims 65-128 is 64/128-row tiles: with 16x64 tiles it finds no kernel
+    ("NoValidChoicesError"). Its float32 config (16x16) divides them. So training in bf16/fp16
+    on CUDA falls back to 128x128 tiles, which list the union of the blocks of 128 / G tokens.
+    """
+    if q.is_cuda and _needs_backward(q, k, v) and q.dtype != torch.float32:
+        return Q_BLOCK, KV_BLOCK
+    return selection_tile(G, config)
+
+
+def _needs_backward(q: Tensor, k: Tensor, v: Tensor) -> bool:
+    return torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+
+
+def _fold(q: Tensor, G: int) -> Tensor:
+    """``(B, Hq, T, D) -> (B, Hkv, T*G, D)``: row ``t*G + g`` of KV head ``h`` is query head
+    ``h*G + g`` at token ``t``. A gather rather than transpose+reshape, so that the folded
+    queries are a plain 4-D buffer: Inductor's CPU FlexAttention template cannot take a view of
+    a 5-D one."""
+    B, Hq, T, D = q.shape
+    row = torch.arange(T * G, device=q.device)
+    return q.reshape(B, Hq // G, G * T, D).index_select(2, (row % G) * T + row // G)
+
+
+def _unfold(x: Tensor, G: int) -> Tensor:
+    """Inverse of :func:`_fold` for ``(B, Hkv, T*G, ...)``: ``-> (B, Hkv*G, T, ...)``."""
+    B, Hkv, rows = x.shape[:3]
+    T = rows // G
+    return x.view(B, Hkv, T, G, *x.shape[3:]).transpose(2, 3).reshape(B, Hkv * G, T, *x.shape[3:])
+
+
+class _FlexForwardTritonBackward(torch.autograd.Function):
+    """The selected branch for half-precision training on CUDA: FlexAttention's forward over
+    one-token tiles, then nsa_flex's Triton backward kernels from its output and log-sum-exp.
+
+    FlexAttention's own backward cannot take those tiles there (see :func:`_selection_tile`);
+    over 128x128 tiles it would do several times the work. Used only when nothing else can
+    differ between the two: no score_mod or mask_mod (the Triton kernels run neither), and
+    outside ``torch.compile`` (which traces FlexAttention's backward instead).
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, block_indices, config, scale):
+        G = q.shape[1] // k.shape[1]
+        block_mask = selection_block_mask(block_indices, config, group_size=G, block_size=selection_tile(G, config))
+        out, lse = _flex(_fold(q, G), k, v, None, block_mask, scale, return_lse=True)
+        out, lse = _unfold(out, G), _unfold(lse, G)
+        idx = triton_backend.kernel_indices(block_indices, config.select_block, q.shape[2])
+        ctx.save_for_backward(q, k, v, idx, out, lse)
+        ctx.select_block, ctx.scale = config.select_block, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, idx, out, lse = ctx.saved_tensors
+        dq, dk, dv = triton_backend.selected_backward(q, k, v, idx, out, lse, do, ctx.select_block, ctx.scale)
+        return dq, dk, dv, None, None, None
+
+
+def _triton_backward_applies(q, k, v, score_mod, mask_mod) -> bool:
+    return (
+        q.is_cuda
+        and q.dtype != torch.float32
+        and score_mod is None
+        and mask_mod is None
+        and not torch.compiler.is_compiling()
+        and _needs_backward(q, k, v)
+        and 16 <= min(q.shape[-1], v.shape[-1])
+        and max(q.shape[-1], v.shape[-1]) <= 256
+        and triton_backend.available(q.device)[0]
+    )
+
+
 def selected_branch(
     q: Tensor,
     k: Tensor,
@@ -171,20 +271,18 @@ def selected_branch(
     mask_mod: Callable | None = None,
 ) -> Tensor:
     """``o_slc (B, Hq, T, Dv)``: each query attends the keys ``s <= t`` of its selected blocks."""
-    B, Hq, T, Dk = q.shape
-    Hkv, Dv = k.shape[1], v.shape[-1]
-    G = Hq // Hkv
-    # Fold the group into rows: row t*G + g of KV head h is query head h*G + g at token t.
-    # A gather rather than transpose+reshape, so that the folded queries are a plain 4-D
-    # buffer: Inductor's CPU FlexAttention template cannot take a view of a 5-D one.
-    row = torch.arange(T * G, device=q.device)
-    q_rows = q.reshape(B, Hkv, G * T, Dk).index_select(2, (row % G) * T + row // G)
-    block_mask = selection_block_mask(block_indices, config, group_size=G, mask_mod=mask_mod)
+    G = q.shape[1] // k.shape[1]
+    if _triton_backward_applies(q, k, v, score_mod, mask_mod):
+        return _FlexForwardTritonBackward.apply(q, k, v, block_indices, config, scale)
+    # Fold the group into rows, so that one K/V tile load serves the G heads of a group.
+    q_rows = _fold(q, G)
+    block_mask = selection_block_mask(
+        block_indices, config, group_size=G, mask_mod=mask_mod, block_size=_selection_tile(q, k, v, G, config)
+    )
     user_score = None
     if score_mod is not None:
 
         def user_score(score, b, h, q_idx, kv_idx):
             return score_mod(score, b, h * G + q_idx % G, q_idx // G, kv_idx)
 
-    out = _flex(q_rows, k, v, user_score, block_mask, scale)
-    return out.view(B, Hkv, T, G, Dv).transpose(2, 3).reshape(B, Hq, T, Dv)
+    return _unfold(_flex(q_rows, k, v, user_score, block_mask, scale), G)

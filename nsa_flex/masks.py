@@ -33,6 +33,7 @@ __all__ = [
     "sliding_window_block_mask",
     "selection_block_mask",
     "block_mask_from_tiles",
+    "selection_tile",
     "Q_BLOCK",
     "KV_BLOCK",
 ]
@@ -279,13 +280,28 @@ def sliding_window_block_mask(
     return _build_window_block_mask(seq_len, window, device, mask_mod, tuple(block_size))
 
 
+def selection_tile(group_size: int, config: NSAConfig) -> tuple[int, int]:
+    """The ``(Q tile, KV tile)`` the flex backend uses for the selected branch.
+
+    KV tiles are the selection blocks themselves when ``l'`` is a power of two from 16 to 128
+    (tiles then never straddle two blocks, so a tile is listed only for a block someone
+    chose). A Q tile holds the ``G`` rows of one token, padded to 16 (the smallest matrix
+    product tile): a tile of several tokens would list the union of their selections, and with
+    ``n = 16`` blocks per token that union is mostly blocks each token does not use.
+    """
+    ls = config.select_block
+    if ls & (ls - 1) or not 16 <= ls <= 128:
+        return Q_BLOCK, KV_BLOCK
+    return max(16, 1 << (group_size - 1).bit_length()), ls
+
+
 def selection_block_mask(
     block_indices: Tensor,
     config: NSAConfig,
     *,
     group_size: int = 1,
     mask_mod: MaskMod | None = None,
-    block_size: tuple[int, int] = (Q_BLOCK, KV_BLOCK),
+    block_size: tuple[int, int] | None = None,
 ) -> BlockMask:
     """BlockMask of the selected branch, straight from ``block_indices``, over folded queries.
 
@@ -293,23 +309,140 @@ def selection_block_mask(
         block_indices: ``(B, Hkv, T, n)``, ``-1`` padded.
         group_size: ``G = Hq // Hkv``. Rows are folded: KV head ``h``'s row ``t*G + g`` is query
             head ``h*G + g`` at token ``t`` (see :func:`selection_mask`), so the mask is
-            ``(B, Hkv, T*G, T)`` and one Q tile holds ``Q_BLOCK / G`` tokens of a whole group.
+            ``(B, Hkv, T*G, T)`` and one Q tile holds ``Q tile / G`` tokens of a whole group.
         mask_mod: the user's mask in unfolded coordinates ``(b, query head, token, key)``.
+        block_size: ``(Q tile, KV tile)``; default :func:`selection_tile`.
 
     A KV tile is listed for a Q tile when a token of the tile selected a block that overlaps
     the KV tile at or before the token; it is full when every token of the tile selected all of
     it and the tile lies wholly before the first token. Nothing here is ``T x T`` and nothing
     syncs with the host.
+
+    When the KV tile is ``l'`` (the default for power-of-two ``l'``), the lists are built from
+    the selections directly: the KV lists are only as wide as the candidates of one Q tile
+    (``tokens per tile * n``), not ``ceil(T / l')``, so ``BlockMask.to_dense()`` and printing,
+    which assume full width, do not apply to them. The transposed (Q) lists that the backward
+    pass reads are ``(B, Hkv, ceil(T/l'), Q tiles)`` int32, as in every BlockMask.
     """
     _positive("group_size", group_size)
-    B, H, T, n = block_indices.shape
     G = group_size
+    qb, kb = selection_tile(G, config) if block_size is None else block_size
+    _positive("block_size[0]", qb)
+    _positive("block_size[1]", kb)
+    bits = selection_bits(block_indices, config)
+    selected = selection_mask(bits, config.select_block, G)
+    if mask_mod is not None:
+
+        def user(b, h, q_idx, kv_idx):
+            return mask_mod(b, h * G + q_idx % G, q_idx // G, kv_idx)
+
+        selected = and_masks(selected, user)
+    build = _block_tiles if kb == config.select_block else _spanning_tiles
+    return build(block_indices, config, G, (qb, kb), selected, full_allowed=mask_mod is None)
+
+
+def _block_tiles(block_indices, config, G, block_size, mask_mod, full_allowed) -> BlockMask:
+    """KV tile = selection block: each Q tile lists the union of its tokens' blocks."""
+    B, H, T, n = block_indices.shape
+    qb, ls = block_size
+    dev = block_indices.device
+    rows = T * G
+    nq, ns = -(-rows // qb), config.num_select_blocks(T)
+    idx, valid = sort_unique_blocks(block_indices, ns)  # (B, H, T, n)
+
+    # The tokens of each Q tile: at most P, the first tok0, the last tok1.
+    P = qb // G if qb % G == 0 else (qb - 1) // G + 2
+    r0 = torch.arange(nq, device=dev) * qb
+    tok0 = r0 // G
+    tok1 = (torch.clamp(r0 + qb, max=rows) - 1) // G
+    tok = tok0[:, None] + torch.arange(P, device=dev)  # (nq, P)
+    in_tile = tok <= tok1[:, None]
+    tok = torch.clamp(tok, max=T - 1)
+    cand = torch.where(valid, idx, ns)[:, :, tok]  # (B, H, nq, P, n)
+    cand = torch.where(in_tile[..., None], cand, ns).flatten(-2)
+    cand = torch.sort(cand, dim=-1).values  # (B, H, nq, P*n), ascending, ns = nothing
+    W = cand.shape[-1]
+
+    # Each block once, at the last of its run; the run's length is how many tokens chose it
+    # (repeats within a token are already gone).
+    pos = torch.arange(W, device=dev)
+    first = torch.ones_like(cand, dtype=torch.bool)
+    first[..., 1:] = cand[..., 1:] != cand[..., :-1]
+    last = torch.ones_like(first)
+    last[..., :-1] = first[..., 1:]
+    run_start = torch.cummax(torch.where(first, pos, 0), dim=-1).values
+    listed = last & (cand < ns)
+    if full_allowed:
+        ntok = (tok1 - tok0 + 1)[:, None]
+        whole = (r0 + qb <= rows)[:, None]
+        before = (cand + 1) * ls - 1 <= tok0[:, None]
+        full = listed & (pos - run_start + 1 == ntok) & whole & before
+    else:
+        full = torch.zeros_like(listed)
+    partial = listed & ~full
+
+    kv_num, kv_idx = _compact(cand, partial, ns)
+    full_num, full_idx = _compact(cand, full, ns)
+    q_num, q_idx = _transpose_lists(kv_num, kv_idx, ns)
+    full_q_num, full_q_idx = _transpose_lists(full_num, full_idx, ns)
+    return BlockMask(
+        seq_lengths=(rows, T),
+        kv_num_blocks=kv_num,
+        kv_indices=kv_idx,
+        full_kv_num_blocks=full_num,
+        full_kv_indices=full_idx,
+        q_num_blocks=q_num,
+        q_indices=q_idx,
+        full_q_num_blocks=full_q_num,
+        full_q_indices=full_q_idx,
+        BLOCK_SIZE=block_size,
+        mask_mod=mask_mod,
+    )
+
+
+def _compact(values: Tensor, keep: Tensor, fill: int) -> tuple[Tensor, Tensor]:
+    """Kept entries of each row (ascending ``values``, all below ``fill``) moved to the front:
+    ``(count (..., R) int32, indices (..., R, W) int32, zero past the count)``."""
+    ordered = torch.sort(torch.where(keep, values, fill), dim=-1).values
+    num = keep.sum(dim=-1, dtype=torch.int32)
+    return num, torch.where(ordered < fill, ordered, 0).to(torch.int32)
+
+
+def _transpose_lists(num: Tensor, indices: Tensor, n_cols: int) -> tuple[Tensor, Tensor]:
+    """Row-wise block lists to column-wise ones, ascending, without a dense ``rows x cols``
+    boolean: ``(B, H, R)``, ``(B, H, R, W)`` -> ``(B, H, C)``, ``(B, H, C, R)`` int32.
+
+    The listed (column, row) pairs are sorted by column then row; a pair's place in its
+    column's list is its rank minus the column's start.
+    """
+    B, H, R, W = indices.shape
+    dev = indices.device
+    listed = (torch.arange(W, device=dev) < num[..., None]).flatten()
+    seg = (torch.arange(B * H, device=dev).view(B, H, 1, 1) * n_cols + indices.long()).flatten()
+    row = torch.arange(R, device=dev).view(1, 1, R, 1).expand(B, H, R, W).flatten()
+    nseg = B * H * n_cols
+    key = torch.sort(torch.where(listed, seg * R + row, nseg * R)).values
+    counts = torch.zeros(nseg, dtype=torch.int64, device=dev)
+    counts.scatter_add_(0, torch.where(listed, seg, 0), listed.long())
+    start = torch.cumsum(counts, 0) - counts
+    key_seg = key // R
+    real = key_seg < nseg
+    key_seg = torch.where(real, key_seg, 0)
+    dest = key_seg * R + torch.arange(key.numel(), device=dev) - start[key_seg]
+    # Unlisted pairs add 0 at slot 0: harmless, and no boolean indexing (no host sync).
+    out = torch.zeros(nseg * R, dtype=torch.int32, device=dev)
+    out.scatter_add_(0, torch.where(real, dest, 0), torch.where(real, key % R, 0).to(torch.int32))
+    return counts.view(B, H, n_cols).to(torch.int32), out.view(B, H, n_cols, R)
+
+
+def _spanning_tiles(block_indices, config, G, block_size, mask_mod, full_allowed) -> BlockMask:
+    """Any KV tile: count, per (Q tile, KV tile), the (token, block) pairs that reach it."""
+    B, H, T, n = block_indices.shape
     qb, kb = block_size
     ls = config.select_block
     dev = block_indices.device
     rows = T * G
     nq, nk = -(-rows // qb), -(-T // kb)
-    bits = selection_bits(block_indices, config)
 
     # Repeats count once: the full-tile test below counts (token, block) pairs.
     idx, valid = sort_unique_blocks(block_indices, config.num_select_blocks(T))  # (B, H, T, n)
@@ -337,7 +470,7 @@ def selection_block_mask(
     any_tiles = counts > 0
 
     full_tiles = None
-    if mask_mod is None and (kb % ls == 0 or ls % kb == 0):
+    if full_allowed and (kb % ls == 0 or ls % kb == 0):
         # Aligned tiles: each touched tile lies in one block, or holds kb/ls whole blocks, so a
         # tile is fully selected iff every token of the Q tile brought all its blocks.
         per_tile = kb // ls if kb % ls == 0 else 1
@@ -349,12 +482,4 @@ def selection_block_mask(
         whole = ((q0 + qb <= rows)[:, None]) & (c0 + kb <= T)
         before = (c0 + kb - 1) <= tok0[:, None]
         full_tiles = (counts == ntok * per_tile) & whole & before
-
-    selected = selection_mask(bits, ls, G)
-    if mask_mod is not None:
-
-        def user(b, h, q_idx, kv_idx):
-            return mask_mod(b, h * G + q_idx % G, q_idx // G, kv_idx)
-
-        selected = and_masks(selected, user)
-    return block_mask_from_tiles(any_tiles, full_tiles, (rows, T), selected, block_size)
+    return block_mask_from_tiles(any_tiles, full_tiles, (rows, T), mask_mod, block_size)

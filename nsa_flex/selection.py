@@ -109,6 +109,13 @@ def top_n_blocks(scores: Tensor, config: NSAConfig, q_start: int = 0) -> Tensor:
     forced = candidate & ((j < config.num_initial) | (j > current - config.num_local))
     key = scores.to(torch.promote_types(scores.dtype, torch.float32))
     key = key.masked_fill(~candidate, float("-inf")).masked_fill(forced, float("inf"))
+    return _top_n_of_keys(key, n)
+
+
+def _top_n_of_keys(key: Tensor, n: int) -> Tensor:
+    """``n`` best of ``key (..., Ns)`` (forced blocks ``+inf``, non-candidates ``-inf``) as
+    ascending int32 indices, ``-1`` padded."""
+    ns = key.shape[-1]
     vals, idx = torch.topk(key, min(n, ns), dim=-1)
     # Non-candidates sort last (sentinel ns), then become -1.
     idx = torch.where(vals == float("-inf"), ns, idx)
@@ -139,6 +146,59 @@ def sort_unique_blocks(block_indices: Tensor, num_blocks: int) -> tuple[Tensor, 
     return idx, valid
 
 
+def _fused_ok(q: Tensor, score_mod, mask_mod) -> bool:
+    """Whether the Triton scoring kernel serves this call: CUDA, no modifiers (the kernel
+    computes plain scores), a dtype and head size the kernel takes."""
+    return (
+        q.is_cuda
+        and score_mod is None
+        and mask_mod is None
+        and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
+        and q.shape[-1] <= 256
+    )
+
+
+def _pow2(x: int) -> int:
+    return 1 << max(0, x - 1).bit_length()
+
+
+@torch.no_grad()
+def _select_fused(q, k_cmp, config, scale, chunk_size=None) -> Tensor:
+    """``select_blocks`` with the scores from ``selection_kernels.block_scores_kernel``: the
+    ``(B, Hkv, chunk, Ns)`` float32 block scores are the only large buffer."""
+    from .selection_kernels import block_scores_kernel
+
+    B, Hq, T, Dk = q.shape
+    Hkv, tc = k_cmp.shape[1], k_cmp.shape[2]
+    G = Hq // Hkv
+    ns = config.num_select_blocks(T)
+    r, per_sel = config.compress_block // config.compress_stride, config.select_block // config.compress_stride
+    # A step of selection blocks needs step*l'/d + r - 1 compressed blocks in one tile.
+    block_c = max(64, _pow2(per_sel + r - 1))
+    step = (block_c - r + 1) // per_sel
+    block_g = _pow2(G)
+    block_t = max(1, 64 // block_g)
+    if chunk_size is None:
+        chunk_size = max(block_t, _CHUNK_BYTES // max(1, B * Hkv * ns * 4))
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    k_cmp = k_cmp.to(q.dtype)
+    out = []
+    for start in range(0, T, chunk_size):
+        C = min(T, start + chunk_size) - start
+        scores = torch.full((B, Hkv, C, ns), float("-inf"), device=q.device, dtype=torch.float32)
+        block_scores_kernel[(-(-C // block_t), B * Hkv)](
+            q, k_cmp, scores, *q.stride(), *k_cmp.stride(), *scores.stride(),
+            tc, ns, Hkv, start, C, scale * 1.4426950408889634,
+            G=G, CMP_BLOCK=config.compress_block, CMP_STRIDE=config.compress_stride,
+            SEL_BLOCK=config.select_block, N_INITIAL=config.num_initial, N_LOCAL=config.num_local,
+            DK=Dk, BLOCK_DK=max(16, _pow2(Dk)), BLOCK_T=block_t, BLOCK_G=block_g, BLOCK_C=block_c,
+            BLOCK_S=max(16, _pow2(step)), SEL_STEP=step, IEEE=q.dtype == torch.float32,
+            num_warps=4, num_stages=2,
+        )
+        out.append(_top_n_of_keys(scores, config.num_selected))
+    return torch.cat(out, dim=2) if len(out) > 1 else out[0]
+
+
 @torch.no_grad()
 def _select(q, k_cmp, config, scale, score_mod, mask_mod, chunk_size) -> Tensor:
     B, Hq, T, _ = q.shape
@@ -149,6 +209,8 @@ def _select(q, k_cmp, config, scale, score_mod, mask_mod, chunk_size) -> Tensor:
         # Nothing compressed yet: every candidate scores 0, so only forced blocks and ties.
         scores = q.new_zeros(B, Hkv, T, config.num_select_blocks(T), dtype=torch.float32)
         return top_n_blocks(scores, config)
+    if _fused_ok(q, score_mod, mask_mod):
+        return _select_fused(q, k_cmp, config, scale, chunk_size)
     dtype = torch.promote_types(q.dtype, torch.float32)
     kc = k_cmp.to(dtype)[:, :, None]  # (B, Hkv, 1, Tc, Dk)
     kv_pos = _index(tc, q.device, (1, 1, 1, tc)) * config.compress_stride + config.compress_block - 1

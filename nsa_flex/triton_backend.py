@@ -133,31 +133,46 @@ class _SelectedAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, dlse):
-        from .triton_kernels import selected_dkdv_kernel, selected_dq_kernel
-
         q, k, v, idx, o, lse = ctx.saved_tensors
-        B, Hq, T, Dk = q.shape
-        Hkv, Dv = k.shape[1], v.shape[-1]
-        meta = _meta(Hq // Hkv, Dk, Dv, ctx.select_block, q.dtype)
-        do = do.to(q.dtype).contiguous()
-        delta = (do.float() * o.float()).sum(dim=-1)  # (B, Hq, T): rowsum(dO * O)
-        dq = torch.empty_like(q)
-        selected_dq_kernel[(T, B * Hkv)](
-            q, k, v, idx, do, lse, delta, dq,
-            *_strides(q), *_strides(k), *_strides(v), *_strides(idx), *_strides(do), *_strides(lse),
-            T, Hkv, ctx.scale, N_SEL=idx.shape[-1], **meta,
-        )
-        ns = -(-T // ctx.select_block)
-        qlist, qstart = invert_selection(idx, ns)
-        chunks = -(-ctx.select_block // meta["BLOCK_N"])
-        dk, dv = torch.empty_like(k), torch.empty_like(v)
-        selected_dkdv_kernel[(ns * chunks, B * Hkv)](
-            q, k, v, do, lse, delta, qlist, qstart, dk, dv,
-            *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(lse),
-            *_strides(qlist)[:2], *_strides(qstart)[:2],
-            T, Hkv, ctx.scale, CHUNKS=chunks, **meta,
-        )
-        return dq, dk, dv, None, None, None
+        return selected_backward(q, k, v, idx, o, lse, do, ctx.select_block, ctx.scale) + (None, None, None)
+
+
+def selected_backward(q, k, v, idx, o, lse, do, select_block: int, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    """``(dq, dk, dv)`` of selected attention from the forward's output ``o (B, Hq, T, Dv)`` and
+    natural log-sum-exp ``lse (B, Hq, T)`` float32 (``-inf`` for empty rows), whichever kernel
+    produced them. ``idx`` as the forward kernel takes it: ascending, unique, ``-1`` last."""
+    from .triton_kernels import selected_dkdv_kernel, selected_dq_kernel
+
+    B, Hq, T, Dk = q.shape
+    Hkv, Dv = k.shape[1], v.shape[-1]
+    meta = _meta(Hq // Hkv, Dk, Dv, select_block, q.dtype)
+    do = do.to(q.dtype).contiguous()
+    # the kernels read lse and delta at the same offsets: both contiguous (B, Hq, T)
+    lse = lse.float().contiguous()
+    delta = (do.float() * o.float()).sum(dim=-1).contiguous()  # rowsum(dO * O)
+    dq = torch.empty_like(q)
+    selected_dq_kernel[(T, B * Hkv)](
+        q, k, v, idx, do, lse, delta, dq,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(idx), *_strides(do), *_strides(lse),
+        T, Hkv, scale, N_SEL=idx.shape[-1], **meta,
+    )
+    ns = -(-T // select_block)
+    qlist, qstart = invert_selection(idx, ns)
+    chunks = -(-select_block // meta["BLOCK_N"])
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
+    selected_dkdv_kernel[(ns * chunks, B * Hkv)](
+        q, k, v, do, lse, delta, qlist, qstart, dk, dv,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(lse),
+        *_strides(qlist)[:2], *_strides(qstart)[:2],
+        T, Hkv, scale, CHUNKS=chunks, **meta,
+    )
+    return dq, dk, dv
+
+
+def kernel_indices(block_indices: Tensor, select_block: int, T: int) -> Tensor:
+    """``block_indices`` as the kernels read them: each row ascending and unique, ``-1`` last."""
+    idx, valid = sort_unique_blocks(block_indices, -(-T // select_block))
+    return torch.where(valid, idx, -1).to(torch.int32).contiguous()
 
 
 def selected_attention(
@@ -185,8 +200,7 @@ def selected_attention(
 
 
 def _selected(q, k, v, block_indices, select_block, scale):
-    idx, valid = sort_unique_blocks(block_indices, -(-q.shape[2] // select_block))
-    idx = torch.where(valid, idx, -1).to(torch.int32).contiguous()
+    idx = kernel_indices(block_indices, select_block, q.shape[2])
     return _SelectedAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), idx, select_block, scale)
 
 

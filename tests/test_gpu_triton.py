@@ -101,8 +101,11 @@ def test_cuda_graph_capture():
     grad = torch.randn(1, 4, 2048, 64, device="cuda", dtype=torch.bfloat16)
 
     def step():
-        out, _ = selected_attention(q, k, v, idx, 64, 0.125)
-        return (out,) + torch.autograd.grad(out, (q, k, v), grad)
+        # Fresh leaves each time: a leaf first used on the default stream would tie its
+        # gradient accumulation to that stream, which capture forbids (PyTorch's rule, not ours).
+        leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+        out, _ = selected_attention(*leaves, idx, 64, 0.125)
+        return (out,) + torch.autograd.grad(out, leaves, grad)
 
     eager = step()
     s = torch.cuda.Stream()

@@ -20,6 +20,8 @@ from nsa_flex.masks import (
 from strategies import configs, make_qkv, shapes
 
 block_sizes = st.sampled_from([(128, 128), (16, 16), (32, 16), (16, 64), (64, 32)])
+# None: the default, whose KV tile is the selection block (lists built per Q tile)
+selection_block_sizes = st.sampled_from([None, None, (128, 128), (16, 16), (32, 16), (16, 64), (64, 32)])
 
 
 def dense_mask(block_mask, B, H):
@@ -39,6 +41,19 @@ def tiles(num, idx, nk):
     return out.scatter_(-1, torch.where(listed, idx.long(), nk), True)[..., :nk]
 
 
+def check_q_lists(block_mask, nq, nk):
+    """The transposed lists (what the backward reads) list exactly the same tiles, ascending."""
+    pairs = [(block_mask.kv_num_blocks, block_mask.kv_indices, block_mask.q_num_blocks, block_mask.q_indices)]
+    if block_mask.full_kv_num_blocks is not None:
+        pairs.append((block_mask.full_kv_num_blocks, block_mask.full_kv_indices,
+                      block_mask.full_q_num_blocks, block_mask.full_q_indices))
+    for kv_num, kv_idx, q_num, q_idx in pairs:
+        assert torch.equal(tiles(kv_num, kv_idx, nk).transpose(-2, -1), tiles(q_num, q_idx, nq))
+        listed = torch.arange(q_idx.shape[-1]) < q_num[..., None].long()
+        steps = q_idx[..., 1:] > q_idx[..., :-1]
+        assert (steps | ~listed[..., 1:]).all(), "a Q list is not strictly ascending"
+
+
 def check_block_mask(block_mask, B, H, tight=True):
     qb, kb = block_mask.BLOCK_SIZE
     q_len, kv_len = block_mask.seq_lengths
@@ -50,6 +65,7 @@ def check_block_mask(block_mask, B, H, tight=True):
     if block_mask.full_kv_num_blocks is not None:
         full = tiles(block_mask.full_kv_num_blocks, block_mask.full_kv_indices, nk).expand(B, H, nq, nk)
     assert not (partial & full).any(), "a tile is listed both partial and full"
+    check_q_lists(block_mask, nq, nk)
     # pad to whole tiles; padding counts as not visible
     padded = torch.zeros(B, H, nq * qb, nk * kb, dtype=torch.bool)
     padded[..., :q_len, :kv_len] = dense
@@ -83,7 +99,7 @@ def test_window_block_mask_covers_its_mask(T, window, block_size):
     assert torch.equal(dense[0, 0], (s[None] <= s[:, None]) & (s[None] > s[:, None] - window))
 
 
-@given(configs(), shapes(max_t=500, max_work=3_000_000), block_sizes, st.integers(0, 2**31 - 1))
+@given(configs(), shapes(max_t=500, max_work=3_000_000), selection_block_sizes, st.integers(0, 2**31 - 1))
 def test_selection_block_mask_from_select_blocks(config, shape, block_size, seed):
     q, k, _ = make_qkv(shape, seed)
     idx = select_blocks(q, mean_compress(k, config), config=config)
@@ -94,7 +110,7 @@ def test_selection_block_mask_from_select_blocks(config, shape, block_size, seed
     assert torch.equal(dense, allowed.repeat_interleave(shape.G, dim=2))
 
 
-@given(configs(), st.integers(1, 300), st.sampled_from([1, 2, 3, 5]), block_sizes, st.integers(0, 2**31 - 1))
+@given(configs(), st.integers(1, 300), st.sampled_from([1, 2, 3, 5, 16]), selection_block_sizes, st.integers(0, 2**31 - 1))
 def test_selection_block_mask_from_arbitrary_indices(config, T, G, block_size, seed):
     # padding anywhere, repeated blocks and blocks after the query: still covered, still exact
     gen = torch.Generator().manual_seed(seed)
@@ -128,7 +144,7 @@ def test_full_tiles_exist_for_aligned_blocks():
     t = torch.arange(T)
     idx[0, 0, :, 2] = torch.clamp(t // 64 - 1, min=2)
     idx[0, 0, :, 3] = torch.clamp(t // 64, min=3)
-    bm = selection_block_mask(idx, config)
+    bm = selection_block_mask(idx, config, block_size=(128, 128))
     check_block_mask(bm, 1, 1, tight=False)
     assert int(bm.full_kv_num_blocks[0, 0, 2:].min()) >= 1  # tile 0 (blocks 0 and 1) is full
 
@@ -141,10 +157,46 @@ def test_repeated_blocks_do_not_make_a_tile_full():
     T = 256
     idx = torch.zeros(1, 1, T, 2, dtype=torch.int32)
     idx[0, 0, 192:, 1] = 1
-    bm = selection_block_mask(idx, config)
+    bm = selection_block_mask(idx, config, block_size=(128, 128))
     dense = check_block_mask(bm, 1, 1, tight=False)
     assert not dense[0, 0, 128:192, 64:128].any()
     assert int(bm.full_kv_num_blocks[0, 0, 1]) == 0
+
+
+def test_default_selection_tiles_are_one_token_by_one_block():
+    # G=16 rows (one token) by l'=64 keys (one block): a token lists exactly its own blocks,
+    # the older ones as full, its own (cut by causality) as partial.
+    config = NSAConfig()
+    T, G = 1000, 16
+    q, k, _ = make_qkv(shapes_fixed(T, G), 0)
+    idx = select_blocks(q, mean_compress(k, config), config=config)
+    bm = selection_block_mask(idx, config, group_size=G)
+    assert bm.BLOCK_SIZE == (16, 64)
+    check_block_mask(bm, 1, 1)
+    per_token = (idx >= 0).sum(-1)
+    assert torch.equal(bm.kv_num_blocks + bm.full_kv_num_blocks, per_token.to(torch.int32))
+    # partial: the own block only, unless the token is its last and so sees all of it
+    t = torch.arange(T)
+    assert torch.equal(bm.kv_num_blocks[0, 0], (t % 64 != 63).to(torch.int32))
+
+
+@given(st.sampled_from([1, 2, 3, 6, 16, 24]), st.sampled_from([16, 32, 64]), st.integers(1, 400), st.integers(0, 2**31 - 1))
+def test_default_selection_tiles_with_several_tokens_per_tile(G, ls, T, seed):
+    # G < 16 puts several tokens in a Q tile (G = 3, 6 and 24 also cut tokens across tiles):
+    # a block is full only if every one of them chose it
+    config = NSAConfig(compress_block=16, compress_stride=16, select_block=ls, num_selected=4, num_initial=1, num_local=1)
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.randint(-1, config.num_select_blocks(T), (1, 2, T, 4), generator=gen, dtype=torch.int32)
+    bm = selection_block_mask(idx, config, group_size=G)
+    assert bm.BLOCK_SIZE[1] == ls
+    dense = check_block_mask(bm, 1, 2, tight=False)
+    assert torch.equal(dense, R._allowed_by_selection(idx, config, T).repeat_interleave(G, dim=2))
+
+
+def shapes_fixed(T, G):
+    from strategies import Shape
+
+    return Shape(1, 1, G, T, 32, 32)
 
 
 def test_builders_reject_bad_sizes():

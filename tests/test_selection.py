@@ -9,7 +9,7 @@ from hypothesis import given, strategies as st
 from nsa_flex import NSAConfig, mean_compress, reference as R, select_blocks
 from nsa_flex.selection import block_importance
 
-from strategies import configs, make_qkv, shapes
+from strategies import Shape, configs, make_qkv, shapes
 
 
 def chosen_scores(idx, scores):
@@ -125,3 +125,20 @@ def test_steps_reject_bad_input():
         top_n_blocks(torch.rand(1, 1, 40, 5), config, q_start=-1)
     with pytest.raises(ValueError, match="at least 2 dimensions"):
         top_n_blocks(torch.rand(5), config)
+
+
+@pytest.mark.parametrize("G", [1, 3, 4, 16])
+@given(configs(), st.integers(1, 300), st.integers(1, 2), st.integers(0, 2**31 - 1))
+def test_fused_scores_kernel_matches_reference(G, config, T, Hkv, seed):
+    # The Triton scoring kernel (CUDA's default path) under the CPU interpreter, float32.
+    from nsa_flex.selection import _select_fused
+
+    shape = Shape(1, Hkv, G, T, 32, 16)
+    q, k, _ = make_qkv(shape, seed)
+    q, k_cmp = q.float(), mean_compress(k, config).float()
+    ref_idx, ref_scores = R.select_blocks(q.double(), k_cmp.double(), config, 0.3)
+    idx = _select_fused(q, k_cmp, config, 0.3, chunk_size=128)  # T > 128: chunks meet too
+    assert idx.shape == ref_idx.shape and idx.dtype == torch.int32
+    assert torch.equal((idx >= 0).sum(-1), (ref_idx >= 0).sum(-1))
+    torch.testing.assert_close(chosen_scores(idx, ref_scores), chosen_scores(ref_idx, ref_scores), rtol=1e-5, atol=1e-6)
+    assert_ascending_then_padding(idx)
