@@ -386,3 +386,21 @@ def test_rotate_at_equals_forward_at_an_offset():
         rope.rotate_at(x, pos[:, :4])
     with pytest.raises(TypeError, match="integer"):
         rope.rotate_at(x, pos.float())
+
+
+def test_docs_examples_run():
+    """The CPU examples of docs/inference.md run and print what their comments say."""
+    import contextlib
+    import io
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "inference.md").read_text()
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", text, re.S) if "cuda" not in b]
+    assert len(blocks) == 2
+    for block in blocks:
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            exec(compile(block, "docs/inference.md", "exec"), {"__name__": "docs_example"})
+        expected = [line.split("# ", 1)[1].strip() for line in block.splitlines() if line.startswith("print(") and "# " in line]
+        assert out.getvalue().split("\n")[: len(expected)] == expected
