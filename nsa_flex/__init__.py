@@ -3,6 +3,7 @@
 - :func:`attend`: the whole NSA layer as a function.
 - :class:`SparseAttention`: the layer as an ``nn.Module`` with learned compression and gates.
 - :func:`select_blocks`: importance scores and top-n block selection, shared by backends.
+- :class:`NSACache`, :func:`prefill`, :func:`decode_step`: inference with a KV cache.
 - :class:`NSAConfig`: the hyperparameters.
 - :mod:`nsa_flex.masks`: the branches' mask_mods and BlockMask builders.
 - :mod:`nsa_flex.reference`: the dense oracle every backend is tested against.
@@ -14,6 +15,7 @@ from .compression import BlockCompressor, mean_compress
 from .config import NSAConfig
 from .selection import select_blocks
 from .module import SparseAttention
+from .cache import NSACache, decode_step, prefill
 
 __all__ = [
     "attend",
@@ -21,6 +23,9 @@ __all__ = [
     "BACKENDS",
     "NSAConfig",
     "SparseAttention",
+    "NSACache",
+    "prefill",
+    "decode_step",
     "BlockCompressor",
     "mean_compress",
     "select_blocks",

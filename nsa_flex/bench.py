@@ -10,6 +10,10 @@ Every contender runs in this one process on the same inputs, at SPEC.md's refere
   backends, and ``parallel_nsa`` with its own compression and top-n (no window branch: fla's
   needs flash-attn).
 - ``full``: full causal attention through SDPA's cuDNN and flash backends and FlexAttention.
+- ``decode`` (not run unless asked, ``--parts decode``): the latency of one decode step
+  (:func:`nsa_flex.decode_step`, one new token per row) with ``T`` tokens already cached, for
+  B=1 and B=8, eagerly and replayed from a CUDA graph (``nsa B=.. [graph]``), against
+  full-attention decoding (``sdpa B=.. [graph]``: SDPA of one query over the whole cache).
 
 Times are ``triton.testing.do_bench`` medians on CUDA (forward, and forward+backward), peak
 memory is measured around one forward+backward. ``--quick`` runs tiny sizes, and on the CPU skips
@@ -232,7 +236,84 @@ def bench_full(p: Problem, T: int, reps: int) -> list[Row]:
     return rows
 
 
-PARTS = {"selected": bench_selected, "layer": bench_layer, "full": bench_full}
+def _decode_rows(p: Problem, T: int, reps: int, batches=(1, 8)) -> list[Row]:
+    """One decode step with ``T`` tokens cached: NSA (eager and CUDA graph) against SDPA over
+    the whole cache. The cache is filled with random K/V (a step's cost does not depend on
+    what it holds); each timed step decodes position ``T`` and rewinds, so it can repeat."""
+    from .cache import NSACache, decode_step
+
+    rows = []
+    for B in batches:
+        g = torch.Generator(device=p.device).manual_seed(T)
+
+        def rnd(*shape):
+            return torch.randn(*shape, generator=g, device=p.device).to(p.dtype)
+
+        try:
+            cache = NSACache(B, p.Hkv, T + 1, p.D, config=p.config, device=p.device, dtype=p.dtype)
+            cache.k[:, :, :T] = rnd(B, p.Hkv, T, p.D)
+            cache.v[:, :, :T] = rnd(B, p.Hkv, T, p.D)
+            tc = p.config.num_compressed(T)
+            cache.k_cmp[:, :, :tc] = mean_compress(cache.k[:, :, :T], p.config)
+            cache.v_cmp[:, :, :tc] = mean_compress(cache.v[:, :, :T], p.config)
+            cache.lengths.fill_(T)
+            q, k1, v1 = rnd(B, p.Hq, 1, p.D), rnd(B, p.Hkv, 1, p.D), rnd(B, p.Hkv, 1, p.D)
+            gates = torch.rand(B, p.Hq, 1, 3, generator=g, device=p.device).to(p.dtype)
+            k_full, v_full = rnd(B, p.Hkv, T + 1, p.D), rnd(B, p.Hkv, T + 1, p.D)
+        except (RuntimeError, ValueError) as e:  # out of memory, most likely
+            rows.append(Row("decode", f"B={B}", T, note=f"failed: {type(e).__name__}: {str(e).splitlines()[0][:100]}"))
+            continue
+
+        def nsa():
+            out = decode_step(cache, q, k1, v1, gates)
+            cache.rewind_(1)
+            cache._bound = T
+            return out
+
+        def sdpa():
+            return F.scaled_dot_product_attention(q, k_full, v_full, enable_gqa=True)
+
+        times = {}
+        for name, fn in (("nsa", nsa), ("sdpa", sdpa)):
+            for graphed in (False, True):
+                label = f"{name} B={B}" + (" graph" if graphed else "")
+                row = Row("decode", label, T)
+                if graphed and p.device.type != "cuda":
+                    row.note = "skipped: CUDA graphs need CUDA"
+                    rows.append(row)
+                    continue
+                try:
+                    with torch.no_grad():
+                        run = _cuda_graph(fn) if graphed else fn
+                        row.fwd_ms = _time(run, p.device, reps)
+                    times[(name, graphed)] = row.fwd_ms
+                except (RuntimeError, AssertionError, ValueError, TypeError) as e:
+                    row.note = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
+                rows.append(row)
+        for row in rows[-4:]:
+            graphed = row.name.endswith("graph")
+            full = times.get(("sdpa", graphed))
+            if row.name.startswith("nsa") and row.fwd_ms and full:
+                row.note = f"full/this: {full / row.fwd_ms:.2f}x"
+        del cache, k_full, v_full
+    return rows
+
+
+def _cuda_graph(fn: Callable[[], object]) -> Callable[[], object]:
+    """``fn`` captured in a CUDA graph (after a warm-up on a side stream); returns its replay."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+PARTS = {"selected": bench_selected, "layer": bench_layer, "full": bench_full, "decode": _decode_rows}
 
 
 def _table(rows: list[Row]) -> str:
@@ -245,7 +326,7 @@ def _table(rows: list[Row]) -> str:
         fmt = lambda x, w: f"{x:>{w}.2f}" if x is not None else f"{'-':>{w}}"
         note = r.note
         b = base.get(r.T)
-        if b and r.fwd_ms and r is not b:
+        if b and r.fwd_ms and r is not b and r.part != "decode":  # decode rows hold their own ratio
             ratio = f"cuDNN/this: fwd {b.fwd_ms / r.fwd_ms:.2f}x"
             if b.fwd_bwd_ms and r.fwd_bwd_ms:
                 ratio += f", fwd+bwd {b.fwd_bwd_ms / r.fwd_bwd_ms:.2f}x"

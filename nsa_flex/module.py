@@ -9,6 +9,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from .api import BACKENDS, attend
+from .cache import NSACache, decode_step, prefill
 from .compression import BlockCompressor
 from .config import NSAConfig
 from .rotary import RotaryEmbedding
@@ -48,6 +49,10 @@ class SparseAttention(nn.Module):
 
     Shapes:
         ``forward(x)``: ``x (B, T, dim) -> (B, T, dim)``.
+
+    Inference (see ``docs/inference.md``): ``cache = layer.new_cache(B, max_len)``, then
+    ``layer.prefill(prompt, cache)`` and ``layer.decode(x_new, cache)`` per step; their outputs
+    equal ``forward`` over the whole sequence.
     """
 
     def __init__(
@@ -179,3 +184,91 @@ class SparseAttention(nn.Module):
         out, aux = result if return_aux else (result, None)
         out = self.to_out(rearrange(out, "b h t d -> b t (h d)"))
         return (out, aux) if return_aux else out
+
+    # ------------------------------------------------------------------------- inference
+
+    def new_cache(
+        self,
+        batch_size: int,
+        max_len: int,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> NSACache:
+        """An empty :class:`~nsa_flex.cache.NSACache` for this layer: ``batch_size`` rows of up to
+        ``max_len`` tokens, on the parameters' device and dtype unless given (give ``dtype``
+        when running under autocast)."""
+        weight = self.to_q.weight
+        return NSACache(
+            batch_size, self.kv_heads, max_len, self.dim_head, self.dim_head_v, config=self.config,
+            device=weight.device if device is None else device, dtype=weight.dtype if dtype is None else dtype,
+        )
+
+    def _check_cached_input(self, x, cache) -> None:
+        if not isinstance(cache, NSACache):
+            raise TypeError(f"cache must be an NSACache, got {type(cache).__name__}")
+        if not isinstance(x, Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 3 or x.shape[-1] != self.dim:
+            raise ValueError(f"x must be (B, T, dim={self.dim}), got shape {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise TypeError(f"x must be floating point, got {x.dtype}")
+        if x.device != self.to_q.weight.device:
+            raise ValueError(f"x is on {x.device} but the module's parameters are on {self.to_q.weight.device}")
+        if x.dtype != cache.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(f"x has dtype {x.dtype} but the cache holds {cache.dtype}")
+        if (cache.kv_heads, cache.dim_head, cache.dim_head_v, cache.config) != (
+            self.kv_heads, self.dim_head, self.dim_head_v, self.config
+        ):
+            raise ValueError("cache was not made for this layer (heads, head dims or config differ); use layer.new_cache")
+
+    def _project(self, x: Tensor):
+        q = rearrange(self.to_q(x), "b t (h d) -> b h t d", h=self.heads)
+        k = rearrange(self.to_k(x), "b t (h d) -> b h t d", h=self.kv_heads)
+        v = rearrange(self.to_v(x), "b t (h d) -> b h t d", h=self.kv_heads)
+        gates = rearrange(self.to_gates(x), "b t (h g) -> b h t g", g=3).sigmoid()
+        return q, k, v, gates
+
+    def prefill(self, x: Tensor, cache: NSACache, *, lengths: Tensor | None = None) -> Tensor:
+        """Run the layer over a prompt and fill ``cache`` with it (from position 0).
+
+        Args:
+            x: ``(B, T, dim)``, right-padded when rows differ in length; ``T`` may be 0.
+            cache: from :meth:`new_cache`; its ``max_len >= T``.
+            lengths: ``(B,)`` integer tensor, tokens per row (default ``T``). Row ``b``'s
+                outputs at positions ``< lengths[b]`` are ``forward`` of the row alone; the
+                padded ones are ``to_out`` of 0.
+
+        Returns:
+            ``(B, T, dim)``.
+        """
+        self._check_cached_input(x, cache)
+        q, k, v, gates = self._project(x)
+        if self.rotary is not None and x.shape[1]:
+            q, k = self.rotary(q), self.rotary(k)
+        out = prefill(
+            cache, q, k, v, gates, lengths=lengths, compress_k=self.compress_k, compress_v=self.compress_v,
+            backend=self.backend,
+        )
+        return self.to_out(rearrange(out, "b h t d -> b t (h d)"))
+
+    def decode(self, x: Tensor, cache: NSACache) -> Tensor:
+        """Append ``m`` tokens per row to ``cache`` and return their outputs.
+
+        Args:
+            x: ``(B, m, dim)``: the next token of each row (``m = 1``), or a few (speculative
+                decoding). RoPE rotates them at each row's absolute positions
+                ``cache.lengths[b] ..``.
+            cache: filled by :meth:`prefill` (or empty), updated in place.
+
+        Returns:
+            ``(B, m, dim)``, equal to ``forward`` over the row's whole sequence at those
+            positions. No host-device sync: the call can be captured in a CUDA graph.
+        """
+        self._check_cached_input(x, cache)
+        q, k, v, gates = self._project(x)
+        if self.rotary is not None:
+            positions = cache.lengths[:, None] + torch.arange(x.shape[1], device=x.device)
+            q, k = self.rotary.rotate_at(q, positions), self.rotary.rotate_at(k, positions)
+        out = decode_step(cache, q, k, v, gates, compress_k=self.compress_k, compress_v=self.compress_v)
+        return self.to_out(rearrange(out, "b h t d -> b t (h d)"))

@@ -89,3 +89,32 @@ class RotaryEmbedding(nn.Module):
         cos, sin = self.cos_sin(x.shape[2], offset=offset, device=x.device, dtype=compute)
         xc = x.to(compute)
         return (xc * cos + rotate_half(xc) * sin).to(x.dtype)
+
+    def rotate_at(self, x: Tensor, positions: Tensor) -> Tensor:
+        """Rotate ``x`` at per-row positions held in a tensor (decoding: rows at different
+        lengths, and nothing read on the host, so a step stays capturable in a CUDA graph).
+
+        Args:
+            x: ``(B, H, T, D)``, floating point.
+            positions: ``(B, T)`` integer positions of ``x[b, :, t]``.
+
+        Returns:
+            ``(B, H, T, D)``, same dtype as ``x``; bitwise what :meth:`forward` gives at those
+            positions.
+        """
+        if x.dim() != 4 or x.shape[-1] != self.dim:
+            raise ValueError(f"x must be (B, H, T, {self.dim}), got shape {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise TypeError(f"x must be floating point, got {x.dtype}")
+        if not isinstance(positions, Tensor) or positions.is_floating_point() or positions.dtype == torch.bool:
+            raise TypeError("positions must be an integer tensor")
+        if tuple(positions.shape) != (x.shape[0], x.shape[2]):
+            raise ValueError(f"positions must be (B, T) = {(x.shape[0], x.shape[2])}, got {tuple(positions.shape)}")
+        compute = torch.promote_types(x.dtype, torch.float32)
+        # the same operations as cos_sin, so that decoding rotates exactly as the full forward
+        exponent = torch.arange(0, self.dim, 2, device=x.device, dtype=compute) / self.dim
+        inv_freq = self.base**-exponent
+        angles = positions.to(compute)[..., None] * inv_freq  # (B, T, D/2)
+        angles = torch.cat((angles, angles), dim=-1)[:, None]  # (B, 1, T, D)
+        xc = x.to(compute)
+        return (xc * angles.cos() + rotate_half(xc) * angles.sin()).to(x.dtype)

@@ -79,44 +79,96 @@ def block_importance(p_cmp: Tensor, config: NSAConfig, seq_len: int) -> Tensor:
     return chunks.unflatten(-1, (ns, per_sel)).sum(dim=-1)
 
 
-def top_n_blocks(scores: Tensor, config: NSAConfig, q_start: int = 0) -> Tensor:
+def _ranking_key(scores: Tensor, j: Tensor, ns: int) -> tuple[Tensor, bool]:
+    """Scores made free of exact ties: equal scores rank the lower block first.
+
+    Returns ``(key, needs_stable_sort)``. Ties are common and structural (blocks that no visible
+    compressed block overlaps all score 0; one visible compressed block spreads equal weights
+    over several selection blocks), and ``torch.topk`` breaks them by its own internals, which
+    differ with the row length. A fixed rule makes a selection independent of how many blocks a
+    row holds, so a decode step (rows as long as the cache) picks what the full forward picks.
+
+    Scores below float64 are widened to float64 and nudged up by less than half a spacing of
+    their own precision, more for lower blocks; that orders exact ties and keeps every other
+    order. Float64 scores (or more than 2**16 blocks) cannot be widened: the caller sorts them
+    stably instead, which gives the same order.
+    """
+    key = scores.to(torch.promote_types(scores.dtype, torch.float32))
+    if key.dtype != torch.float32 or ns >= 2**16:
+        return key, True
+    # float32's spacing at x is at least |x| * 2**-24; the nudge stays below |x| * ns * 2**-40.
+    # Zero (and subnormals) are nudged from float32's smallest normal, below the smallest subnormal.
+    nudge = (ns - 1 - j).to(torch.float64) * 2.0**-40
+    wide = key.to(torch.float64)
+    nudged = wide + wide.abs().clamp_min(torch.finfo(torch.float32).tiny) * nudge
+    return torch.where(torch.isfinite(wide), nudged, wide), False
+
+
+def top_n_blocks(
+    scores: Tensor, config: NSAConfig, q_start: int = 0, *, positions: Tensor | None = None
+) -> Tensor:
     """Pick ``n`` blocks per query: forced initial and local blocks, then the best candidates.
+
+    Equal scores rank the lower block first, so the result does not depend on how many
+    (non-candidate) blocks a row holds.
 
     Args:
         scores: ``(B, Hkv, C, Ns)`` importance of each block for queries ``q_start ..
             q_start + C - 1``.
+        positions: instead of ``q_start``, each query's position as an integer tensor
+            broadcastable to ``(B, Hkv, C)``, e.g. ``(B, 1, C)`` for batch rows at different
+            offsets (a decode step). Nothing is read from it on the host (no sync, capturable
+            in a CUDA graph), so it is not checked against ``Ns``: the caller makes ``scores``
+            cover every candidate block.
 
     Returns:
         ``(B, Hkv, C, n)`` int32, valid indices ascending, then ``-1``.
 
     Raises:
         TypeError, ValueError: if ``scores`` is not floating or has fewer blocks than the
-            queries can select from.
+            queries can select from, or ``positions`` is not an integer tensor on ``scores``'
+            device.
     """
     config = resolve_config(config)
     _check_length("q_start", q_start, minimum=0)
     _check_floating("scores", scores, min_dim=2)
     *lead, C, ns = scores.shape
     n, ls = config.num_selected, config.select_block
-    if ns < -(-(q_start + C) // ls):
-        raise ValueError(
-            f"scores must cover the {-(-(q_start + C) // ls)} blocks up to query {q_start + C - 1}, "
-            f"got {ns}"
-        )
-    j = _index(ns, scores.device, (1, ns))
-    current = (torch.arange(q_start, q_start + C, device=scores.device, dtype=torch.int32) // ls)[:, None]
+    if positions is None:
+        if ns < -(-(q_start + C) // ls):
+            raise ValueError(
+                f"scores must cover the {-(-(q_start + C) // ls)} blocks up to query {q_start + C - 1}, "
+                f"got {ns}"
+            )
+        pos = torch.arange(q_start, q_start + C, device=scores.device, dtype=torch.int64)
+    else:
+        if not isinstance(positions, Tensor):
+            raise TypeError(f"positions must be a torch.Tensor, got {type(positions).__name__}")
+        if positions.is_floating_point() or positions.is_complex() or positions.dtype == torch.bool:
+            raise TypeError(f"positions must have an integer dtype, got {positions.dtype}")
+        if positions.device != scores.device:
+            raise ValueError(f"positions is on {positions.device} but scores is on {scores.device}")
+        if positions.dim() < 1 or positions.shape[-1] not in (1, C):
+            raise ValueError(f"positions must end in C = {C} queries, got shape {tuple(positions.shape)}")
+        pos = positions.long()
+    j = torch.arange(ns, device=scores.device)
+    current = (pos // ls)[..., None]
     candidate = j <= current
     forced = candidate & ((j < config.num_initial) | (j > current - config.num_local))
-    key = scores.to(torch.promote_types(scores.dtype, torch.float32))
+    key, stable = _ranking_key(scores, j, ns)
     key = key.masked_fill(~candidate, float("-inf")).masked_fill(forced, float("inf"))
-    return _top_n_of_keys(key, n)
+    return _top_n_of_keys(key, n, stable)
 
 
-def _top_n_of_keys(key: Tensor, n: int) -> Tensor:
-    """``n`` best of ``key (..., Ns)`` (forced blocks ``+inf``, non-candidates ``-inf``) as
-    ascending int32 indices, ``-1`` padded."""
+def _top_n_of_keys(key: Tensor, n: int, stable: bool) -> Tensor:
+    """``n`` best of ``key (..., Ns)`` (forced blocks ``+inf``, non-candidates ``-inf``, from
+    :func:`_ranking_key`) as ascending int32 indices, ``-1`` padded."""
     ns = key.shape[-1]
-    vals, idx = torch.topk(key, min(n, ns), dim=-1)
+    if stable:
+        vals, idx = torch.sort(key, dim=-1, descending=True, stable=True)
+        vals, idx = vals[..., : min(n, ns)], idx[..., : min(n, ns)]
+    else:
+        vals, idx = torch.topk(key, min(n, ns), dim=-1)
     # Non-candidates sort last (sentinel ns), then become -1.
     idx = torch.where(vals == float("-inf"), ns, idx)
     idx = torch.sort(idx, dim=-1).values
@@ -179,7 +231,8 @@ def _select_fused(q, k_cmp, config, scale, chunk_size=None) -> Tensor:
     block_g = _pow2(G)
     block_t = max(1, 64 // block_g)
     if chunk_size is None:
-        chunk_size = max(block_t, _CHUNK_BYTES // max(1, B * Hkv * ns * 4))
+        # float32 scores, then about three float64 tensors of the same shape for the tie rule
+        chunk_size = max(block_t, _CHUNK_BYTES // max(1, B * Hkv * ns * 4 * 7))
     q = q if q.stride(-1) == 1 else q.contiguous()
     k_cmp = k_cmp.to(q.dtype)
     out = []
@@ -195,7 +248,10 @@ def _select_fused(q, k_cmp, config, scale, chunk_size=None) -> Tensor:
             BLOCK_S=max(16, _pow2(step)), SEL_STEP=step, IEEE=q.dtype == torch.float32,
             num_warps=4, num_stages=2,
         )
-        out.append(_top_n_of_keys(scores, config.num_selected))
+        # the kernel wrote +-inf for forced and non-candidate blocks; the rest get the tie rule
+        key, stable = _ranking_key(scores, torch.arange(ns, device=q.device), ns)
+        del scores
+        out.append(_top_n_of_keys(key, config.num_selected, stable))
     return torch.cat(out, dim=2) if len(out) > 1 else out[0]
 
 

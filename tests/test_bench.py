@@ -48,3 +48,22 @@ def test_measure_checks_before_timing_and_survives_failures():
 
     row = _measure("p", "broken", 8, broken, (), torch.device("cpu"), 1)
     assert row.fwd_ms is None and row.note.startswith("failed: RuntimeError: no kernel")
+
+
+def test_quick_decode_part(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run(
+        [sys.executable, "-m", "nsa_flex.bench", "--quick", "--parts", "decode", "--out", str(tmp_path), "--reps", "1"],
+        capture_output=True, text=True, env=env, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert {r["part"] for r in rows} == {"decode"} and {r["T"] for r in rows} == {64, 128}
+    names = {r["name"] for r in rows}
+    assert {"nsa B=1", "nsa B=8", "sdpa B=1", "sdpa B=8", "nsa B=1 graph"} <= names
+    eager = [r for r in rows if not r["name"].endswith("graph")]
+    assert all(r["fwd_ms"] > 0 for r in eager), [r["note"] for r in eager]
+    assert all(r["note"].startswith("full/this") for r in eager if r["name"].startswith("nsa"))
+    if not torch.cuda.is_available():
+        graphed = [r for r in rows if r["name"].endswith("graph")]
+        assert all(r["fwd_ms"] is None and r["note"].startswith("skipped") for r in graphed)

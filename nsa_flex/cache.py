@@ -1,0 +1,552 @@
+"""Inference: a preallocated KV cache, prefill from a prompt, and decode steps of one token (or a
+few, for speculative decoding) whose outputs equal one full forward over the same tokens.
+
+:class:`NSACache` holds, per batch row, the raw keys and values of every token so far, the
+compressed keys and values of every complete compressed block, and the row's length. The tail
+of tokens not yet compressed is the raw K/V after the last complete block: a compressed block is
+computed the moment its last token arrives, from the raw K/V, so the tail needs no buffer of its
+own. Everything is allocated once, for ``max_len`` tokens; nothing grows by concatenation.
+
+Batch rows may hold different lengths (``cache.lengths``, a ``(B,)`` tensor): each row's tokens
+sit at positions ``0 .. lengths[b] - 1``, and a decode step appends ``m`` tokens to every row at
+that row's positions. Prefill takes right-padded prompts and their lengths.
+
+A decode step (:func:`decode_step`) reads nothing from the device on the host and its shapes
+depend only on ``m`` and the cache's sizes, so it can be captured in a CUDA graph and replayed:
+
+1. write the new K/V at positions ``lengths[b] .. lengths[b] + m - 1``;
+2. compress the blocks those tokens complete (at most ``ceil(m / d)`` per row);
+3. the compressed branch: the new queries against every compressed slot, masked to the blocks
+   whose last token is at or before the query; its probabilities are the selection scores;
+4. selection: :func:`~nsa_flex.selection.block_importance` and
+   :func:`~nsa_flex.selection.top_n_blocks` at the queries' positions;
+5. the selected branch: the ``n * l'`` keys of the chosen blocks, gathered;
+6. the window branch: the last ``w`` keys, gathered;
+7. the gates mix the three, and ``lengths += m``.
+
+Attention in a step is plain PyTorch (matmuls over gathered keys, scores in float32 or wider),
+the same for every backend; ``backend`` only picks how :func:`prefill` attends.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from ._validation import check_gates, check_qkv, resolve_config, resolve_scale
+from .api import BACKENDS, _gate, attend
+from .compression import mean_compress
+from .config import NSAConfig
+from .selection import block_importance, top_n_blocks
+
+__all__ = ["NSACache", "prefill", "decode_step"]
+
+
+def _int(name: str, value, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def _capturing(x: Tensor) -> bool:
+    return torch.compiler.is_compiling() or (x.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
+class NSACache:
+    """Preallocated decoding state of one NSA layer: raw K/V, compressed K/V, per-row lengths.
+
+    Args:
+        batch_size: ``B``.
+        kv_heads: ``Hkv``.
+        max_len: ``L``, the most tokens a row may hold (prompt and generated).
+        dim_head: ``Dk``.
+        dim_head_v: ``Dv`` (default ``dim_head``).
+        config: the layer's ``NSAConfig`` (default the paper's).
+        device, dtype: of the K/V (default CPU, float32); the queries and keys given to
+            :func:`prefill`/:func:`decode_step` must match them.
+
+    Attributes (views of the storage):
+        k, v: ``(B, Hkv, L, Dk)`` / ``(B, Hkv, L, Dv)``: token ``s`` of row ``b`` at
+            ``[b, :, s]`` for ``s < lengths[b]`` (keys as given, i.e. already rotated by RoPE).
+        k_cmp, v_cmp: ``(B, Hkv, Lc, Dk)`` / ``(B, Hkv, Lc, Dv)``, ``Lc =
+            config.num_compressed(L)``: compressed block ``i`` (tokens ``i*d .. i*d + l - 1``)
+            for ``i*d + l - 1 < lengths[b]``. ``k_cmp`` is kept in ``dtype`` promoted to at
+            least float32, the precision selection scores it in.
+        lengths: ``(B,)`` int64 on ``device``, tokens held per row.
+
+    What lies past a row's length is never read as visible, so rolling a row back (rejected
+    speculative tokens) is :meth:`rewind_`. Each storage tensor has one spare slot past the end:
+    writes past ``max_len`` (only possible in CUDA-graph replays, which skip the host-side check)
+    land there instead of out of bounds.
+    """
+
+    def __init__(
+        self,
+        batch_size: int,
+        kv_heads: int,
+        max_len: int,
+        dim_head: int,
+        dim_head_v: int | None = None,
+        *,
+        config: NSAConfig | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        B = _int("batch_size", batch_size, 1)
+        H = _int("kv_heads", kv_heads, 1)
+        L = _int("max_len", max_len, 1)
+        Dk = _int("dim_head", dim_head, 1)
+        Dv = Dk if dim_head_v is None else _int("dim_head_v", dim_head_v, 1)
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+        self.config = resolve_config(config)
+        self.max_len = L
+        device = torch.device("cpu" if device is None else device)
+        tc = self.config.num_compressed(L)
+        # Zeros, not empty: slots past a row's length are masked out of every softmax, but a
+        # NaN there would still turn 0 * NaN into NaN in the value products.
+        self._k = torch.zeros(B, H, L + 1, Dk, device=device, dtype=dtype)
+        self._v = torch.zeros(B, H, L + 1, Dv, device=device, dtype=dtype)
+        self._k_cmp = torch.zeros(B, H, tc + 1, Dk, device=device, dtype=torch.promote_types(dtype, torch.float32))
+        self._v_cmp = torch.zeros(B, H, tc + 1, Dv, device=device, dtype=dtype)
+        self.lengths = torch.zeros(B, device=device, dtype=torch.int64)
+        # An upper bound on lengths, kept on the host so that a step can refuse to overflow
+        # without reading the device.
+        self._bound = 0
+
+    # ------------------------------------------------------------------------- views
+
+    @property
+    def k(self) -> Tensor:
+        return self._k[:, :, : self.max_len]
+
+    @property
+    def v(self) -> Tensor:
+        return self._v[:, :, : self.max_len]
+
+    @property
+    def k_cmp(self) -> Tensor:
+        return self._k_cmp[:, :, :-1]
+
+    @property
+    def v_cmp(self) -> Tensor:
+        return self._v_cmp[:, :, :-1]
+
+    @property
+    def batch_size(self) -> int:
+        return self._k.shape[0]
+
+    @property
+    def kv_heads(self) -> int:
+        return self._k.shape[1]
+
+    @property
+    def dim_head(self) -> int:
+        return self._k.shape[3]
+
+    @property
+    def dim_head_v(self) -> int:
+        return self._v.shape[3]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._k.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self._k.device
+
+    def __repr__(self) -> str:
+        return (
+            f"NSACache(batch_size={self.batch_size}, kv_heads={self.kv_heads}, max_len={self.max_len}, "
+            f"dim_head={self.dim_head}, dim_head_v={self.dim_head_v}, dtype={self.dtype}, "
+            f"device={self.device}, config={self.config})"
+        )
+
+    # ----------------------------------------------------------------------- state
+
+    def reset(self) -> NSACache:
+        """Empty every row (lengths to 0); the storage is kept."""
+        self.lengths.zero_()
+        self._bound = 0
+        return self
+
+    def rewind_(self, num_tokens: int | Tensor) -> NSACache:
+        """Drop the last ``num_tokens`` tokens of each row (an int, or a ``(B,)`` integer tensor
+        for a count per row), e.g. rejected speculative tokens; lengths stop at 0.
+
+        Nothing else changes: raw and compressed slots past a row's new length are never read
+        as visible, and are overwritten when tokens arrive there again.
+        """
+        if isinstance(num_tokens, Tensor):
+            if num_tokens.is_floating_point() or num_tokens.dtype == torch.bool:
+                raise TypeError(f"num_tokens must be an integer tensor, got {num_tokens.dtype}")
+            if num_tokens.shape not in ((), (self.batch_size,)):
+                raise ValueError(f"num_tokens must be a scalar or (B,) = ({self.batch_size},), got {tuple(num_tokens.shape)}")
+            if num_tokens.device != self.device:
+                raise ValueError(f"num_tokens is on {num_tokens.device} but the cache is on {self.device}")
+        else:
+            _int("num_tokens", num_tokens, 0)
+        self.lengths.sub_(num_tokens).clamp_(min=0)
+        return self
+
+    def sync_bound(self) -> NSACache:
+        """Re-read the lengths' maximum from the device (one sync) into the host-side bound that
+        guards ``max_len``. Needed after replaying a captured decode step, since replays advance
+        ``lengths`` on the device without the host knowing."""
+        self._bound = int(self.lengths.max())
+        return self
+
+    def clone(self) -> NSACache:
+        """A deep copy (new storage)."""
+        new = object.__new__(NSACache)
+        new.config, new.max_len, new._bound = self.config, self.max_len, self._bound
+        for name in ("_k", "_v", "_k_cmp", "_v_cmp", "lengths"):
+            setattr(new, name, getattr(self, name).clone())
+        return new
+
+    def copy_(self, other: NSACache) -> NSACache:
+        """Copy ``other``'s state into this cache's storage in place (so that a captured CUDA
+        graph keeps reading it). The two must have the same sizes, config, dtype and device."""
+        if not isinstance(other, NSACache):
+            raise TypeError(f"other must be an NSACache, got {type(other).__name__}")
+        if other.config != self.config:
+            raise ValueError("other has another config")
+        for name in ("_k", "_v", "_k_cmp", "_v_cmp", "lengths"):
+            a, b = getattr(self, name), getattr(other, name)
+            if a.shape != b.shape or a.dtype != b.dtype or a.device != b.device:
+                raise ValueError(f"other's {name.lstrip('_')} is {tuple(b.shape)} {b.dtype} on {b.device}, "
+                                 f"this cache's is {tuple(a.shape)} {a.dtype} on {a.device}")
+            a.copy_(b)
+        self._bound = other._bound
+        return self
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def _check_cache(cache) -> None:
+    if not isinstance(cache, NSACache):
+        raise TypeError(f"cache must be an NSACache, got {type(cache).__name__}")
+
+
+def _check_against_cache(cache: NSACache, q: Tensor, k: Tensor, v: Tensor) -> None:
+    B, Hq, T, Dk = q.shape
+    if B != cache.batch_size:
+        raise ValueError(f"q has batch {B} but the cache holds {cache.batch_size} rows")
+    if k.shape[1] != cache.kv_heads:
+        raise ValueError(f"k has {k.shape[1]} heads but the cache holds {cache.kv_heads}")
+    if Dk != cache.dim_head or v.shape[-1] != cache.dim_head_v:
+        raise ValueError(
+            f"head dims (Dk={Dk}, Dv={v.shape[-1]}) differ from the cache's "
+            f"(Dk={cache.dim_head}, Dv={cache.dim_head_v})"
+        )
+    if q.dtype != cache.dtype:
+        raise TypeError(f"q has dtype {q.dtype} but the cache holds {cache.dtype}")
+    if q.device != cache.device:
+        raise ValueError(f"q is on {q.device} but the cache is on {cache.device}")
+
+
+def _check_compressor(name: str, fn) -> None:
+    if fn is not None and not callable(fn):
+        raise TypeError(f"{name} must be callable or None, got {type(fn).__name__}")
+
+
+def _compressor(fn, config: NSAConfig) -> Callable[[Tensor], Tensor]:
+    return (lambda x: mean_compress(x, config)) if fn is None else fn
+
+
+def _compressed(name: str, fn, x: Tensor, blocks: int) -> Tensor:
+    out = fn(x)
+    expected = (*x.shape[:2], blocks, x.shape[-1])
+    if not isinstance(out, Tensor) or tuple(out.shape) != expected:
+        got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        raise ValueError(f"{name} must map (B, H, S, D) to (B, H, num_compressed(S), D) = {expected}, got {got}")
+    return out
+
+
+# --------------------------------------------------------------------------- prefill
+
+
+def prefill(
+    cache: NSACache,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    gates: Tensor | None = None,
+    *,
+    lengths: Tensor | None = None,
+    k_cmp: Tensor | None = None,
+    v_cmp: Tensor | None = None,
+    compress_k: Callable[[Tensor], Tensor] | None = None,
+    compress_v: Callable[[Tensor], Tensor] | None = None,
+    scale: float | None = None,
+    backend: str = "flex",
+) -> Tensor:
+    """Attend over a prompt with ``attend()`` and fill the cache with it, from position 0.
+
+    Whatever the cache held is replaced. Rows may be right-padded: row ``b`` holds
+    ``lengths[b]`` tokens; its outputs at those positions are exactly what ``attend`` gives for
+    the row alone (attention is causal, so padding after a token cannot reach it), and its
+    outputs at padded positions are 0.
+
+    Args:
+        cache: an :class:`NSACache` with ``max_len >= T``.
+        q: ``(B, Hq, T, Dk)``; k: ``(B, Hkv, T, Dk)``; v: ``(B, Hkv, T, Dv)``. ``T`` may be 0
+            (the cache is emptied and an empty output returned).
+        gates: ``(B, Hq, T, 3)`` or ``None``, as for ``attend``.
+        lengths: ``(B,)`` integer tensor with values in ``[0, T]`` (default ``T`` for every row).
+            Its values are read on the host (prefill is not meant for CUDA graphs).
+        k_cmp, v_cmp: ``(B, Hkv, Tc, D)`` compressed K/V of the prompt, ``Tc =
+            config.num_compressed(T)``; default ``compress_k(k)``/``compress_v(v)``.
+        compress_k, compress_v: the compression ``phi``, ``(B, H, S, D) -> (B, H,
+            num_compressed(S), D)`` (a ``BlockCompressor``, say); default the block mean.
+            :func:`decode_step` must be given the same ones.
+        scale: score scale (default ``Dk ** -0.5``).
+        backend: the ``attend`` backend for the prompt.
+
+    Returns:
+        ``(B, Hq, T, Dv)`` in ``q``'s dtype.
+
+    Raises:
+        TypeError, ValueError: naming the argument (shapes, dtypes, devices against the cache,
+            ``T > max_len``, lengths out of range), before any kernel runs.
+    """
+    _check_cache(cache)
+    config = cache.config
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    _check_compressor("compress_k", compress_k)
+    _check_compressor("compress_v", compress_v)
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    T = q.shape[2] if q.dim() == 4 else -1
+    if T == 0:  # an empty prompt: attend() takes none, so check the rest here
+        if q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or k.shape[2] != 0 or v.shape[2] != 0:
+            raise ValueError("an empty prompt needs q, k, v of shape (B, H, 0, D)")
+        _check_against_cache(cache, q, k, v)
+        cache.reset()
+        return q.new_zeros(q.shape[0], q.shape[1], 0, v.shape[-1])
+    check_qkv(q, k, v)
+    _check_against_cache(cache, q, k, v)
+    B = q.shape[0]
+    if T > cache.max_len:
+        raise ValueError(f"the prompt (T = {T}) is longer than the cache's max_len ({cache.max_len})")
+    if lengths is None:
+        lengths = torch.full((B,), T, device=q.device, dtype=torch.int64)
+        bound = T
+    else:
+        if not isinstance(lengths, Tensor):
+            raise TypeError(f"lengths must be a torch.Tensor, got {type(lengths).__name__}")
+        if lengths.is_floating_point() or lengths.dtype == torch.bool:
+            raise TypeError(f"lengths must have an integer dtype, got {lengths.dtype}")
+        if tuple(lengths.shape) != (B,):
+            raise ValueError(f"lengths must be (B,) = ({B},), got {tuple(lengths.shape)}")
+        if lengths.device != q.device:
+            raise ValueError(f"lengths is on {lengths.device} but q is on {q.device}")
+        lo, bound = (int(x) for x in torch.aminmax(lengths))
+        if lo < 0 or bound > T:
+            raise ValueError(f"lengths must lie in [0, T = {T}], found values in [{lo}, {bound}]")
+        lengths = lengths.long()
+    if k_cmp is None:
+        k_cmp = _compressed("compress_k", _compressor(compress_k, config), k, config.num_compressed(T))
+    if v_cmp is None:
+        v_cmp = _compressed("compress_v", _compressor(compress_v, config), v, config.num_compressed(T))
+
+    out = attend(q, k, v, gates, config=config, k_cmp=k_cmp, v_cmp=v_cmp, scale=scale, backend=backend)
+
+    with torch.no_grad():
+        tc = config.num_compressed(T)
+        held = torch.arange(T, device=q.device) < lengths[:, None]  # (B, T)
+        complete = (torch.arange(tc, device=q.device) * config.compress_stride + config.compress_block - 1) < lengths[:, None]
+        cache._k[:, :, :T] = torch.where(held[:, None, :, None], k.detach(), 0)
+        cache._v[:, :, :T] = torch.where(held[:, None, :, None], v.detach(), 0)
+        cache._k_cmp[:, :, :tc] = torch.where(complete[:, None, :, None], k_cmp.detach(), 0)
+        cache._v_cmp[:, :, :tc] = torch.where(complete[:, None, :, None], v_cmp.detach(), 0)
+        cache.lengths.copy_(lengths)
+    cache._bound = bound
+    return torch.where(held[:, None, :, None], out, 0)
+
+
+# ------------------------------------------------------------------------------ decode
+
+
+def _flat_rows(store: Tensor, idx: Tensor) -> Tensor:
+    """``store (B, H, S, D)`` gathered at per-(row, head) slots ``idx (B, H, ...)`` -> ``(B, H, ..., D)``.
+
+    ``index_select`` on a flat view reads each index once, where ``gather`` would need it
+    expanded over ``D``.
+    """
+    B, H, S, D = store.shape
+    base = (torch.arange(B * H, device=store.device) * S).view(B, H, *([1] * (idx.dim() - 2)))
+    flat = (idx + base).reshape(-1)
+    return store.reshape(B * H * S, D).index_select(0, flat).view(*idx.shape, D)
+
+
+def _write(store: Tensor, slots: Tensor, x: Tensor) -> None:
+    """``store[b, :, slots[b, i]] = x[b, :, i]``; ``slots (B, m)``, ``x (B, H, m, D)``."""
+    B, H, m, D = x.shape
+    store.scatter_(2, slots[:, None, :, None].expand(B, H, m, D), x.to(store.dtype))
+
+
+def _softmax_rows(scores: Tensor, allowed: Tensor) -> Tensor:
+    # A query with nothing allowed gets a row of NaN from softmax; it contributes exactly 0.
+    return torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1).nan_to_num_(0.0)
+
+
+def _compress_new_blocks(cache, start, m, compress_k, compress_v) -> None:
+    """Compress the blocks completed by tokens ``start[b] .. start[b] + m - 1``: block ``i`` ends
+    at token ``i*d + l - 1``, so at most ``ceil(m / d)`` of them, from ``ceil((start - l + 1) / d)``."""
+    config, L = cache.config, cache.max_len
+    l, d = config.compress_block, config.compress_stride
+    tc = config.num_compressed(L)
+    if tc == 0:
+        return
+    nb = (m - 1) // d + 1
+    first = (-torch.div(-(start - (l - 1)), d, rounding_mode="floor")).clamp_min(0)  # (B,)
+    block = first[:, None] + torch.arange(nb, device=start.device)  # (B, nb)
+    done = (block * d + l - 1 <= start[:, None] + m - 1) & (block < tc)
+    # The tokens of blocks first .. first + nb - 1, read past the end only for blocks not done.
+    span = (first[:, None] * d + torch.arange((nb - 1) * d + l, device=start.device)).clamp(max=L - 1)
+    H = cache.kv_heads
+    span = span[:, None].expand(-1, H, -1)
+    kc = _compressed("compress_k", compress_k, _flat_rows(cache._k, span), nb)
+    vc = _compressed("compress_v", compress_v, _flat_rows(cache._v, span), nb)
+    slots = torch.where(done, block, tc)  # not done: the spare slot
+    _write(cache._k_cmp, slots, kc)
+    _write(cache._v_cmp, slots, vc)
+
+
+def decode_step(
+    cache: NSACache,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    gates: Tensor | None = None,
+    *,
+    compress_k: Callable[[Tensor], Tensor] | None = None,
+    compress_v: Callable[[Tensor], Tensor] | None = None,
+    scale: float | None = None,
+) -> Tensor:
+    """Append ``m`` tokens to every row of the cache and attend them over all it holds.
+
+    Row ``b``'s new tokens take positions ``p_b .. p_b + m - 1`` with ``p_b = cache.lengths[b]``;
+    query ``t`` attends causally (to the cached tokens and the new ones up to itself) through
+    the three NSA branches, exactly as ``attend`` over the whole row would. ``m = 1`` is
+    ordinary decoding; ``m > 1`` verifies speculative tokens (roll rejected ones back with
+    :meth:`NSACache.rewind_`).
+
+    No host-device sync, and shapes that depend only on ``m`` and the cache's sizes: a step
+    can be captured in a CUDA graph. Its cost follows ``max_len`` in the compressed branch (all
+    ``Lc`` slots are scored, masked), ``n * l'`` keys in the selected branch and ``w + m - 1`` in
+    the window branch.
+
+    Args:
+        cache: the :class:`NSACache`, updated in place.
+        q: ``(B, Hq, m, Dk)``; k: ``(B, Hkv, m, Dk)``; v: ``(B, Hkv, m, Dv)``: the new tokens'
+            queries, keys (rotated at their absolute positions, if the model uses RoPE) and values.
+        gates: ``(B, Hq, m, 3)`` or ``None`` (each branch weighed 1).
+        compress_k, compress_v: the compression used at prefill (default the block mean); each
+            is called on ``(B, Hkv, S, D)`` spans of raw tokens with ``S = (ceil(m/d) - 1) * d + l``.
+        scale: score scale (default ``Dk ** -0.5``).
+
+    Returns:
+        ``(B, Hq, m, Dv)`` in ``q``'s dtype. Not differentiable (inference).
+
+    Raises:
+        TypeError, ValueError: naming the argument, before any kernel runs: shapes, dtypes or
+            devices that do not match the cache, or a step that would pass ``max_len`` (checked
+            against a host-side bound; see :meth:`NSACache.sync_bound` after graph replays).
+    """
+    _check_cache(cache)
+    check_qkv(q, k, v)
+    _check_against_cache(cache, q, k, v)
+    if gates is not None:
+        check_gates(gates, q)
+    _check_compressor("compress_k", compress_k)
+    _check_compressor("compress_v", compress_v)
+    scale = resolve_scale(scale, q)
+    m = q.shape[2]
+    if cache._bound + m > cache.max_len:
+        raise ValueError(
+            f"q adds {m} tokens to rows holding up to {cache._bound}: past the cache's max_len "
+            f"({cache.max_len})"
+        )
+    config = cache.config
+    with torch.no_grad():
+        out = _decode(cache, q, k, v, gates, config, scale,
+                      _compressor(compress_k, config), _compressor(compress_v, config))
+    cache._bound += m
+    return out
+
+
+def _decode(cache, q, k, v, gates, config, scale, compress_k, compress_v) -> Tensor:
+    B, Hq, m, Dk = q.shape
+    Hkv, Dv = k.shape[1], v.shape[-1]
+    G = Hq // Hkv
+    L = cache.max_len
+    l, d, ls, w = config.compress_block, config.compress_stride, config.select_block, config.window
+    dev = q.device
+    cdt = torch.promote_types(q.dtype, torch.float32)  # scores in at least float32, as select_blocks
+
+    start = cache.lengths  # (B,)
+    t = start[:, None] + torch.arange(m, device=dev)  # (B, m) the new tokens' positions
+    # Past max_len (replays that outran the host check) go to the spare slot, never out of bounds.
+    _write(cache._k, torch.where(t < L, t, L), k)
+    _write(cache._v, torch.where(t < L, t, L), v)
+    _compress_new_blocks(cache, start, m, compress_k, compress_v)
+
+    # Query rows grouped by KV head: (B, Hkv, m, G, Dk), head h*G + g -> [b, h, :, g].
+    qg = q.unflatten(1, (Hkv, G)).transpose(2, 3).to(cdt)
+    t_q = t[:, None, :, None, None]  # broadcasts against (B, Hkv, m, G, S)
+
+    # Compressed branch; its probabilities are the selection scores (paper eq. 8).
+    tc = config.num_compressed(L)
+    if tc:
+        kc = cache._k_cmp[:, :, :tc].to(cdt)  # (B, Hkv, tc, Dk)
+        s = (qg.flatten(2, 3) @ kc.transpose(-1, -2)).mul_(scale).unflatten(2, (m, G))  # (B, Hkv, m, G, tc)
+        kv_pos = torch.arange(tc, device=dev) * d + (l - 1)
+        p = _softmax_rows(s, kv_pos <= t_q)
+        vc = cache._v_cmp[:, :, :tc]
+        o_cmp = (p.flatten(2, 3).to(vc.dtype) @ vc).unflatten(2, (m, G))  # (B, Hkv, m, G, Dv)
+        scores = block_importance(p.sum(dim=3), config, L)  # eq. 10: the group shares a selection
+    else:
+        o_cmp = q.new_zeros(B, Hkv, m, G, Dv)
+        scores = torch.zeros(B, Hkv, m, config.num_select_blocks(L), device=dev, dtype=cdt)
+    blocks = top_n_blocks(scores, config, positions=t[:, None, :])  # (B, Hkv, m, n)
+
+    # Selected branch: the l' tokens of each chosen block, those after the query masked.
+    tok = blocks.long().clamp_min(0)[..., None] * ls + torch.arange(ls, device=dev)  # (B, Hkv, m, n, l')
+    allowed = (blocks >= 0)[..., None] & (tok <= t[:, None, :, None, None])
+    tok, allowed = tok.flatten(3), allowed.flatten(3)[:, :, :, None]  # (B, Hkv, m, n*l'), (..., 1, n*l')
+    tok = tok.clamp(max=L - 1)  # a last block past max_len: those tokens are after the query anyway
+    ks = _flat_rows(cache._k, tok).to(cdt)  # (B, Hkv, m, n*l', Dk)
+    vs = _flat_rows(cache._v, tok)
+    p = _softmax_rows((qg @ ks.transpose(-1, -2)).mul_(scale), allowed)  # (B, Hkv, m, G, n*l')
+    o_slc = p.to(vs.dtype) @ vs
+
+    # Window branch: the w + m - 1 positions that any of the m queries may see.
+    span = min(w + m - 1, L)
+    if span == L:
+        pos = torch.arange(L, device=dev).expand(B, L)
+    else:
+        pos = start[:, None] - (w - 1) + torch.arange(span, device=dev)  # (B, span)
+    seen = (pos[:, None, :] <= t[:, :, None]) & (pos[:, None, :] > t[:, :, None] - w) & (pos[:, None, :] >= 0)
+    pos = pos.clamp(0, L - 1)[:, None].expand(B, Hkv, span)
+    kw = _flat_rows(cache._k, pos).to(cdt)  # (B, Hkv, span, Dk)
+    vw = _flat_rows(cache._v, pos)
+    s = (qg.flatten(2, 3) @ kw.transpose(-1, -2)).mul_(scale).unflatten(2, (m, G))
+    p = _softmax_rows(s, seen[:, None, :, None, :])
+    o_swa = (p.flatten(2, 3).to(vw.dtype) @ vw).unflatten(2, (m, G))
+
+    cache.lengths.add_(m)
+
+    def heads(o):  # (B, Hkv, m, G, Dv) -> (B, Hq, m, Dv)
+        return o.transpose(2, 3).reshape(B, Hq, m, Dv).to(q.dtype)
+
+    return _gate(heads(o_cmp), heads(o_slc), heads(o_swa), gates)
