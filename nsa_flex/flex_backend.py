@@ -184,15 +184,16 @@ def window_branch(
 
 def _selection_tile(q: Tensor, k: Tensor, v: Tensor, G: int, config: NSAConfig) -> tuple[int, int]:
     """The selected branch's BlockMask tile: one token by one block (:func:`~nsa_flex.masks.selection_tile`)
-    unless FlexAttention's CUDA backward must run in half precision.
+    unless FlexAttention's CUDA backward must run, which gets 128x128 tiles.
 
     Inductor (torch 2.11-2.13) drops every backward kernel config whose tiles do not divide the
     BlockMask's, before it looks at the tile sizes we pass, and its only half-precision config
-    on Hopper for head dims 65-128 is 64/128-row tiles: with 16x64 tiles it finds no kernel
-    ("NoValidChoicesError"). Its float32 config (16x16) divides them. So training in bf16/fp16
-    on CUDA falls back to 128x128 tiles, which list the union of the blocks of 128 / G tokens.
+    on Hopper for head dims 65-128 has 64/128-row tiles: with 16x64 tiles it finds no kernel
+    ("NoValidChoicesError"). 128x128 tiles list the union of the blocks of 128 / G tokens, so
+    they cost several times the work; eager training avoids them with
+    :class:`_FlexForwardTritonBackward`, compiled training and user modifiers cannot.
     """
-    if q.is_cuda and _needs_backward(q, k, v) and q.dtype != torch.float32:
+    if q.is_cuda and _needs_backward(q, k, v):
         return Q_BLOCK, KV_BLOCK
     return selection_tile(G, config)
 
@@ -219,8 +220,8 @@ def _unfold(x: Tensor, G: int) -> Tensor:
 
 
 class _FlexForwardTritonBackward(torch.autograd.Function):
-    """The selected branch for half-precision training on CUDA: FlexAttention's forward over
-    one-token tiles, then nsa_flex's Triton backward kernels from its output and log-sum-exp.
+    """The selected branch for training on CUDA: FlexAttention's forward over one-token tiles,
+    then nsa_flex's Triton backward kernels from its output and log-sum-exp.
 
     FlexAttention's own backward cannot take those tiles there (see :func:`_selection_tile`);
     over 128x128 tiles it would do several times the work. Used only when nothing else can
@@ -249,7 +250,6 @@ class _FlexForwardTritonBackward(torch.autograd.Function):
 def _triton_backward_applies(q, k, v, score_mod, mask_mod) -> bool:
     return (
         q.is_cuda
-        and q.dtype != torch.float32
         and score_mod is None
         and mask_mod is None
         and not torch.compiler.is_compiling()

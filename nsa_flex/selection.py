@@ -199,10 +199,11 @@ def sort_unique_blocks(block_indices: Tensor, num_blocks: int) -> tuple[Tensor, 
 
 
 def _fused_ok(q: Tensor, score_mod, mask_mod) -> bool:
-    """Whether the Triton scoring kernel serves this call: CUDA, no modifiers (the kernel
-    computes plain scores), a dtype and head size the kernel takes."""
+    """Whether the Triton scoring kernel serves this call: CUDA, eager, no modifiers (the
+    kernel computes plain scores), a dtype and head size the kernel takes."""
     return (
         q.is_cuda
+        and not torch.compiler.is_compiling()  # compiled graphs trace the torch path
         and score_mod is None
         and mask_mod is None
         and q.dtype in (torch.float16, torch.bfloat16, torch.float32)

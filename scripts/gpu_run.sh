@@ -3,7 +3,7 @@
 # results in ${OUT:-gpu_out}. Run from the repository root. WHAT picks the steps, so that a run
 # can be split over calls with a time limit each:
 #   bash scripts/gpu_run.sh                       # gpu cpu demo bench
-#   WHAT="gpu demo" bash scripts/gpu_run.sh
+#   WHAT="gpu demo" bash scripts/gpu_run.sh      # gpu tests in parallel groups (GPU_TEST_S each)
 #   WHAT=bench BENCH_ARGS="--seq-lens 8192 65536" bash scripts/gpu_run.sh
 # To compare with fla, put fla-core (pure Python) on PYTHONPATH first, e.g. carried as a wheel and
 # installed with `pip install --no-deps --target /tmp/site`.
@@ -14,8 +14,25 @@ mkdir -p "$out"
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HYPOTHESIS_PROFILE=ci
 python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())" | tee "$out/versions.txt"
 if [[ $what == *" gpu "* ]]; then
-  timeout "${GPU_TEST_S:-480}" python3 -m pytest -q -p no:cacheprovider -m gpu tests/ -o log_level=WARNING 2>&1 \
-    | tee "$out/gpu_tests.log" | grep -E "passed|failed|^FAILED|^E  .*Error" | tail -20
+  # The gpu tests in parallel processes on the one GPU: their time is mostly Inductor compiling
+  # on the CPU cores. Each group logs to gpu_tests_N.log and prints its summary line.
+  groups=(
+    "tests/test_gpu.py -k flex_forward_backward and fp32"
+    "tests/test_gpu.py -k flex_forward_backward and bf16"
+    "tests/test_gpu.py -k not flex_forward_backward"
+    "tests/test_gpu_triton.py"
+  )
+  for f in tests/test_gpu_*.py; do [[ $f == tests/test_gpu_triton.py ]] || groups+=("$f"); done
+  n=0
+  for g in "${groups[@]}"; do
+    n=$((n + 1))
+    file=${g%% -k *}; filter=""; [[ $g == *" -k "* ]] && filter=${g#* -k }
+    ( timeout "${GPU_TEST_S:-400}" python3 -m pytest -q -p no:cacheprovider -m gpu -o log_level=WARNING \
+        "$file" ${filter:+-k "$filter"} > "$out/gpu_tests_$n.log" 2>&1
+      echo "[$g] $(grep -E "passed|failed|error" "$out/gpu_tests_$n.log" | tail -1)" ) &
+  done
+  wait
+  grep -h -E "^FAILED|^ERROR" "$out"/gpu_tests_*.log | head -20
 fi
 if [[ $what == *" cpu "* ]]; then  # the rest of the suite, over the CPU cores when pytest-xdist is there
   xdist=$(python3 -c "import xdist" 2>/dev/null && echo "-n 12")

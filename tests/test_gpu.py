@@ -85,6 +85,26 @@ def test_selection_on_gpu_matches_reference():
     torch.testing.assert_close(chosen(idx), chosen(ref_idx), rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_fused_selection_kernel_matches_reference(dtype):
+    # CUDA's default select_blocks path: the Triton scoring kernel, against float64 scores
+    # of the same (rounded) inputs; equally good picks, up to float32 summation order
+    config = NSAConfig()
+    shape = Shape(1, 2, 16, 4096, 128, 128)
+    q, k, _, _ = inputs(shape, config, dtype, seed=2)
+    q, k = q.detach(), k.detach()
+    k_cmp = mean_compress(k, config)
+    idx = select_blocks(q, k_cmp, config=config)
+    ref_idx, scores = R.select_blocks(q.double(), k_cmp.double(), config, 128**-0.5)
+    assert torch.equal((idx >= 0).sum(-1), (ref_idx >= 0).sum(-1))
+
+    def chosen(i):
+        vals = torch.where(i >= 0, scores.gather(-1, i.clamp_min(0).long()), -1.0)
+        return vals.sort(-1).values
+
+    torch.testing.assert_close(chosen(idx), chosen(ref_idx), rtol=1e-4, atol=1e-7)
+
+
 def test_selection_memory_at_64k():
     # SPEC's reference shape at T=65536: extra memory of select_blocks under ~2 GiB
     config = NSAConfig()
