@@ -27,7 +27,14 @@ from torch import Tensor
 from torch.nn.attention.flex_attention import flex_attention
 
 from .config import NSAConfig
-from .masks import compressed_block_mask, selection_block_mask, sliding_window_block_mask
+from .masks import (
+    compressed_block_mask,
+    compressed_varlen_block_mask,
+    selection_block_mask,
+    sliding_window_block_mask,
+    sliding_window_varlen_block_mask,
+)
+from .varlen import Documents
 
 __all__ = ["compressed_branch", "selected_branch", "window_branch"]
 
@@ -126,8 +133,12 @@ def compressed_branch(
     scale: float,
     score_mod: Callable | None = None,
     mask_mod: Callable | None = None,
+    docs: Documents | None = None,
 ) -> Tensor:
-    """``o_cmp (B, Hq, T, Dv)``: attention over the compressed blocks visible to each query."""
+    """``o_cmp (B, Hq, T, Dv)``: attention over the compressed blocks visible to each query.
+
+    ``docs``: a packed row's documents; ``k_cmp``/``v_cmp`` then hold each document's blocks
+    concatenated, and a query sees only its own document's blocks."""
     B, Hq, T, _ = q.shape
     if k_cmp.shape[2] == 0:
         # No block is complete yet: the branch contributes exactly 0 (SPEC). Adding the empty
@@ -136,9 +147,18 @@ def compressed_branch(
         zero = k_cmp.sum() + v_cmp.sum()
         return q.new_zeros(B, Hq, T, v_cmp.shape[-1]) + zero
     l, d = config.compress_block, config.compress_stride
-    block_mask = compressed_block_mask(T, config, device=q.device, mask_mod=mask_mod)
+    if docs is not None:
+        block_mask = compressed_varlen_block_mask(docs, config, mask_mod=mask_mod)
+    else:
+        block_mask = compressed_block_mask(T, config, device=q.device, mask_mod=mask_mod)
     user_score = None
-    if score_mod is not None:
+    if score_mod is not None and docs is not None:
+        last = (docs.compressed_blocks(config)[0] + (l - 1)).to(torch.int32)
+
+        def user_score(score, b, h, q_idx, kv_idx):  # block kv_idx is seen at its last token
+            return score_mod(score, b, h, q_idx, last[kv_idx])
+
+    elif score_mod is not None:
 
         def user_score(score, b, h, q_idx, kv_idx):  # block kv_idx is seen at its last token
             return score_mod(score, b, h, q_idx, kv_idx * d + (l - 1))
@@ -154,9 +174,14 @@ def window_branch(
     scale: float,
     score_mod: Callable | None = None,
     mask_mod: Callable | None = None,
+    docs: Documents | None = None,
 ) -> Tensor:
-    """``o_swa (B, Hq, T, Dv)``: the last ``window`` keys up to each query."""
-    block_mask = sliding_window_block_mask(q.shape[2], config.window, device=q.device, mask_mod=mask_mod)
+    """``o_swa (B, Hq, T, Dv)``: the last ``window`` keys up to each query (``docs``: within its
+    document)."""
+    if docs is not None:
+        block_mask = sliding_window_varlen_block_mask(docs, config.window, mask_mod=mask_mod)
+    else:
+        block_mask = sliding_window_block_mask(q.shape[2], config.window, device=q.device, mask_mod=mask_mod)
     return _flex(q, k, v, score_mod, block_mask, scale)
 
 
@@ -169,8 +194,10 @@ def selected_branch(
     scale: float,
     score_mod: Callable | None = None,
     mask_mod: Callable | None = None,
+    docs: Documents | None = None,
 ) -> Tensor:
-    """``o_slc (B, Hq, T, Dv)``: each query attends the keys ``s <= t`` of its selected blocks."""
+    """``o_slc (B, Hq, T, Dv)``: each query attends the keys ``s <= t`` of its selected blocks
+    (``docs``: doc-local block indices, counted from each token's document start)."""
     B, Hq, T, Dk = q.shape
     Hkv, Dv = k.shape[1], v.shape[-1]
     G = Hq // Hkv
@@ -179,7 +206,8 @@ def selected_branch(
     # buffer: Inductor's CPU FlexAttention template cannot take a view of a 5-D one.
     row = torch.arange(T * G, device=q.device)
     q_rows = q.reshape(B, Hkv, G * T, Dk).index_select(2, (row % G) * T + row // G)
-    block_mask = selection_block_mask(block_indices, config, group_size=G, mask_mod=mask_mod)
+    doc_start = None if docs is None else docs.start
+    block_mask = selection_block_mask(block_indices, config, group_size=G, mask_mod=mask_mod, doc_start=doc_start)
     user_score = None
     if score_mod is not None:
 
