@@ -148,12 +148,18 @@ def compressed_branch(
         return q.new_zeros(B, Hq, T, v_cmp.shape[-1]) + zero
     l, d = config.compress_block, config.compress_stride
     if docs is not None:
-        block_mask = compressed_varlen_block_mask(docs, config, mask_mod=mask_mod)
+        # Padded to T // d blocks (at least the documents' total): the shapes, hence the
+        # compiled kernels, then depend on T alone, not on each batch's document lengths.
+        padded = T // d
+        block_mask = compressed_varlen_block_mask(docs, config, mask_mod=mask_mod, num_blocks=padded)
+        pad = (0, 0, 0, padded - k_cmp.shape[2])
+        k_cmp, v_cmp = torch.nn.functional.pad(k_cmp, pad), torch.nn.functional.pad(v_cmp, pad)
     else:
         block_mask = compressed_block_mask(T, config, device=q.device, mask_mod=mask_mod)
     user_score = None
     if score_mod is not None and docs is not None:
         last = (docs.compressed_blocks(config)[0] + (l - 1)).to(torch.int32)
+        last = torch.nn.functional.pad(last, (0, T // d - last.numel()), value=T - 1)
 
         def user_score(score, b, h, q_idx, kv_idx):  # block kv_idx is seen at its last token
             return score_mod(score, b, h, q_idx, last[kv_idx])

@@ -398,7 +398,8 @@ def document_mask(doc_id: Tensor) -> MaskMod:
 
 
 def compressed_varlen_block_mask(docs, config: NSAConfig, *, mask_mod: MaskMod | None = None,
-                                 block_size: tuple[int, int] = (Q_BLOCK, KV_BLOCK)) -> BlockMask:
+                                 block_size: tuple[int, int] = (Q_BLOCK, KV_BLOCK),
+                                 num_blocks: int | None = None) -> BlockMask:
     """BlockMask of the compressed branch over a packed row: ``T`` queries against the
     documents' compressed blocks, concatenated (``(1, 1, T, Tc)``).
 
@@ -409,6 +410,9 @@ def compressed_varlen_block_mask(docs, config: NSAConfig, *, mask_mod: MaskMod |
     Args:
         docs: a :class:`nsa_flex.varlen.Documents`.
         mask_mod: the user's mask in packed positions; it sees block ``c`` at its last token.
+        num_blocks: the key length, ``Tc`` or more: blocks past ``Tc`` are padding that no query
+            sees (the flex backend pads to ``T // d``, so that the shapes, and so the compiled
+            kernels, depend on ``T`` only, not on the document lengths).
     """
     l, d = config.compress_block, config.compress_stride
     first, cdoc = docs.compressed_blocks(config)
@@ -417,6 +421,13 @@ def compressed_varlen_block_mask(docs, config: NSAConfig, *, mask_mod: MaskMod |
         raise ValueError("no document is as long as compress_block: there is no compressed block")
     last = (first + (l - 1)).to(torch.int32)  # packed position of each block's last token
     cdoc = cdoc.to(torch.int32)
+    if num_blocks is not None and num_blocks != tc:
+        if num_blocks < tc:
+            raise ValueError(f"num_blocks ({num_blocks}) must be at least the documents' {tc} compressed blocks")
+        # padding: in no document, and shown to user mods at the last token (a valid position)
+        last = torch.nn.functional.pad(last, (0, num_blocks - tc), value=T - 1)
+        cdoc = torch.nn.functional.pad(cdoc, (0, num_blocks - tc), value=-1)
+        tc = num_blocks
     offsets = torch.tensor(docs.compressed_offsets(config)[:-1], dtype=torch.int64, device=dev)
     lo_t = offsets[docs.doc_id.long()]
     seen = torch.div(docs.pos.long() - (l - 1), d, rounding_mode="floor") + 1
