@@ -149,6 +149,8 @@ def attend(
             raise ValueError(f"v_cmp has {v_cmp.shape[1]} heads but k has {k.shape[1]}")
     if block_indices is not None:
         check_block_indices(block_indices, q, k.shape[1], ns, config.num_selected)
+        if docs is not None:
+            varlen.check_block_indices(block_indices, docs, config.select_block)
     check_callable("score_mod", score_mod)
     check_callable("mask_mod", mask_mod)
     if backend not in BACKENDS:

@@ -23,6 +23,7 @@ from ._validation import check_block_indices, check_kernel_head_dims, check_qkv,
 from .config import NSAConfig
 from .selection import sort_unique_blocks
 from .varlen import Documents, resolve
+from .varlen import check_block_indices as varlen_check_block_indices
 
 __all__ = ["selected_attention", "selected_branch", "invert_selection", "available"]
 
@@ -201,6 +202,8 @@ def selected_attention(
         docs = resolve(cu_seqlens, q.shape[2], q.device, q.shape[0])
         num_blocks = max(-(-n // select_block) for n in docs.lengths)
     check_block_indices(block_indices, q, k.shape[1], num_blocks)
+    if docs is not None:
+        varlen_check_block_indices(block_indices, docs, select_block)
     return _selected(q, k, v, block_indices, select_block, scale, docs)
 
 

@@ -151,6 +151,25 @@ def resolve(cu_seqlens, seq_len: int, device: torch.device, batch: int = 1) -> D
     return docs
 
 
+def check_block_indices(block_indices: Tensor, docs: Documents, select_block: int) -> None:
+    """Doc-local ``block_indices (B, Hkv, T, n)`` (shape already checked): each below its
+    token's document's number of selection blocks. Reads the device (skipped while tracing or
+    capturing a CUDA graph)."""
+    from ._validation import _can_read_values
+
+    if not _can_read_values(block_indices):
+        return
+    ns = torch.tensor([-(-n // select_block) for n in docs.lengths], device=docs.device)[docs.doc_id.long()]
+    bad = block_indices >= ns.view(1, 1, -1, 1).to(block_indices.dtype)
+    if bool(bad.any()):
+        t = int(bad.nonzero()[0, 2])
+        raise ValueError(
+            f"block_indices are doc-local under cu_seqlens: token {t} lies in a document of "
+            f"{docs.lengths[int(docs.doc_id[t])]} tokens, so its blocks must lie in [-1, {int(ns[t])}), "
+            f"got {int(block_indices[..., t, :].max())}"
+        )
+
+
 def compressed_cu_seqlens(cu_seqlens, config: NSAConfig) -> Tensor:
     """``(N+1,)`` offsets of each document's compressed blocks in ``k_cmp``/``v_cmp``, the
     compressed twin of ``cu_seqlens`` (on the host, int64)."""

@@ -156,8 +156,9 @@ def test_packed_equals_separate_triton(lengths, G, seed):
     for a, b in zip(grads, sep_grads):
         assert close(a, b, 1e-5)
     # and against the float64 reference on the same selection
-    ref_in = [x.detach().double() for x in inputs[:4]]
-    ref = attend(*ref_in, config=config, backend="reference", cu_seqlens=cu_of(lengths), block_indices=idx.cpu())
+    q, k, v, gates, k_cmp, v_cmp = [x.detach().double().cpu() for x in inputs]
+    ref = attend(q, k, v, gates, config=config, k_cmp=k_cmp, v_cmp=v_cmp, backend="reference",
+                 cu_seqlens=cu_of(lengths), block_indices=idx.cpu())
     assert rel_err(out, ref) < 1e-5
 
 
@@ -173,6 +174,8 @@ def test_triton_selected_attention_packed_matches_reference():
     docs = documents(cu)
     g = torch.Generator().manual_seed(5)
     idx = torch.randint(-1, 7, (1, 1, T, 3), generator=g, dtype=torch.int32)
+    doc_blocks = torch.tensor([-(-n // ls) for n in lengths])[docs.doc_id.long()].view(1, 1, T, 1)
+    idx = torch.where(idx < doc_blocks, idx, -1)
     q, k, v = (torch.randn(1, h, T, 16, generator=g).to(DEVICE).requires_grad_() for h in (2, 1, 1))
     o, _ = selected_attention(q, k, v, idx.to(DEVICE), ls, 0.3, cu_seqlens=cu)
     w = torch.randn(o.shape, generator=g).to(DEVICE)
@@ -335,6 +338,12 @@ def test_bad_input_under_cu_seqlens_is_named():
         attend(q, k, v, config=CFG, cu_seqlens=cu, k_cmp=torch.randn(1, 1, 9, 16, dtype=torch.float64))
     with pytest.raises(ValueError, match=r"block_indices must lie in \[-1, 3\)"):  # longest document: 3 blocks
         attend(q, k, v, config=CFG, cu_seqlens=cu, block_indices=torch.full((1, 1, 40, 3), 3, dtype=torch.int32))
+    # in range for the longest document, but not for the token's own (doc-local indices)
+    short = cu_of([10, 30])
+    idx = torch.zeros(1, 1, 40, 3, dtype=torch.int32)
+    idx[0, 0, 5, 1] = 2
+    with pytest.raises(ValueError, match=r"token 5 lies in a document of 10 tokens, so its blocks must lie in \[-1, 2\)"):
+        attend(q, k, v, config=CFG, cu_seqlens=short, block_indices=idx)
     with pytest.raises(ValueError, match="cu_seqlens needs a batch of one packed row"):
         SparseAttention(32, heads=2, dim_head=16, config=CFG)(torch.randn(2, 40, 32), cu_seqlens=cu)
     with pytest.raises(ValueError, match="cu_seqlens must end at"):
