@@ -7,9 +7,10 @@
 - :class:`NSAConfig`: the hyperparameters.
 - :mod:`nsa_flex.masks`: the branches' mask_mods and BlockMask builders.
 - :mod:`nsa_flex.reference`: the dense oracle every backend is tested against.
+- :mod:`nsa_flex.varlen`: packed documents (``cu_seqlens``).
 """
 
-from . import masks, reference
+from . import masks, reference, varlen
 from .api import BACKENDS, NSAAux, attend
 from .compression import BlockCompressor, mean_compress
 from .config import NSAConfig
@@ -31,6 +32,7 @@ __all__ = [
     "select_blocks",
     "masks",
     "reference",
+    "varlen",
 ]
 
 __version__ = "0.1.0"

@@ -104,8 +104,11 @@ def check_kernel_head_dims(q: Tensor, v: Tensor, backend: str) -> None:
         )
 
 
-def check_qk_cmp(q, k_cmp, config: NSAConfig, name: str = "k_cmp", head_dim: int | None = None) -> None:
-    """``k_cmp``/``v_cmp``: ``(B, Hkv, Tc, D)`` with ``Tc = config.num_compressed(T)``."""
+def check_qk_cmp(
+    q, k_cmp, config: NSAConfig, name: str = "k_cmp", head_dim: int | None = None, num_blocks: int | None = None
+) -> None:
+    """``k_cmp``/``v_cmp``: ``(B, Hkv, Tc, D)`` with ``Tc = config.num_compressed(T)``, or
+    ``num_blocks`` when given (a packed row: the documents' blocks together)."""
     _tensor("q", q, 4)
     _tensor(name, k_cmp, 4)
     _same_device(name, k_cmp, q)
@@ -116,7 +119,13 @@ def check_qk_cmp(q, k_cmp, config: NSAConfig, name: str = "k_cmp", head_dim: int
     Hkv = k_cmp.shape[1]
     if Hkv < 1 or Hq % Hkv:
         raise ValueError(f"q's heads ({Hq}) must be a multiple of {name}'s heads ({Hkv})")
-    tc = config.num_compressed(T)
+    if num_blocks is not None:
+        if k_cmp.shape[2] != num_blocks:
+            raise ValueError(
+                f"{name} must hold Tc = {num_blocks} compressed blocks, each document's of cu_seqlens "
+                f"concatenated, got {k_cmp.shape[2]}"
+            )
+    tc = config.num_compressed(T) if num_blocks is None else num_blocks
     if k_cmp.shape[2] != tc:
         raise ValueError(
             f"{name} must hold Tc = {tc} compressed blocks for T = {T} "

@@ -7,7 +7,7 @@ from typing import Callable, NamedTuple
 import torch
 from torch import Tensor
 
-from . import flex_backend, reference, triton_backend
+from . import flex_backend, reference, triton_backend, varlen
 from ._validation import (
     check_block_indices,
     check_callable,
@@ -78,6 +78,7 @@ def attend(
     mask_mod: Callable | None = None,
     backend: str = "flex",
     return_aux: bool = False,
+    cu_seqlens: Tensor | varlen.Documents | None = None,
 ) -> Tensor | tuple[Tensor, NSAAux]:
     """Native Sparse Attention: compressed, selected and sliding-window attention, gated.
 
@@ -107,6 +108,13 @@ def attend(
             ``mask_mod``; CUDA, or the CPU under ``TRITON_INTERPRET=1``) or ``"reference"``
             (the dense oracle, for checks).
         return_aux: also return :class:`NSAAux`.
+        cu_seqlens: documents packed in one row (``B = 1``), FlashAttention's convention:
+            ``(N+1,)`` int32/int64 offsets from 0 to ``T``, nondecreasing (empty documents
+            allowed), or a :class:`nsa_flex.varlen.Documents` made from them. Each document is
+            attended as if alone (docs/varlen.md): ``k_cmp``/``v_cmp`` then hold each document's
+            compressed blocks concatenated (``Tc = sum_n config.num_compressed(len_n)``),
+            ``block_indices`` count from each token's document start, and the mods see packed
+            positions. A tensor is read on the host once per call.
 
     Returns:
         ``out (B, Hq, T, Dv)`` in ``q``'s dtype, or ``(out, aux)``.
@@ -122,19 +130,27 @@ def attend(
     check_qkv(q, k, v)
     config = resolve_config(config)
     scale = resolve_scale(scale, q)
+    docs = None
+    T = q.shape[2]
+    tc, ns = config.num_compressed(T), config.num_select_blocks(T)
+    if cu_seqlens is not None:
+        docs = varlen.resolve(cu_seqlens, T, q.device, q.shape[0])
+        tc, ns = docs.num_compressed(config), docs.num_select_blocks(config)
     if gates is not None:
         check_gates(gates, q)
     Dv = v.shape[-1]
     if k_cmp is not None:
-        check_qk_cmp(q, k_cmp, config, "k_cmp")
+        check_qk_cmp(q, k_cmp, config, "k_cmp", num_blocks=tc)
         if k_cmp.shape[1] != k.shape[1]:
             raise ValueError(f"k_cmp has {k_cmp.shape[1]} heads but k has {k.shape[1]}")
     if v_cmp is not None:
-        check_qk_cmp(q, v_cmp, config, "v_cmp", head_dim=Dv)
+        check_qk_cmp(q, v_cmp, config, "v_cmp", head_dim=Dv, num_blocks=tc)
         if v_cmp.shape[1] != k.shape[1]:
             raise ValueError(f"v_cmp has {v_cmp.shape[1]} heads but k has {k.shape[1]}")
     if block_indices is not None:
-        check_block_indices(block_indices, q, k.shape[1], config.num_select_blocks(q.shape[2]), config.num_selected)
+        check_block_indices(block_indices, q, k.shape[1], ns, config.num_selected)
+        if docs is not None:
+            varlen.check_block_indices(block_indices, docs, config.select_block)
     check_callable("score_mod", score_mod)
     check_callable("mask_mod", mask_mod)
     if backend not in BACKENDS:
@@ -147,24 +163,28 @@ def attend(
         raise TypeError(f"return_aux must be a bool, got {type(return_aux).__name__}")
 
     if backend == "reference":
+        cu = None if docs is None else torch.tensor((0, *docs.lengths)).cumsum(0)
         r = reference.attend(
             q, k, v, gates, config=config, k_cmp=k_cmp, v_cmp=v_cmp,
             block_indices=block_indices, scale=scale, score_mod=score_mod, mask_mod=mask_mod,
+            cu_seqlens=cu,
         )
         out, aux = r.out, NSAAux(r.block_indices, r.o_cmp, r.o_slc, r.o_swa)
     else:
-        k_cmp = mean_compress(k, config) if k_cmp is None else k_cmp
-        v_cmp = mean_compress(v, config) if v_cmp is None else v_cmp
+        k_cmp = mean_compress(k, config, docs) if k_cmp is None else k_cmp
+        v_cmp = mean_compress(v, config, docs) if v_cmp is None else v_cmp
         if block_indices is None:
             block_indices = select_blocks(
-                q, k_cmp, config=config, scale=scale, score_mod=score_mod, mask_mod=mask_mod
+                q, k_cmp, config=config, scale=scale, score_mod=score_mod, mask_mod=mask_mod, cu_seqlens=docs
             )
-        o_cmp = flex_backend.compressed_branch(q, k_cmp, v_cmp, config, scale, score_mod, mask_mod)
+        o_cmp = flex_backend.compressed_branch(q, k_cmp, v_cmp, config, scale, score_mod, mask_mod, docs=docs)
         if backend == "triton":
-            o_slc = triton_backend.selected_branch(q, k, v, block_indices, config, scale)
+            o_slc = triton_backend.selected_branch(q, k, v, block_indices, config, scale, docs=docs)
         else:
-            o_slc = flex_backend.selected_branch(q, k, v, block_indices, config, scale, score_mod, mask_mod)
-        o_swa = flex_backend.window_branch(q, k, v, config, scale, score_mod, mask_mod)
+            o_slc = flex_backend.selected_branch(
+                q, k, v, block_indices, config, scale, score_mod, mask_mod, docs=docs
+            )
+        o_swa = flex_backend.window_branch(q, k, v, config, scale, score_mod, mask_mod, docs=docs)
         out = _gate(o_cmp, o_slc, o_swa, gates)
         aux = NSAAux(block_indices, o_cmp, o_slc, o_swa)
     return (out, aux) if return_aux else out

@@ -14,6 +14,12 @@ Every contender runs in this one process on the same inputs, at SPEC.md's refere
   (:func:`nsa_flex.decode_step`, one new token per row) with ``T`` tokens already cached, for
   B=1 and B=8, eagerly and replayed from a CUDA graph (``nsa B=.. [graph]``), against
   full-attention decoding (``sdpa B=.. [graph]``: SDPA of one query over the whole cache).
+- ``varlen`` (not run by default; ``--parts varlen``): ``T`` tokens packed from documents of
+  mixed lengths (a fixed-seed mix of ``T/64 .. T/4`` tokens, 1k..16k at 64k): the whole layer
+  with ``cu_seqlens`` on both backends, fla's varlen ``parallel_nsa`` (its own compression and
+  top-n, with ``cu_seqlens``), and full causal attention within documents: FlexAttention with a
+  document mask, and SDPA called once per document (SDPA has no document mask that keeps
+  its fast kernels).
 
 Times are ``triton.testing.do_bench`` medians on CUDA (forward, and forward+backward), peak
 memory is measured around one forward+backward. ``--quick`` runs tiny sizes, and on the CPU skips
@@ -313,7 +319,82 @@ def _cuda_graph(fn: Callable[[], object]) -> Callable[[], object]:
     return graph.replay
 
 
-PARTS = {"selected": bench_selected, "layer": bench_layer, "full": bench_full, "decode": _decode_rows}
+def _doc_lengths(T: int, seed: int = 0) -> list[int]:
+    """A fixed-seed mix of document lengths in ``[T/64, T/4]`` summing to ``T`` (the last one cut)."""
+    g = torch.Generator().manual_seed(seed)
+    lo, hi = max(1, T // 64), max(1, T // 4)
+    lengths = []
+    while sum(lengths) < T:
+        n = int(torch.randint(lo, hi + 1, (1,), generator=g))
+        lengths.append(min(n, T - sum(lengths)))
+    return lengths
+
+
+def bench_varlen(p: Problem, T: int, reps: int) -> list[Row]:
+    from torch.nn.attention.flex_attention import and_masks, create_block_mask, flex_attention
+
+    from . import masks, varlen
+
+    q, k, v, gates = _inputs(p, T)
+    config = p.config
+    lengths = _doc_lengths(T)
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=p.device)
+    docs = varlen.documents(cu)  # the one host read of cu_seqlens, outside the timings
+    note = f"{len(lengths)} docs, {min(lengths)}..{max(lengths)} tokens"
+    rows = []
+    with torch.no_grad():
+        ref = attend(q, k, v, gates, config=config, cu_seqlens=docs)
+    for backend in ("flex", "triton"):
+        ok, why = (True, "") if backend == "flex" else _triton_timeable(p.device)
+        if not ok:
+            rows.append(Row("varlen", f"nsa_flex {backend}", T, note=f"skipped: {why}"))
+            continue
+        rows.append(_measure("varlen", f"nsa_flex {backend}", T,
+                             lambda b=backend: attend(q, k, v, gates, config=config, backend=b, cu_seqlens=docs),
+                             (q, k, v, gates), p.device, reps, note=note,
+                             check=None if backend == "flex" else (ref, lambda o: o)))
+    fla = _fla()
+    if fla is None or p.device.type != "cuda":
+        rows.append(Row("varlen", "fla parallel_nsa", T, note="skipped: needs fla-core and CUDA"))
+    else:
+        qt, kt, vt = (x.detach().transpose(1, 2).contiguous().requires_grad_() for x in (q, k, v))
+        g = gates.detach().transpose(1, 2).contiguous()
+        try:
+            rows.append(_measure(
+                "varlen", "fla parallel_nsa", T,
+                lambda: fla(qt, kt, vt, g_cmp=g[..., 0], g_slc=g[..., 1], block_counts=config.num_selected,
+                            block_size=config.select_block, cu_seqlens=cu.long()),
+                (qt, kt, vt), p.device, reps,
+                note=f"{note}; compression (l=d=64) + top-n + selection; no window branch",
+            ))
+        except Exception as e:  # an fla version whose varlen path refuses this setup
+            rows.append(Row("varlen", "fla parallel_nsa", T, note=f"failed: {type(e).__name__}: {str(e)[:100]}"))
+    doc_causal = and_masks(masks.causal_mask, masks.document_mask(docs.doc_id))
+    mask = create_block_mask(doc_causal, None, None, T, T, device=p.device)
+    fn = torch.compile(flex_attention, dynamic=False) if p.device.type == "cuda" else flex_attention
+    rows.append(_measure("varlen", "FlexAttention doc", T,
+                         lambda: fn(q, k, v, block_mask=mask, enable_gqa=True), (q, k, v), p.device, reps,
+                         note=f"full causal attention within documents; {note}"))
+
+    bounds = [(s, s + n) for s, n in zip(docs.starts, docs.lengths) if n]  # on the host
+
+    def sdpa_per_document():
+        outs = [F.scaled_dot_product_attention(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], is_causal=True, enable_gqa=True)
+                for s, e in bounds]
+        return torch.cat(outs, dim=2)
+
+    rows.append(_measure("varlen", "SDPA per document", T, sdpa_per_document, (q, k, v), p.device, reps,
+                         note=f"one SDPA call per document (default backend); {note}"))
+    return rows
+
+
+PARTS = {
+    "selected": bench_selected,
+    "layer": bench_layer,
+    "full": bench_full,
+    "decode": _decode_rows,
+    "varlen": bench_varlen,
+}
 
 
 def _table(rows: list[Row]) -> str:

@@ -13,23 +13,33 @@ import torch
 from torch import Tensor, nn
 
 from .config import NSAConfig
+from .varlen import resolve
 
 __all__ = ["block_view", "mean_compress", "BlockCompressor"]
 
 
-def block_view(x: Tensor, config: NSAConfig) -> Tensor:
+def block_view(x: Tensor, config: NSAConfig, cu_seqlens=None) -> Tensor:
     """The compressed blocks of ``x`` as a strided view, without copying.
 
     Args:
         x: ``(B, H, T, D)``.
+        cu_seqlens: for a packed row (``B = 1``), ``(N+1,)`` document offsets or a
+            :class:`~nsa_flex.varlen.Documents`: each document's blocks, concatenated, none
+            straddling two documents. That is a gathered copy, not a view.
 
     Returns:
-        ``(B, H, Tc, l, D)``: entry ``[:, :, i, j]`` is token ``i*d + j``.
+        ``(B, H, Tc, l, D)``: entry ``[:, :, i, j]`` is token ``i*d + j`` (with ``cu_seqlens``,
+        ``Tc`` is the documents' total and block ``i`` starts at its document's start plus
+        ``d`` times its doc-local index).
     """
     if x.dim() != 4:
         raise ValueError(f"x must be (B, H, T, D), got shape {tuple(x.shape)}")
     B, H, T, D = x.shape
     l, d = config.compress_block, config.compress_stride
+    if cu_seqlens is not None:
+        first, _ = resolve(cu_seqlens, T, x.device, B).compressed_blocks(config)
+        tokens = (first[:, None] + torch.arange(l, device=x.device)).flatten()
+        return x.index_select(2, tokens).unflatten(2, (first.numel(), l))
     tc = config.num_compressed(T)
     if tc == 0:
         return x.new_zeros(B, H, 0, l, D)
@@ -37,12 +47,13 @@ def block_view(x: Tensor, config: NSAConfig) -> Tensor:
     return x.unfold(2, l, d).transpose(-1, -2)
 
 
-def mean_compress(x: Tensor, config: NSAConfig) -> Tensor:
+def mean_compress(x: Tensor, config: NSAConfig, cu_seqlens=None) -> Tensor:
     """The mean over each compressed block: ``(B, H, T, D) -> (B, H, Tc, D)``.
 
-    This is what ``attend()`` uses when no ``k_cmp``/``v_cmp`` are given.
+    This is what ``attend()`` uses when no ``k_cmp``/``v_cmp`` are given. ``cu_seqlens``: as
+    in :func:`block_view` (each document's blocks, concatenated).
     """
-    return block_view(x, config).mean(dim=-2)
+    return block_view(x, config, cu_seqlens).mean(dim=-2)
 
 
 class BlockCompressor(nn.Module):
@@ -83,9 +94,10 @@ class BlockCompressor(nn.Module):
             nn.Linear(l * dim_head, hidden), nn.GELU(), nn.Linear(hidden, dim_head, bias=out_bias)
         )
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, *, cu_seqlens=None) -> Tensor:
+        """``(B, H, T, D) -> (B, H, Tc, D)``; ``cu_seqlens`` as in :func:`block_view`."""
         if x.dim() == 4 and x.shape[-1] != self.dim_head:
             raise ValueError(f"x must have head dim {self.dim_head}, got {x.shape[-1]}")
-        blocks = block_view(x, self.config)  # (B, H, Tc, l, D)
+        blocks = block_view(x, self.config, cu_seqlens)  # (B, H, Tc, l, D)
         mixed = self.mlp((blocks + self.pos.to(blocks.dtype)).flatten(-2))
         return blocks.mean(dim=-2) + mixed

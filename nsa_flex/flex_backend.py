@@ -32,10 +32,13 @@ from .masks import (
     KV_BLOCK,
     Q_BLOCK,
     compressed_block_mask,
+    compressed_varlen_block_mask,
     selection_block_mask,
     selection_tile,
     sliding_window_block_mask,
+    sliding_window_varlen_block_mask,
 )
+from .varlen import Documents
 
 __all__ = ["compressed_branch", "selected_branch", "window_branch"]
 
@@ -148,8 +151,12 @@ def compressed_branch(
     scale: float,
     score_mod: Callable | None = None,
     mask_mod: Callable | None = None,
+    docs: Documents | None = None,
 ) -> Tensor:
-    """``o_cmp (B, Hq, T, Dv)``: attention over the compressed blocks visible to each query."""
+    """``o_cmp (B, Hq, T, Dv)``: attention over the compressed blocks visible to each query.
+
+    ``docs``: a packed row's documents; ``k_cmp``/``v_cmp`` then hold each document's blocks
+    concatenated, and a query sees only its own document's blocks."""
     B, Hq, T, _ = q.shape
     if k_cmp.shape[2] == 0:
         # No block is complete yet: the branch contributes exactly 0 (SPEC). Adding the empty
@@ -158,9 +165,24 @@ def compressed_branch(
         zero = k_cmp.sum() + v_cmp.sum()
         return q.new_zeros(B, Hq, T, v_cmp.shape[-1]) + zero
     l, d = config.compress_block, config.compress_stride
-    block_mask = compressed_block_mask(T, config, device=q.device, mask_mod=mask_mod)
+    if docs is not None:
+        # Padded to T // d blocks (at least the documents' total): the shapes, hence the
+        # compiled kernels, then depend on T alone, not on each batch's document lengths.
+        padded = T // d
+        block_mask = compressed_varlen_block_mask(docs, config, mask_mod=mask_mod, num_blocks=padded)
+        pad = (0, 0, 0, padded - k_cmp.shape[2])
+        k_cmp, v_cmp = torch.nn.functional.pad(k_cmp, pad), torch.nn.functional.pad(v_cmp, pad)
+    else:
+        block_mask = compressed_block_mask(T, config, device=q.device, mask_mod=mask_mod)
     user_score = None
-    if score_mod is not None:
+    if score_mod is not None and docs is not None:
+        last = (docs.compressed_blocks(config)[0] + (l - 1)).to(torch.int32)
+        last = torch.nn.functional.pad(last, (0, T // d - last.numel()), value=T - 1)
+
+        def user_score(score, b, h, q_idx, kv_idx):  # block kv_idx is seen at its last token
+            return score_mod(score, b, h, q_idx, last[kv_idx])
+
+    elif score_mod is not None:
 
         def user_score(score, b, h, q_idx, kv_idx):  # block kv_idx is seen at its last token
             return score_mod(score, b, h, q_idx, kv_idx * d + (l - 1))
@@ -176,9 +198,14 @@ def window_branch(
     scale: float,
     score_mod: Callable | None = None,
     mask_mod: Callable | None = None,
+    docs: Documents | None = None,
 ) -> Tensor:
-    """``o_swa (B, Hq, T, Dv)``: the last ``window`` keys up to each query."""
-    block_mask = sliding_window_block_mask(q.shape[2], config.window, device=q.device, mask_mod=mask_mod)
+    """``o_swa (B, Hq, T, Dv)``: the last ``window`` keys up to each query (``docs``: within its
+    document)."""
+    if docs is not None:
+        block_mask = sliding_window_varlen_block_mask(docs, config.window, mask_mod=mask_mod)
+    else:
+        block_mask = sliding_window_block_mask(q.shape[2], config.window, device=q.device, mask_mod=mask_mod)
     return _flex(q, k, v, score_mod, block_mask, scale)
 
 
@@ -269,15 +296,18 @@ def selected_branch(
     scale: float,
     score_mod: Callable | None = None,
     mask_mod: Callable | None = None,
+    docs: Documents | None = None,
 ) -> Tensor:
-    """``o_slc (B, Hq, T, Dv)``: each query attends the keys ``s <= t`` of its selected blocks."""
+    """``o_slc (B, Hq, T, Dv)``: each query attends the keys ``s <= t`` of its selected blocks
+    (``docs``: doc-local block indices, counted from each token's document start)."""
     G = q.shape[1] // k.shape[1]
-    if _triton_backward_applies(q, k, v, score_mod, mask_mod):
+    if docs is None and _triton_backward_applies(q, k, v, score_mod, mask_mod):
         return _FlexForwardTritonBackward.apply(q, k, v, block_indices, config, scale)
     # Fold the group into rows, so that one K/V tile load serves the G heads of a group.
     q_rows = _fold(q, G)
     block_mask = selection_block_mask(
-        block_indices, config, group_size=G, mask_mod=mask_mod, block_size=_selection_tile(q, k, v, G, config)
+        block_indices, config, group_size=G, mask_mod=mask_mod,
+        block_size=_selection_tile(q, k, v, G, config), doc_start=None if docs is None else docs.start,
     )
     user_score = None
     if score_mod is not None:

@@ -34,6 +34,9 @@ __all__ = [
     "selection_block_mask",
     "block_mask_from_tiles",
     "selection_tile",
+    "document_mask",
+    "compressed_varlen_block_mask",
+    "sliding_window_varlen_block_mask",
     "Q_BLOCK",
     "KV_BLOCK",
 ]
@@ -92,7 +95,7 @@ def selection_bits(block_indices: Tensor, config: NSAConfig) -> Tensor:
     return out.scatter_add_(-1, word, bit)
 
 
-def selection_mask(bits: Tensor, select_block: int, group_size: int = 1) -> MaskMod:
+def selection_mask(bits: Tensor, select_block: int, group_size: int = 1, doc_start: Tensor | None = None) -> MaskMod:
     """Selected branch: query ``t`` sees key ``kv_idx <= t`` iff ``kv_idx``'s selection block is
     among the query's selected blocks.
 
@@ -103,12 +106,25 @@ def selection_mask(bits: Tensor, select_block: int, group_size: int = 1) -> Mask
             the selected branch: KV head ``h``'s query row ``q_idx`` is token ``q_idx // G`` of
             query head ``h*G + q_idx % G``, so the ``G`` heads that share a selection share a
             tile of rows. With ``G=1`` rows are tokens.
+        doc_start: for a packed row, ``(T,)`` the packed position of each token's document
+            start: block indices are then doc-local (block ``j`` of token ``t`` is keys
+            ``doc_start[t] + j*l' ..``), and keys before the document are masked.
     """
 
     _, H, T, W = bits.shape
     # Index a flat view: Inductor's CPU FlexAttention template misreads multi-dimensional
     # indexing into a mask buffer computed inside the same graph (wrong results, torch 2.13).
     flat = bits.view(-1)
+    if doc_start is not None:
+
+        def selected_in_document(b, h, q_idx, kv_idx):
+            t = q_idx // group_size
+            rel = kv_idx - doc_start[t]
+            j = torch.where(rel >= 0, rel, 0) // select_block  # never a negative word index
+            word = flat[((b * H + h) * T + t) * W + j // 32]
+            return (((word >> (j % 32)) & 1) == 1) & (rel >= 0) & (kv_idx <= t)
+
+        return selected_in_document
 
     def selected(b, h, q_idx, kv_idx):
         t = q_idx // group_size
@@ -302,6 +318,7 @@ def selection_block_mask(
     group_size: int = 1,
     mask_mod: MaskMod | None = None,
     block_size: tuple[int, int] | None = None,
+    doc_start: Tensor | None = None,
 ) -> BlockMask:
     """BlockMask of the selected branch, straight from ``block_indices``, over folded queries.
 
@@ -312,6 +329,8 @@ def selection_block_mask(
             ``(B, Hkv, T*G, T)`` and one Q tile holds ``Q tile / G`` tokens of a whole group.
         mask_mod: the user's mask in unfolded coordinates ``(b, query head, token, key)``.
         block_size: ``(Q tile, KV tile)``; default :func:`selection_tile`.
+        doc_start: for a packed row, ``(T,)`` each token's document start; ``block_indices``
+            are then doc-local (see :func:`selection_mask`). No tile is then full.
 
     A KV tile is listed for a Q tile when a token of the tile selected a block that overlaps
     the KV tile at or before the token; it is full when every token of the tile selected all of
@@ -326,19 +345,24 @@ def selection_block_mask(
     """
     _positive("group_size", group_size)
     G = group_size
-    qb, kb = selection_tile(G, config) if block_size is None else block_size
+    if block_size is None:
+        # doc-local blocks of a packed row start anywhere, so no KV tile is one block
+        block_size = selection_tile(G, config) if doc_start is None else (Q_BLOCK, KV_BLOCK)
+    qb, kb = block_size
     _positive("block_size[0]", qb)
     _positive("block_size[1]", kb)
     bits = selection_bits(block_indices, config)
-    selected = selection_mask(bits, config.select_block, G)
+    selected = selection_mask(bits, config.select_block, G, doc_start)
     if mask_mod is not None:
 
         def user(b, h, q_idx, kv_idx):
             return mask_mod(b, h * G + q_idx % G, q_idx // G, kv_idx)
 
         selected = and_masks(selected, user)
-    build = _block_tiles if kb == config.select_block else _spanning_tiles
-    return build(block_indices, config, G, (qb, kb), selected, full_allowed=mask_mod is None)
+    full_allowed = mask_mod is None and doc_start is None
+    if kb == config.select_block and doc_start is None:
+        return _block_tiles(block_indices, config, G, (qb, kb), selected, full_allowed)
+    return _spanning_tiles(block_indices, config, G, (qb, kb), selected, full_allowed, doc_start)
 
 
 def _block_tiles(block_indices, config, G, block_size, mask_mod, full_allowed) -> BlockMask:
@@ -435,7 +459,7 @@ def _transpose_lists(num: Tensor, indices: Tensor, n_cols: int) -> tuple[Tensor,
     return counts.view(B, H, n_cols).to(torch.int32), out.view(B, H, n_cols, R)
 
 
-def _spanning_tiles(block_indices, config, G, block_size, mask_mod, full_allowed) -> BlockMask:
+def _spanning_tiles(block_indices, config, G, block_size, mask_mod, full_allowed, doc_start=None) -> BlockMask:
     """Any KV tile: count, per (Q tile, KV tile), the (token, block) pairs that reach it."""
     B, H, T, n = block_indices.shape
     qb, kb = block_size
@@ -449,8 +473,9 @@ def _spanning_tiles(block_indices, config, G, block_size, mask_mod, full_allowed
     t = torch.arange(T, device=dev)
     # KV tiles a block touches, clipped to the tile holding the query (causality).
     span = (ls - 1) // kb + 2
-    first = torch.div(idx * ls, kb, rounding_mode="floor")
-    last = torch.minimum(torch.div((idx + 1) * ls - 1, kb, rounding_mode="floor"), (t // kb)[:, None])
+    base = 0 if doc_start is None else doc_start.long()[:, None]  # doc-local blocks start there
+    first = torch.div(base + idx * ls, kb, rounding_mode="floor")
+    last = torch.minimum(torch.div(base + (idx + 1) * ls - 1, kb, rounding_mode="floor"), (t // kb)[:, None])
     kv_t = first[..., None] + torch.arange(span, device=dev)  # (B, H, T, n, span)
     ok = valid[..., None] & (kv_t <= last[..., None])
     # Q tiles the token's G rows fall in.
@@ -483,3 +508,84 @@ def _spanning_tiles(block_indices, config, G, block_size, mask_mod, full_allowed
         before = (c0 + kb - 1) <= tok0[:, None]
         full_tiles = (counts == ntok * per_tile) & whole & before
     return block_mask_from_tiles(any_tiles, full_tiles, (rows, T), mask_mod, block_size)
+
+
+# ------------------------------------------------------------- packed documents (varlen)
+
+
+def document_mask(doc_id: Tensor) -> MaskMod:
+    """Packed documents: query ``q_idx`` sees key ``kv_idx`` only in its own document.
+
+    Args:
+        doc_id: ``(T,)`` integer, the document of each packed token
+            (``nsa_flex.varlen.documents(cu_seqlens).doc_id``).
+    """
+
+    def same_document(b, h, q_idx, kv_idx):
+        return doc_id[q_idx] == doc_id[kv_idx]
+
+    return same_document
+
+
+def compressed_varlen_block_mask(docs, config: NSAConfig, *, mask_mod: MaskMod | None = None,
+                                 block_size: tuple[int, int] = (Q_BLOCK, KV_BLOCK),
+                                 num_blocks: int | None = None) -> BlockMask:
+    """BlockMask of the compressed branch over a packed row: ``T`` queries against the
+    documents' compressed blocks, concatenated (``(1, 1, T, Tc)``).
+
+    Query ``t`` sees block ``c`` iff both are in one document and the block's last token is at
+    or before ``t``. Each query's visible blocks are an interval (its document's first ones),
+    so the tiles come from :func:`_interval_tiles` as for one sequence.
+
+    Args:
+        docs: a :class:`nsa_flex.varlen.Documents`.
+        mask_mod: the user's mask in packed positions; it sees block ``c`` at its last token.
+        num_blocks: the key length, ``Tc`` or more: blocks past ``Tc`` are padding that no query
+            sees (the flex backend pads to ``T // d``, so that the shapes, and so the compiled
+            kernels, depend on ``T`` only, not on the document lengths).
+    """
+    l, d = config.compress_block, config.compress_stride
+    first, cdoc = docs.compressed_blocks(config)
+    tc, T, dev = first.numel(), docs.seq_len, docs.device
+    if tc < 1:
+        raise ValueError("no document is as long as compress_block: there is no compressed block")
+    last = (first + (l - 1)).to(torch.int32)  # packed position of each block's last token
+    cdoc = cdoc.to(torch.int32)
+    if num_blocks is not None and num_blocks != tc:
+        if num_blocks < tc:
+            raise ValueError(f"num_blocks ({num_blocks}) must be at least the documents' {tc} compressed blocks")
+        # padding: in no document, and shown to user mods at the last token (a valid position)
+        last = torch.nn.functional.pad(last, (0, num_blocks - tc), value=T - 1)
+        cdoc = torch.nn.functional.pad(cdoc, (0, num_blocks - tc), value=-1)
+        tc = num_blocks
+    offsets = torch.tensor(docs.compressed_offsets(config)[:-1], dtype=torch.int64, device=dev)
+    lo_t = offsets[docs.doc_id.long()]
+    seen = torch.div(docs.pos.long() - (l - 1), d, rounding_mode="floor") + 1
+    hi_t = lo_t + seen.clamp_min(0) - 1
+    any_t, full_t = _interval_tiles(T, tc, lo=lambda r: lo_t[r], hi=lambda r: hi_t[r], block_size=block_size, device=dev)
+    doc_id = docs.doc_id
+
+    def compressed_in_document(b, h, q_idx, kv_idx):
+        return (cdoc[kv_idx] == doc_id[q_idx]) & (last[kv_idx] <= q_idx)
+
+    user = None
+    if mask_mod is not None:
+
+        def user(b, h, q_idx, kv_idx):  # the user sees block kv_idx at its last token
+            return mask_mod(b, h, q_idx, last[kv_idx])
+
+    mask, full_t = _with_user_mask(compressed_in_document, user, full_t)
+    return block_mask_from_tiles(any_t, full_t, (T, tc), mask, tuple(block_size))
+
+
+def sliding_window_varlen_block_mask(docs, window: int, *, mask_mod: MaskMod | None = None,
+                                     block_size: tuple[int, int] = (Q_BLOCK, KV_BLOCK)) -> BlockMask:
+    """BlockMask of the sliding-window branch over a packed row (``(1, 1, T, T)``): the window
+    of :func:`sliding_window_mask`, cut at the query's document start (:func:`document_mask`)."""
+    _positive("window", window)
+    T, dev = docs.seq_len, docs.device
+    lo_t = torch.maximum(torch.arange(T, device=dev) - (window - 1), docs.start.long())
+    any_t, full_t = _interval_tiles(T, T, lo=lambda r: lo_t[r], hi=lambda r: r, block_size=block_size, device=dev)
+    mask = and_masks(sliding_window_mask(window), document_mask(docs.doc_id))
+    mask, full_t = _with_user_mask(mask, mask_mod, full_t)
+    return block_mask_from_tiles(any_t, full_t, (T, T), mask, tuple(block_size))

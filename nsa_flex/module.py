@@ -13,6 +13,7 @@ from .cache import NSACache, decode_step, prefill
 from .compression import BlockCompressor
 from .config import NSAConfig
 from .rotary import RotaryEmbedding
+from .varlen import resolve
 
 __all__ = ["SparseAttention"]
 
@@ -133,6 +134,7 @@ class SparseAttention(nn.Module):
         score_mod: Callable | None = None,
         mask_mod: Callable | None = None,
         return_aux: bool = False,
+        cu_seqlens=None,
     ):
         """Attend over ``x`` causally with NSA.
 
@@ -142,6 +144,10 @@ class SparseAttention(nn.Module):
                 (see ``nsa_flex.attend`` for the positions they see).
             return_aux: also return ``attend``'s aux (``block_indices (B, Hkv, T, n)`` and the
                 per-branch outputs ``o_cmp``, ``o_slc``, ``o_swa``, each ``(B, Hq, T, Dv)``).
+            cu_seqlens: documents packed in one row (``B = 1``): ``(N+1,)`` offsets, as for
+                ``attend``, or a ``nsa_flex.varlen.Documents`` (read once per batch and shared by
+                the layers). Each document is attended alone, and RoPE positions restart at 0 at
+                each document's first token.
 
         Returns:
             ``(B, T, dim)``, or ``(out, aux)`` when ``return_aux``.
@@ -161,11 +167,13 @@ class SparseAttention(nn.Module):
                 f"x is on {x.device} but the module's parameters are on {self.to_q.weight.device}"
             )
 
+        docs = None if cu_seqlens is None else resolve(cu_seqlens, x.shape[1], x.device, x.shape[0])
         q = rearrange(self.to_q(x), "b t (h d) -> b h t d", h=self.heads)
         k = rearrange(self.to_k(x), "b t (h d) -> b h t d", h=self.kv_heads)
         v = rearrange(self.to_v(x), "b t (h d) -> b h t d", h=self.kv_heads)
         if self.rotary is not None:
-            q, k = self.rotary(q), self.rotary(k)
+            positions = None if docs is None else docs.pos  # restart at each document
+            q, k = self.rotary(q, positions=positions), self.rotary(k, positions=positions)
         gates = rearrange(self.to_gates(x), "b t (h g) -> b h t g", g=3).sigmoid()
 
         result = attend(
@@ -174,12 +182,13 @@ class SparseAttention(nn.Module):
             v,
             gates,
             config=self.config,
-            k_cmp=self.compress_k(k),
-            v_cmp=self.compress_v(v),
+            k_cmp=self.compress_k(k, cu_seqlens=docs),
+            v_cmp=self.compress_v(v, cu_seqlens=docs),
             backend=self.backend,
             score_mod=score_mod,
             mask_mod=mask_mod,
             return_aux=return_aux,
+            cu_seqlens=docs,
         )
         out, aux = result if return_aux else (result, None)
         out = self.to_out(rearrange(out, "b h t d -> b t (h d)"))

@@ -269,14 +269,25 @@ def attend(
     scale: float | None = None,
     score_mod: Callable | None = None,
     mask_mod: Callable | None = None,
+    cu_seqlens: Tensor | None = None,
 ) -> ReferenceOutput:
     """The whole NSA layer (eq. 5), densely. Inputs are not validated: ``nsa_flex.attend``
     does that before it calls here.
+
+    ``cu_seqlens`` (``(N+1,)`` document offsets of a packed row, ``B = 1``): each document is
+    run alone, as the definition says (docs/varlen.md); ``k_cmp``/``v_cmp`` hold each
+    document's compressed blocks concatenated, ``block_indices`` are doc-local, and the mods
+    see packed positions.
 
     Returns:
         ``ReferenceOutput``: ``out (B, Hq, T, Dv)``, the selection, each branch's output and
         the compressed branch's probabilities.
     """
+    if cu_seqlens is not None:
+        return _attend_documents(
+            q, k, v, gates, config=config, k_cmp=k_cmp, v_cmp=v_cmp, block_indices=block_indices,
+            scale=scale, score_mod=score_mod, mask_mod=mask_mod, cu_seqlens=cu_seqlens,
+        )
     config = NSAConfig() if config is None else config
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     k_cmp = mean_compress(k, config) if k_cmp is None else k_cmp
@@ -294,3 +305,37 @@ def attend(
         g = gates.to(o_cmp.dtype)
         out = g[..., 0:1] * o_cmp + g[..., 1:2] * o_slc + g[..., 2:3] * o_swa
     return ReferenceOutput(out, block_indices, o_cmp, o_slc, o_swa, p_cmp)
+
+
+def _attend_documents(q, k, v, gates, *, config, k_cmp, v_cmp, block_indices, scale, score_mod, mask_mod, cu_seqlens):
+    """The packed row as its documents, each through :func:`attend` alone, concatenated."""
+    config = NSAConfig() if config is None else config
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    bounds = [int(x) for x in cu_seqlens.tolist()]
+    pieces, cmp_start = [], 0
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        if end == start:
+            continue
+        tc = config.num_compressed(end - start)
+        tok, blk = slice(start, end), slice(cmp_start, cmp_start + tc)
+
+        def part(x, s):
+            return None if x is None else x[:, :, s]
+
+        shifted_score = None if score_mod is None else (
+            lambda sc, b, h, qi, kv, o=start: score_mod(sc, b, h, qi + o, kv + o))
+        shifted_mask = None if mask_mod is None else (
+            lambda b, h, qi, kv, o=start: mask_mod(b, h, qi + o, kv + o))
+        r = attend(
+            q[:, :, tok], k[:, :, tok], v[:, :, tok], part(gates, tok), config=config,
+            k_cmp=part(k_cmp, blk), v_cmp=part(v_cmp, blk), block_indices=part(block_indices, tok),
+            scale=scale, score_mod=shifted_score, mask_mod=shifted_mask,
+        )
+        pieces.append((tok, blk, r))
+        cmp_start += tc
+    B, Hq, T, _ = q.shape
+    p_cmp = q.new_zeros(B, Hq, T, cmp_start)
+    for tok, blk, r in pieces:
+        p_cmp[:, :, tok, blk] = r.p_cmp
+    cat = [torch.cat([getattr(r, f) for _, _, r in pieces], dim=2) for f in ReferenceOutput._fields[:5]]
+    return ReferenceOutput(*cat, p_cmp)

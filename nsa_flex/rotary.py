@@ -53,24 +53,29 @@ class RotaryEmbedding(nn.Module):
         return f"dim={self.dim}, base={self.base}"
 
     def cos_sin(
-        self, seq_len: int, *, offset: int = 0, device=None, dtype=torch.float32
+        self, seq_len: int, *, offset: int = 0, device=None, dtype=torch.float32, positions: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
         """The rotation angles' ``(cos, sin)``, each ``(seq_len, D)``, for positions
-        ``offset .. offset + seq_len - 1``."""
+        ``offset .. offset + seq_len - 1``, or for ``positions (seq_len,)`` when given."""
         exponent = torch.arange(0, self.dim, 2, device=device, dtype=dtype) / self.dim
         inv_freq = self.base**-exponent  # (D/2,)
-        pos = torch.arange(offset, offset + seq_len, device=device, dtype=dtype)
+        if positions is not None:
+            pos = positions.to(device=device, dtype=dtype)
+        else:
+            pos = torch.arange(offset, offset + seq_len, device=device, dtype=dtype)
         angles = torch.outer(pos, inv_freq)  # (T, D/2)
         angles = torch.cat((angles, angles), dim=-1)  # (T, D): pair i and i + D/2 share an angle
         return angles.cos(), angles.sin()
 
-    def forward(self, x: Tensor, *, offset: int = 0) -> Tensor:
+    def forward(self, x: Tensor, *, offset: int = 0, positions: Tensor | None = None) -> Tensor:
         """Rotate ``x``.
 
         Args:
             x: ``(B, H, T, D)``, floating point.
             offset: the position of ``x[:, :, 0]`` (non-negative), e.g. the number of tokens
                 already decoded.
+            positions: ``(T,)`` integer position of each token, instead of ``offset``: e.g.
+                positions that restart at each packed document (``Documents.pos``).
 
         Returns:
             ``(B, H, T, D)``, same dtype as ``x``.
@@ -85,8 +90,11 @@ class RotaryEmbedding(nn.Module):
             raise TypeError(f"offset must be an int, got {type(offset).__name__}")
         if offset < 0:
             raise ValueError(f"offset must be >= 0, got {offset}")
+        if positions is not None:
+            if not isinstance(positions, Tensor) or positions.is_floating_point() or positions.shape != (x.shape[2],):
+                raise ValueError(f"positions must be an integer tensor of shape (T,) = ({x.shape[2]},)")
         compute = torch.promote_types(x.dtype, torch.float32)
-        cos, sin = self.cos_sin(x.shape[2], offset=offset, device=x.device, dtype=compute)
+        cos, sin = self.cos_sin(x.shape[2], offset=offset, device=x.device, dtype=compute, positions=positions)
         xc = x.to(compute)
         return (xc * cos + rotate_half(xc) * sin).to(x.dtype)
 

@@ -15,6 +15,7 @@ from torch import Tensor
 
 from ._validation import check_qk_cmp, resolve_config, resolve_scale
 from .config import NSAConfig
+from .varlen import Documents, resolve, shift_mask_mod, shift_score_mod
 
 __all__ = ["select_blocks", "top_n_blocks", "block_importance", "sort_unique_blocks"]
 
@@ -294,6 +295,24 @@ def _select(q, k_cmp, config, scale, score_mod, mask_mod, chunk_size) -> Tensor:
     return torch.cat(out, dim=2) if len(out) > 1 else out[0]
 
 
+def _select_documents(q, k_cmp, config, scale, score_mod, mask_mod, chunk_size, docs: Documents) -> Tensor:
+    """Each document of a packed row selected alone (doc-local block indices), concatenated.
+
+    A Python loop over the documents: exact by construction, and the work per document is the
+    same as for a separate sequence; many tiny documents cost one small launch sequence each.
+    """
+    out = []
+    offsets = docs.compressed_offsets(config)
+    for n, (start, length) in enumerate(zip(docs.starts, docs.lengths)):
+        if length == 0:
+            continue
+        out.append(_select(
+            q[:, :, start : start + length], k_cmp[:, :, offsets[n] : offsets[n + 1]], config, scale,
+            shift_score_mod(score_mod, start), shift_mask_mod(mask_mod, start), chunk_size,
+        ))
+    return torch.cat(out, dim=2) if len(out) > 1 else out[0]
+
+
 def select_blocks(
     q: Tensor,
     k_cmp: Tensor,
@@ -303,6 +322,7 @@ def select_blocks(
     score_mod: Callable | None = None,
     mask_mod: Callable | None = None,
     chunk_size: int | None = None,
+    cu_seqlens=None,
 ) -> Tensor:
     """Choose each query's ``n`` selection blocks from the compressed keys.
 
@@ -318,14 +338,24 @@ def select_blocks(
         score_mod, mask_mod: the same FlexAttention modifiers given to ``attend()``; they
             shape the compressed-branch probabilities the scores come from.
         chunk_size: queries scored at once (default: sized so a chunk's scores take ~512 MiB).
+        cu_seqlens: for a packed row (``B = 1``): ``(N+1,)`` document offsets or a
+            :class:`~nsa_flex.varlen.Documents`. ``k_cmp`` then holds each document's blocks
+            concatenated (``Tc`` = their total), and each document is selected alone: the
+            result's block indices count from the document's start (docs/varlen.md).
 
     Returns:
         ``block_indices``: ``(B, Hkv, T, n)`` int32; each row holds the chosen blocks in
         ascending order, then ``-1`` padding. Not differentiable.
     """
     config = resolve_config(config)
-    check_qk_cmp(q, k_cmp, config)
+    docs = None
+    if cu_seqlens is not None:
+        if isinstance(q, Tensor) and q.dim() == 4:
+            docs = resolve(cu_seqlens, q.shape[2], q.device, q.shape[0])
+    check_qk_cmp(q, k_cmp, config, num_blocks=None if docs is None else docs.num_compressed(config))
     scale = resolve_scale(scale, q)
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    if docs is not None:
+        return _select_documents(q, k_cmp, config, scale, score_mod, mask_mod, chunk_size, docs)
     return _select(q, k_cmp, config, scale, score_mod, mask_mod, chunk_size)

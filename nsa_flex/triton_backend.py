@@ -14,6 +14,7 @@ On the CPU the kernels run only under Triton's interpreter (``TRITON_INTERPRET=1
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -21,6 +22,8 @@ from torch import Tensor
 from ._validation import check_block_indices, check_kernel_head_dims, check_qkv, resolve_scale
 from .config import NSAConfig
 from .selection import sort_unique_blocks
+from .varlen import Documents, resolve
+from .varlen import check_block_indices as varlen_check_block_indices
 
 __all__ = ["selected_attention", "selected_branch", "invert_selection", "available"]
 
@@ -113,7 +116,7 @@ def invert_selection(idx: Tensor, num_blocks: int) -> tuple[Tensor, Tensor]:
 
 class _SelectedAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, idx, select_block, scale):
+    def forward(ctx, q, k, v, idx, select_block, scale, packed):
         from .triton_kernels import selected_fwd_kernel
 
         B, Hq, T, Dk = q.shape
@@ -121,23 +124,25 @@ class _SelectedAttention(torch.autograd.Function):
         meta = _meta(Hq // Hkv, Dk, Dv, select_block, q.dtype)
         o = torch.empty(B, Hq, T, Dv, device=q.device, dtype=q.dtype)
         lse = torch.empty(B, Hq, T, device=q.device, dtype=torch.float32)
+        doc_start = idx if packed is None else packed.doc_start  # idx: a placeholder, never read
         selected_fwd_kernel[(T, B * Hkv)](
-            q, k, v, idx, o, lse,
+            q, k, v, idx, doc_start, o, lse,
             *_strides(q), *_strides(k), *_strides(v), *_strides(idx), *_strides(o), *_strides(lse),
-            T, Hkv, scale, N_SEL=idx.shape[-1], **meta,
+            T, Hkv, scale, N_SEL=idx.shape[-1], VARLEN=packed is not None, **meta,
         )
         ctx.mark_non_differentiable(lse)
         ctx.save_for_backward(q, k, v, idx, o, lse)
-        ctx.select_block, ctx.scale = select_block, scale
+        ctx.select_block, ctx.scale, ctx.packed = select_block, scale, packed
         return o, lse
 
     @staticmethod
     def backward(ctx, do, dlse):
         q, k, v, idx, o, lse = ctx.saved_tensors
-        return selected_backward(q, k, v, idx, o, lse, do, ctx.select_block, ctx.scale) + (None, None, None)
+        grads = selected_backward(q, k, v, idx, o, lse, do, ctx.select_block, ctx.scale, ctx.packed)
+        return grads + (None, None, None, None)
 
 
-def selected_backward(q, k, v, idx, o, lse, do, select_block: int, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+def selected_backward(q, k, v, idx, o, lse, do, select_block: int, scale: float, packed=None):
     """``(dq, dk, dv)`` of selected attention from the forward's output ``o (B, Hq, T, Dv)`` and
     natural log-sum-exp ``lse (B, Hq, T)`` float32 (``-inf`` for empty rows), whichever kernel
     produced them. ``idx`` as the forward kernel takes it: ascending, unique, ``-1`` last."""
@@ -152,19 +157,26 @@ def selected_backward(q, k, v, idx, o, lse, do, select_block: int, scale: float)
     delta = (do.float() * o.float()).sum(dim=-1).contiguous()  # rowsum(dO * O)
     dq = torch.empty_like(q)
     selected_dq_kernel[(T, B * Hkv)](
-        q, k, v, idx, do, lse, delta, dq,
+        q, k, v, idx, idx if packed is None else packed.doc_start, do, lse, delta, dq,
         *_strides(q), *_strides(k), *_strides(v), *_strides(idx), *_strides(do), *_strides(lse),
-        T, Hkv, scale, N_SEL=idx.shape[-1], **meta,
+        T, Hkv, scale, N_SEL=idx.shape[-1], VARLEN=packed is not None, **meta,
     )
-    ns = -(-T // select_block)
-    qlist, qstart = invert_selection(idx, ns)
+    if packed is None:
+        ns = -(-T // select_block)
+        qlist, qstart = invert_selection(idx, ns)
+        blk_start = blk_end = qstart  # placeholders, never read
+    else:
+        # every document's blocks numbered one after another, so each key has one owner
+        ns = packed.num_blocks
+        qlist, qstart = invert_selection(torch.where(idx >= 0, idx + packed.first_block, -1), ns)
+        blk_start, blk_end = packed.block_start, packed.block_end
     chunks = -(-select_block // meta["BLOCK_N"])
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     selected_dkdv_kernel[(ns * chunks, B * Hkv)](
-        q, k, v, do, lse, delta, qlist, qstart, dk, dv,
+        q, k, v, do, lse, delta, qlist, qstart, blk_start, blk_end, dk, dv,
         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(lse),
         *_strides(qlist)[:2], *_strides(qstart)[:2],
-        T, Hkv, scale, CHUNKS=chunks, **meta,
+        T, Hkv, scale, CHUNKS=chunks, VARLEN=packed is not None, **meta,
     )
     return dq, dk, dv
 
@@ -176,7 +188,8 @@ def kernel_indices(block_indices: Tensor, select_block: int, T: int) -> Tensor:
 
 
 def selected_attention(
-    q: Tensor, k: Tensor, v: Tensor, block_indices: Tensor, select_block: int, scale: float
+    q: Tensor, k: Tensor, v: Tensor, block_indices: Tensor, select_block: int, scale: float,
+    *, cu_seqlens=None,
 ) -> tuple[Tensor, Tensor]:
     """Selected-branch attention with the Triton kernels.
 
@@ -184,6 +197,9 @@ def selected_attention(
         q: ``(B, Hq, T, Dk)``; k: ``(B, Hkv, T, Dk)``; v: ``(B, Hkv, T, Dv)``.
         block_indices: ``(B, Hkv, T, n)`` in ``[-1, ceil(T / select_block))``; ``-1`` and repeats
             select nothing more.
+        cu_seqlens: for a packed row (``B = 1``), ``(N+1,)`` document offsets or a
+            :class:`~nsa_flex.varlen.Documents`: ``block_indices`` are then doc-local, in
+            ``[-1, ceil(longest document / select_block))``, and no query sees another document.
 
     Returns:
         ``(o (B, Hq, T, Dv), lse (B, Hq, T) float32)``; ``lse`` is ``-inf`` (and ``o`` is 0) for a
@@ -195,17 +211,46 @@ def selected_attention(
     if isinstance(select_block, bool) or not isinstance(select_block, int) or select_block < 1:
         raise ValueError(f"select_block must be a positive int, got {select_block!r}")
     scale = resolve_scale(scale, q)
-    check_block_indices(block_indices, q, k.shape[1], -(-q.shape[2] // select_block))
-    return _selected(q, k, v, block_indices, select_block, scale)
+    docs = None
+    num_blocks = -(-q.shape[2] // select_block)
+    if cu_seqlens is not None:
+        docs = resolve(cu_seqlens, q.shape[2], q.device, q.shape[0])
+        num_blocks = max(-(-n // select_block) for n in docs.lengths)
+    check_block_indices(block_indices, q, k.shape[1], num_blocks)
+    if docs is not None:
+        varlen_check_block_indices(block_indices, docs, select_block)
+    return _selected(q, k, v, block_indices, select_block, scale, docs)
 
 
-def _selected(q, k, v, block_indices, select_block, scale):
-    idx = kernel_indices(block_indices, select_block, q.shape[2])
-    return _SelectedAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), idx, select_block, scale)
+class _Packed(NamedTuple):
+    """What the kernels need to know of a packed row's documents."""
+
+    doc_start: Tensor  # (T,) int32: each token's document start
+    first_block: Tensor  # (T,) int64: number of the first block of each token's document
+    block_start: Tensor  # (Nb,) int32: first key of each block, all documents' blocks in a row
+    block_end: Tensor  # (Nb,) int32: end of each block's document
+    num_blocks: int  # Nb
+
+
+def _selected(q, k, v, block_indices, select_block, scale, docs: Documents | None = None):
+    T = q.shape[2]
+    packed = None
+    if docs is not None:
+        first_block, block_start, block_end = docs.selection_blocks(select_block)
+        packed = _Packed(docs.start.contiguous(), first_block.view(1, 1, T, 1), block_start, block_end,
+                         block_start.numel())
+        # A doc-local block past the query's own selects nothing; drop it here so that its
+        # number never reaches the next document's blocks in the backward's inversion.
+        pos = docs.pos.view(1, 1, T, 1).long()
+        block_indices = torch.where(block_indices.long() * select_block <= pos, block_indices, -1)
+    idx = kernel_indices(block_indices, select_block, T)
+    return _SelectedAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), idx, select_block, scale, packed)
 
 
 def selected_branch(
-    q: Tensor, k: Tensor, v: Tensor, block_indices: Tensor, config: NSAConfig, scale: float
+    q: Tensor, k: Tensor, v: Tensor, block_indices: Tensor, config: NSAConfig, scale: float,
+    docs: Documents | None = None,
 ) -> Tensor:
-    """``o_slc (B, Hq, T, Dv)`` for ``attend(..., backend="triton")``, which has validated."""
-    return _selected(q, k, v, block_indices, config.select_block, scale)[0]
+    """``o_slc (B, Hq, T, Dv)`` for ``attend(..., backend="triton")``, which has validated
+    (``docs``: a packed row, doc-local ``block_indices``)."""
+    return _selected(q, k, v, block_indices, config.select_block, scale, docs)[0]

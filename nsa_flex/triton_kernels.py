@@ -31,15 +31,26 @@ def _dot(a, b, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _kv_tile(k_base, v_base, skt, skd, svt, svd, j, off, t, n, dk, dv, dk_ok, dv_ok,
+def _kv_tile(k_base, v_base, skt, skd, svt, svd, doc0, j, off, t, n, dk, dv, dk_ok, dv_ok,
              SEL_BLOCK: tl.constexpr):
-    """Keys and values ``off .. off + BLOCK_N - 1`` of selection block ``j``, those after query
-    ``t`` or past the block masked: ``(k, v, visible)``."""
-    s_pos = j * SEL_BLOCK + off + n
+    """Keys and values ``off .. off + BLOCK_N - 1`` of selection block ``j`` counted from
+    position ``doc0`` (the query's document start; 0 for one sequence), those after query ``t``
+    or past the block masked: ``(k, v, visible)``."""
+    s_pos = doc0 + j * SEL_BLOCK + off + n
     visible = (off + n < SEL_BLOCK) & (s_pos <= t)
     k = _load_rows(k_base, skt, skd, s_pos, dk, visible, dk_ok)
     v = _load_rows(v_base, svt, svd, s_pos, dv, visible, dv_ok)
     return k, v, visible
+
+
+@triton.jit
+def _doc_start(DOC_START, t, VARLEN: tl.constexpr):
+    """Where query ``t``'s block indices count from: its document's start in a packed row."""
+    if VARLEN:
+        doc0 = tl.load(DOC_START + t)
+    else:
+        doc0 = 0
+    return doc0
 
 
 @triton.jit
@@ -54,7 +65,7 @@ def _row_stats(LSE, DELTA, row, g_ok):
 
 @triton.jit
 def selected_fwd_kernel(
-    Q, K, V, IDX, O, LSE,
+    Q, K, V, IDX, DOC_START, O, LSE,
     sqb, sqh, sqt, sqd,
     skb, skh, skt, skd,
     svb, svh, svt, svd,
@@ -65,7 +76,7 @@ def selected_fwd_kernel(
     G: tl.constexpr, N_SEL: tl.constexpr, SEL_BLOCK: tl.constexpr,
     DK: tl.constexpr, DV: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
-    IEEE: tl.constexpr,
+    IEEE: tl.constexpr, VARLEN: tl.constexpr,
 ):
     t = tl.program_id(0)
     bh = tl.program_id(1)
@@ -84,11 +95,12 @@ def selected_fwd_kernel(
     acc = tl.zeros([BLOCK_G, BLOCK_DV], tl.float32)
     k_base = K + b * skb + h * skh
     v_base = V + b * svb + h * svh
+    doc0 = _doc_start(DOC_START, t, VARLEN)
     for slot in range(N_SEL):
         j = tl.load(IDX + b * sib + h * sih + t * sit + slot * sin)
         if j >= 0:
             for off in range(0, SEL_BLOCK, BLOCK_N):
-                k, v, kv_ok = _kv_tile(k_base, v_base, skt, skd, svt, svd, j, off, t, n, dk, dv,
+                k, v, kv_ok = _kv_tile(k_base, v_base, skt, skd, svt, svd, doc0, j, off, t, n, dk, dv,
                                        dk_ok, dv_ok, SEL_BLOCK)
                 s = _dot(q, tl.trans(k), IEEE)
                 s = tl.where(kv_ok[None, :], s * scale, float("-inf"))
@@ -110,7 +122,7 @@ def selected_fwd_kernel(
 
 @triton.jit
 def selected_dq_kernel(
-    Q, K, V, IDX, DO, LSE, DELTA, DQ,
+    Q, K, V, IDX, DOC_START, DO, LSE, DELTA, DQ,
     sqb, sqh, sqt, sqd,
     skb, skh, skt, skd,
     svb, svh, svt, svd,
@@ -121,7 +133,7 @@ def selected_dq_kernel(
     G: tl.constexpr, N_SEL: tl.constexpr, SEL_BLOCK: tl.constexpr,
     DK: tl.constexpr, DV: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
-    IEEE: tl.constexpr,
+    IEEE: tl.constexpr, VARLEN: tl.constexpr,
 ):
     """dQ of one query position for the G heads of a group; ``DO``/``DQ`` share ``sd*`` strides
     with ``q``'s layout (``DQ`` is written with ``q``'s strides)."""
@@ -142,11 +154,12 @@ def selected_dq_kernel(
     dq = tl.zeros([BLOCK_G, BLOCK_DK], tl.float32)
     k_base = K + b * skb + h * skh
     v_base = V + b * svb + h * svh
+    doc0 = _doc_start(DOC_START, t, VARLEN)
     for slot in range(N_SEL):
         j = tl.load(IDX + b * sib + h * sih + t * sit + slot * sin)
         if j >= 0:
             for off in range(0, SEL_BLOCK, BLOCK_N):
-                k, v, kv_ok = _kv_tile(k_base, v_base, skt, skd, svt, svd, j, off, t, n, dk, dv,
+                k, v, kv_ok = _kv_tile(k_base, v_base, skt, skd, svt, svd, doc0, j, off, t, n, dk, dv,
                                        dk_ok, dv_ok, SEL_BLOCK)
                 s = _dot(q, tl.trans(k), IEEE)
                 dp = _dot(do, tl.trans(v), IEEE)
@@ -160,7 +173,7 @@ def selected_dq_kernel(
 
 @triton.jit
 def selected_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, QLIST, QSTART, DK_OUT, DV_OUT,
+    Q, K, V, DO, LSE, DELTA, QLIST, QSTART, BLK_START, BLK_END, DK_OUT, DV_OUT,
     sqb, sqh, sqt, sqd,
     skb, skh, skt, skd,
     svb, svh, svt, svd,
@@ -172,7 +185,7 @@ def selected_dkdv_kernel(
     G: tl.constexpr, SEL_BLOCK: tl.constexpr, CHUNKS: tl.constexpr,
     DK: tl.constexpr, DV: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
-    IEEE: tl.constexpr,
+    IEEE: tl.constexpr, VARLEN: tl.constexpr,
 ):
     """dK and dV of one tile of one selection block, gathered from the queries that selected it.
 
@@ -180,6 +193,10 @@ def selected_dkdv_kernel(
     selection inverted. Each key has one owner program, so no atomics and the sum's order is
     fixed: two runs give bitwise-equal gradients. ``dK``/``dV`` are written with ``k``/``v``'s
     strides.
+
+    With ``VARLEN`` (a packed row), ``j`` numbers every document's blocks one after another:
+    block ``j`` covers keys ``BLK_START[j] ..`` up to its document's end ``BLK_END[j]``, so every
+    key still has one owner.
     """
     pid = tl.program_id(0)
     bh = tl.program_id(1)
@@ -193,8 +210,14 @@ def selected_dkdv_kernel(
     dv = tl.arange(0, BLOCK_DV)
     n = tl.arange(0, BLOCK_N)
     g_ok, dk_ok, dv_ok = g < G, dk < DK, dv < DV
-    s_pos = j * SEL_BLOCK + off + n
-    in_block = (off + n < SEL_BLOCK) & (s_pos < T)
+    if VARLEN:
+        blk_start = tl.load(BLK_START + j)
+        blk_end = tl.load(BLK_END + j)
+    else:
+        blk_start = j * SEL_BLOCK
+        blk_end = T
+    s_pos = blk_start + off + n
+    in_block = (off + n < SEL_BLOCK) & (s_pos < blk_end)
     k = _load_rows(K + b * skb + h * skh, skt, skd, s_pos, dk, in_block, dk_ok)
     v = _load_rows(V + b * svb + h * svh, svt, svd, s_pos, dv, in_block, dv_ok)
     dk_acc = tl.zeros([BLOCK_N, BLOCK_DK], tl.float32)

@@ -1,0 +1,192 @@
+"""Packed variable-length batches: several documents in one row, FlashAttention's ``cu_seqlens``.
+
+A packed row of ``T`` tokens holds ``N`` documents; document ``n`` is tokens
+``cu_seqlens[n] .. cu_seqlens[n+1] - 1``. NSA then runs on each document as if it were alone
+(docs/varlen.md): every block (compressed or selection) lies inside one document, block indices
+and visibility count from the document's first token, and no query sees another document.
+
+:func:`documents` reads ``cu_seqlens`` once on the host (the number of compressed blocks, and
+so the shape of ``k_cmp``, depends on the lengths) and returns a :class:`Documents` that
+every varlen entry point also accepts in place of ``cu_seqlens``, so a model can pay for that
+read once per batch rather than once per layer.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .config import NSAConfig
+
+__all__ = ["Documents", "documents", "compressed_cu_seqlens"]
+
+
+@dataclass(frozen=True, eq=False)
+class Documents:
+    """The documents of one packed row, made by :func:`documents`.
+
+    Attributes:
+        lengths: each document's length, on the host (empty documents allowed).
+        doc_id: ``(T,)`` int32, the document of each token.
+        pos: ``(T,)`` int32, each token's position within its document.
+        start: ``(T,)`` int32, the packed position of each token's document start (``t - pos``).
+    """
+
+    lengths: tuple[int, ...]
+    doc_id: Tensor
+    pos: Tensor
+    start: Tensor
+
+    @property
+    def seq_len(self) -> int:
+        """``T``, the packed length."""
+        return sum(self.lengths)
+
+    @property
+    def starts(self) -> tuple[int, ...]:
+        """Each document's first packed position (``cu_seqlens[:-1]``)."""
+        return tuple(itertools.accumulate(self.lengths, initial=0))[:-1]
+
+    @property
+    def device(self) -> torch.device:
+        return self.doc_id.device
+
+    def num_compressed(self, config: NSAConfig) -> int:
+        """``Tc``: compressed blocks of all documents together (the length of ``k_cmp``)."""
+        return sum(config.num_compressed(n) for n in self.lengths)
+
+    def compressed_offsets(self, config: NSAConfig) -> tuple[int, ...]:
+        """``(N+1,)``: document ``n``'s compressed blocks are ``k_cmp[:, :, off[n]:off[n+1]]``."""
+        return tuple(itertools.accumulate((config.num_compressed(n) for n in self.lengths), initial=0))
+
+    def num_select_blocks(self, config: NSAConfig) -> int:
+        """Selection blocks of the longest document: doc-local block indices lie below it."""
+        return max((config.num_select_blocks(n) for n in self.lengths), default=0)
+
+    def compressed_blocks(self, config: NSAConfig) -> tuple[Tensor, Tensor]:
+        """``(first, doc)``, each ``(Tc,)`` int64: the packed position of each compressed block's
+        first token and its document, in ``k_cmp``'s order."""
+        counts = torch.tensor([config.num_compressed(n) for n in self.lengths], dtype=torch.int64)
+        tc = int(counts.sum())
+        doc = torch.repeat_interleave(torch.arange(len(self.lengths)), counts, output_size=tc)
+        first_of_doc = torch.cumsum(counts, 0) - counts  # each document's first block
+        local = torch.arange(tc) - first_of_doc[doc]
+        starts = torch.tensor(self.starts, dtype=torch.int64)
+        first = starts[doc] + local * config.compress_stride
+        return first.to(self.device), doc.to(self.device)
+
+    def selection_blocks(self, select_block: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Every document's selection blocks, numbered one after another across documents.
+
+        Returns:
+            ``(first_block, block_start, block_end)``: ``first_block (T,)`` int64, the number of
+            the first block of each token's document (so doc-local block ``j`` of token ``t`` is
+            ``first_block[t] + j``); ``block_start``, ``block_end`` ``(Nb,)`` int32, the packed
+            tokens ``[start, end)`` block ``b`` may cover (``end`` is its document's end).
+        """
+        ls = select_block
+        counts = torch.tensor([-(-n // ls) for n in self.lengths], dtype=torch.int64)
+        nb = int(counts.sum())
+        doc = torch.repeat_interleave(torch.arange(len(self.lengths)), counts, output_size=nb)
+        first_of_doc = torch.cumsum(counts, 0) - counts
+        starts = torch.tensor(self.starts, dtype=torch.int64)
+        ends = starts + torch.tensor(self.lengths, dtype=torch.int64)
+        block_start = starts[doc] + (torch.arange(nb) - first_of_doc[doc]) * ls
+        dev = self.device
+        first_block = first_of_doc.to(dev)[self.doc_id.long()]
+        return first_block, block_start.to(dev, torch.int32), ends[doc].to(dev, torch.int32)
+
+
+def documents(cu_seqlens, *, device=None) -> Documents:
+    """Read ``cu_seqlens`` into a :class:`Documents`.
+
+    Args:
+        cu_seqlens: ``(N+1,)`` int32 or int64 tensor (FlashAttention's convention): starts at 0,
+            never decreases (empty documents are allowed), and ends at the packed length ``T``.
+            On any device; it is read on the host once (a CPU tensor avoids a device sync).
+        device: where the per-token tensors go (default: ``cu_seqlens``' device).
+
+    Raises:
+        TypeError: not a tensor, or not int32/int64.
+        ValueError: not 1-D with at least 2 entries, not starting at 0, decreasing.
+    """
+    if not isinstance(cu_seqlens, Tensor):
+        raise TypeError(f"cu_seqlens must be a torch.Tensor, got {type(cu_seqlens).__name__}")
+    if cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"cu_seqlens must be int32 or int64, got {cu_seqlens.dtype}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError(f"cu_seqlens must be 1-D with N+1 >= 2 entries, got shape {tuple(cu_seqlens.shape)}")
+    bounds = [int(x) for x in cu_seqlens.tolist()]  # the one host read
+    if bounds[0] != 0:
+        raise ValueError(f"cu_seqlens must start at 0, got {bounds[0]}")
+    lengths = tuple(b - a for a, b in zip(bounds[:-1], bounds[1:]))
+    if min(lengths) < 0:
+        n = next(i for i, x in enumerate(lengths) if x < 0)
+        raise ValueError(f"cu_seqlens must not decrease, got {bounds[n]} then {bounds[n + 1]} at entry {n + 1}")
+    device = cu_seqlens.device if device is None else torch.device(device)
+    T = bounds[-1]
+    counts = torch.tensor(lengths, dtype=torch.int64, device=device)
+    doc_id = torch.repeat_interleave(torch.arange(len(lengths), device=device), counts, output_size=T)
+    start = torch.tensor(bounds[:-1], dtype=torch.int64, device=device)[doc_id]
+    pos = torch.arange(T, device=device) - start
+    return Documents(lengths, doc_id.to(torch.int32), pos.to(torch.int32), start.to(torch.int32))
+
+
+def resolve(cu_seqlens, seq_len: int, device: torch.device, batch: int = 1) -> Documents:
+    """``cu_seqlens`` (a tensor or :class:`Documents`) for a packed row of ``seq_len`` tokens on
+    ``device``, checked: one batch row, ending at ``seq_len``."""
+    if batch != 1:
+        raise ValueError(f"cu_seqlens needs a batch of one packed row (B = 1), got B = {batch}")
+    if isinstance(cu_seqlens, Documents):
+        docs = cu_seqlens
+        if docs.device != device:
+            raise ValueError(f"cu_seqlens (Documents) is on {docs.device} but q is on {device}")
+    else:
+        docs = documents(cu_seqlens, device=device)
+    if docs.seq_len != seq_len:
+        raise ValueError(f"cu_seqlens must end at the packed length T = {seq_len}, got {docs.seq_len}")
+    return docs
+
+
+def check_block_indices(block_indices: Tensor, docs: Documents, select_block: int) -> None:
+    """Doc-local ``block_indices (B, Hkv, T, n)`` (shape already checked): each below its
+    token's document's number of selection blocks. Reads the device (skipped while tracing or
+    capturing a CUDA graph)."""
+    from ._validation import _can_read_values
+
+    if not _can_read_values(block_indices):
+        return
+    ns = torch.tensor([-(-n // select_block) for n in docs.lengths], device=docs.device)[docs.doc_id.long()]
+    bad = block_indices >= ns.view(1, 1, -1, 1).to(block_indices.dtype)
+    if bool(bad.any()):
+        t = int(bad.nonzero()[0, 2])
+        raise ValueError(
+            f"block_indices are doc-local under cu_seqlens: token {t} lies in a document of "
+            f"{docs.lengths[int(docs.doc_id[t])]} tokens, so its blocks must lie in [-1, {int(ns[t])}), "
+            f"got {int(block_indices[..., t, :].max())}"
+        )
+
+
+def compressed_cu_seqlens(cu_seqlens, config: NSAConfig) -> Tensor:
+    """``(N+1,)`` offsets of each document's compressed blocks in ``k_cmp``/``v_cmp``, the
+    compressed twin of ``cu_seqlens`` (on the host, int64)."""
+    docs = cu_seqlens if isinstance(cu_seqlens, Documents) else documents(cu_seqlens, device="cpu")
+    return torch.tensor(docs.compressed_offsets(config), dtype=torch.int64)
+
+
+def shift_score_mod(score_mod, offset: int):
+    """A ``score_mod`` written for packed positions, called with positions of a document
+    starting at ``offset``."""
+    if score_mod is None or offset == 0:
+        return score_mod
+    return lambda score, b, h, q_idx, kv_idx: score_mod(score, b, h, q_idx + offset, kv_idx + offset)
+
+
+def shift_mask_mod(mask_mod, offset: int):
+    """Like :func:`shift_score_mod`, for a ``mask_mod``."""
+    if mask_mod is None or offset == 0:
+        return mask_mod
+    return lambda b, h, q_idx, kv_idx: mask_mod(b, h, q_idx + offset, kv_idx + offset)

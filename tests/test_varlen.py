@@ -1,0 +1,379 @@
+"""Packed documents (``cu_seqlens``): a packed row equals running each document alone.
+
+For every backend, forward and gradients, random document lengths (empty ones, 1, lengths
+below one block, several blocks). The triton backend runs under Triton's interpreter on the CPU
+(tiny shapes, float32); tests/test_gpu_varlen.py runs moderate sizes on a GPU.
+"""
+
+import itertools
+
+import pytest
+import torch
+from hypothesis import example, given, settings, strategies as st
+
+import nsa_flex
+from nsa_flex import BlockCompressor, NSAConfig, SparseAttention, attend, mean_compress, select_blocks
+from nsa_flex import reference as R
+from nsa_flex.masks import (
+    compressed_varlen_block_mask,
+    selection_block_mask,
+    sliding_window_varlen_block_mask,
+)
+from nsa_flex.triton_backend import available
+from nsa_flex.varlen import Documents, compressed_cu_seqlens, documents
+
+from strategies import configs, rel_err
+from test_masks import block_sizes, check_block_mask
+
+TOL = 1e-10  # float64
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+needs_triton = pytest.mark.skipif(not available(torch.device(DEVICE))[0], reason="no CUDA and no Triton interpreter")
+
+
+@pytest.fixture(autouse=True)
+def room_to_recompile(monkeypatch):
+    # On the CPU, flex gradients go through a Dynamo-traced call with one graph per shape (and
+    # these tests try many lengths); drop the graphs afterwards so later tests start afresh.
+    cfg = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(cfg, name):
+            monkeypatch.setattr(cfg, name, 4096)
+    for name in ("accumulated_recompile_limit", "accumulated_cache_size_limit"):
+        if hasattr(cfg, name):
+            monkeypatch.setattr(cfg, name, 1 << 16)
+    yield
+    torch._dynamo.reset()
+
+
+@st.composite
+def doc_lengths(draw, max_docs: int = 4, max_len: int = 80):
+    """1 to ``max_docs`` document lengths: empty ones, 1, around block sizes, and any."""
+    length = st.one_of(st.sampled_from([0, 1, 2, 7, 8, 9, 15, 16, 17, 31, 32, 33]), st.integers(1, max_len))
+    return draw(st.lists(length, min_size=1, max_size=max_docs).filter(lambda ls: sum(ls) >= 1))
+
+
+def close(a, b, tol=TOL):
+    """Relative error below ``tol``, or an absolute one where both are ~0 (a gradient that
+    vanishes, e.g. a softmax over one key, is rounding noise on both sides)."""
+    return float((a.double() - b.double()).norm()) <= tol * max(float(b.double().norm()), 1.0)
+
+
+def cu_of(lengths, dtype=torch.int32):
+    return torch.tensor([0, *itertools.accumulate(lengths)], dtype=dtype)
+
+
+def pieces(lengths):
+    """The token slice of each non-empty document."""
+    out, s = [], 0
+    for n in lengths:
+        if n:
+            out.append(slice(s, s + n))
+        s += n
+    return out
+
+
+def cmp_slices(lengths, config):
+    """The compressed-block slice of each non-empty document."""
+    out, c = [], 0
+    for n in lengths:
+        tc = config.num_compressed(n)
+        if n:
+            out.append(slice(c, c + tc))
+        c += tc
+    return out
+
+
+def make_inputs(lengths, config, Hkv, G, Dk, Dv, seed, dtype=torch.float64, given_cmp=True, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    T = sum(lengths)
+    tc = sum(config.num_compressed(n) for n in lengths)
+
+    def rnd(*s):
+        return torch.randn(*s, generator=g, dtype=torch.float64).to(device=device, dtype=dtype).requires_grad_()
+
+    q, k, v = rnd(1, Hkv * G, T, Dk), rnd(1, Hkv, T, Dk), rnd(1, Hkv, T, Dv)
+    gates = torch.rand(1, Hkv * G, T, 3, generator=g, dtype=torch.float64).to(device=device, dtype=dtype).requires_grad_()
+    k_cmp = rnd(1, Hkv, tc, Dk) if given_cmp else None
+    v_cmp = rnd(1, Hkv, tc, Dv) if given_cmp else None
+    return q, k, v, gates, k_cmp, v_cmp
+
+
+def _grads(loss, leaves):
+    # a k_cmp without blocks (every document shorter than one) takes no part in the loss
+    grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+    return [torch.zeros_like(x) if g is None else g for x, g in zip(leaves, grads)]
+
+
+def packed_and_separate(backend, lengths, config, inputs, seed, fixed_selection=False):
+    """Run the packed row and each document alone on the same leaves; return outputs, the
+    selections and the gradients of one weighted loss for both."""
+    q, k, v, gates, k_cmp, v_cmp = inputs
+    leaves = [x for x in inputs if x is not None]
+    cu = cu_of(lengths)
+    out, aux = attend(q, k, v, gates, config=config, k_cmp=k_cmp, v_cmp=v_cmp, backend=backend,
+                      cu_seqlens=cu, return_aux=True)
+    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(out.device)
+    grads = _grads((out.double() * w).sum(), leaves)
+
+    outs, idxs = [], []
+    for tok, blk in zip(pieces(lengths), cmp_slices(lengths, config)):
+        part = lambda x, s: None if x is None else x[:, :, s]  # noqa: E731
+        o, a = attend(q[:, :, tok], k[:, :, tok], v[:, :, tok], gates[:, :, tok], config=config,
+                      k_cmp=part(k_cmp, blk), v_cmp=part(v_cmp, blk), backend=backend, return_aux=True,
+                      block_indices=aux.block_indices[:, :, tok] if fixed_selection else None)
+        outs.append(o)
+        idxs.append(a.block_indices)
+    sep = torch.cat(outs, dim=2)
+    sep_grads = _grads((sep.double() * w).sum(), leaves)
+    return (out, aux.block_indices, grads), (sep, torch.cat(idxs, dim=2), sep_grads)
+
+
+@pytest.mark.parametrize("backend", ["reference", "flex"])
+@settings(max_examples=15)
+@given(configs(max_block=32), doc_lengths(), st.integers(1, 2), st.sampled_from([1, 2, 3]), st.booleans(),
+       st.integers(0, 2**31 - 1))
+@example(NSAConfig(compress_block=8, compress_stride=4, select_block=8, num_selected=3, num_initial=1, num_local=1, window=8),
+         [20, 1, 0, 37, 5], 2, 2, True, 0)
+def test_packed_equals_separate(backend, config, lengths, Hkv, G, given_cmp, seed):
+    inputs = make_inputs(lengths, config, Hkv, G, 16, 24, seed, given_cmp=given_cmp)
+    (out, idx, grads), (sep, sep_idx, sep_grads) = packed_and_separate(backend, lengths, config, inputs, seed)
+    assert out.shape == sep.shape and torch.isfinite(out).all()
+    assert torch.equal(idx, sep_idx), "the packed selection differs from the documents'"
+    assert rel_err(out, sep) < TOL
+    for a, b in zip(grads, sep_grads):
+        assert close(a, b)
+
+
+@needs_triton
+@settings(max_examples=5)
+@given(doc_lengths(max_docs=3, max_len=40), st.sampled_from([1, 3]), st.integers(0, 2**31 - 1))
+@example([9, 0, 1, 30], 3, 1)
+def test_packed_equals_separate_triton(lengths, G, seed):
+    config = NSAConfig(compress_block=8, compress_stride=4, select_block=8, num_selected=3, num_initial=1, num_local=1, window=8)
+    inputs = make_inputs(lengths, config, 1, G, 16, 16, seed, dtype=torch.float32, device=DEVICE)
+    (out, idx, grads), (sep, _, sep_grads) = packed_and_separate("triton", lengths, config, inputs, seed, fixed_selection=True)
+    assert rel_err(out, sep) < 1e-5
+    for a, b in zip(grads, sep_grads):
+        assert close(a, b, 1e-5)
+    # and against the float64 reference on the same selection
+    q, k, v, gates, k_cmp, v_cmp = [x.detach().double().cpu() for x in inputs]
+    ref = attend(q, k, v, gates, config=config, k_cmp=k_cmp, v_cmp=v_cmp, backend="reference",
+                 cu_seqlens=cu_of(lengths), block_indices=idx.cpu())
+    assert rel_err(out, ref) < 1e-5
+
+
+@needs_triton
+def test_triton_selected_attention_packed_matches_reference():
+    # selected_attention alone, doc-local indices chosen at random, including ones past the
+    # query's block (they select nothing) and -1
+    from nsa_flex.triton_backend import selected_attention
+
+    lengths, ls = [13, 0, 1, 25], 4
+    T = sum(lengths)
+    cu = cu_of(lengths)
+    docs = documents(cu)
+    g = torch.Generator().manual_seed(5)
+    idx = torch.randint(-1, 7, (1, 1, T, 3), generator=g, dtype=torch.int32)
+    doc_blocks = torch.tensor([-(-n // ls) for n in lengths])[docs.doc_id.long()].view(1, 1, T, 1)
+    idx = torch.where(idx < doc_blocks, idx, -1)
+    q, k, v = (torch.randn(1, h, T, 16, generator=g).to(DEVICE).requires_grad_() for h in (2, 1, 1))
+    o, _ = selected_attention(q, k, v, idx.to(DEVICE), ls, 0.3, cu_seqlens=cu)
+    w = torch.randn(o.shape, generator=g).to(DEVICE)
+    grads = torch.autograd.grad((o * w).sum(), (q, k, v))
+    config = NSAConfig(compress_block=4, compress_stride=4, select_block=ls, num_selected=3, num_initial=0, num_local=0)
+    ref_in = [x.detach().double().cpu().requires_grad_() for x in (q, k, v)]
+    ref = R.attend(*ref_in, config=config, block_indices=idx, scale=0.3, cu_seqlens=cu).o_slc
+    ref_grads = torch.autograd.grad((ref * w.double().cpu()).sum(), ref_in)
+    assert rel_err(o, ref) < 1e-5
+    for a, b in zip(grads, ref_grads):
+        assert close(a, b, 1e-5)
+    assert docs.lengths == tuple(lengths)
+
+
+MODS = dict(
+    score_mod=lambda s, b, h, qi, kv: s - 0.05 * (h + 1) * (qi - kv) + 0.01 * (kv % 7),
+    mask_mod=lambda b, h, qi, kv: (kv % 5 != 3) | (kv == qi),
+)
+
+
+@given(configs(max_block=32), doc_lengths(), st.integers(0, 2**31 - 1))
+def test_mods_see_packed_positions(config, lengths, seed):
+    # the same mods, given packed positions, on the flex backend and the reference
+    q, k, v, gates, _, _ = make_inputs(lengths, config, 1, 2, 16, 16, seed, given_cmp=False)
+    cu = cu_of(lengths)
+    ref, ref_aux = attend(q, k, v, gates, config=config, backend="reference", cu_seqlens=cu, return_aux=True, **MODS)
+    out, aux = attend(q, k, v, gates, config=config, cu_seqlens=cu, return_aux=True, **MODS)
+    assert torch.equal(aux.block_indices, ref_aux.block_indices)
+    assert rel_err(out, ref) < TOL
+
+
+def test_sparse_attention_packed_equals_separate():
+    # RoPE positions and learned compression restart at each document
+    torch.manual_seed(0)
+    config = NSAConfig(compress_block=8, compress_stride=4, select_block=8, num_selected=3, num_initial=1, num_local=1, window=12)
+    layer = SparseAttention(32, heads=4, kv_heads=2, dim_head=16, config=config).double()
+    lengths = [21, 1, 0, 40, 6]
+    x = torch.randn(1, sum(lengths), 32, dtype=torch.float64)
+    y, aux = layer(x, cu_seqlens=cu_of(lengths), return_aux=True)
+    y.square().sum().backward()
+    packed_grads = [p.grad.clone() for p in layer.parameters()]
+    layer.zero_grad()
+    sep = torch.cat([layer(x[:, tok]) for tok in pieces(lengths)], dim=1)
+    sep.square().sum().backward()
+    assert rel_err(y, sep) < TOL
+    for p, g in zip(layer.parameters(), packed_grads):
+        assert close(g, p.grad)
+    # a Documents made once is accepted in place of cu_seqlens, with the same result
+    docs = documents(cu_of(lengths))
+    assert isinstance(docs, Documents) and torch.equal(layer(x, cu_seqlens=docs), y.detach())
+
+
+def test_rope_restarts_per_document():
+    from nsa_flex.rotary import RotaryEmbedding
+
+    rope = RotaryEmbedding(16)
+    x = torch.randn(1, 2, 10, 16, dtype=torch.float64)
+    docs = documents(cu_of([4, 6]))
+    y = rope(x, positions=docs.pos)
+    assert torch.allclose(y[:, :, 4:], rope(x[:, :, 4:]))
+    assert torch.allclose(y[:, :, :4], rope(x[:, :, :4]))
+
+
+@given(configs(max_block=32), doc_lengths(max_len=120), st.integers(0, 2**31 - 1))
+def test_compression_and_selection_follow_documents(config, lengths, seed):
+    q, k, _, _, _, _ = make_inputs(lengths, config, 2, 2, 16, 16, seed, given_cmp=False)
+    q, k = q.detach(), k.detach()
+    cu = cu_of(lengths, torch.int64)
+    k_cmp = mean_compress(k, config, cu)
+    assert torch.equal(k_cmp, torch.cat([mean_compress(k[:, :, tok], config) for tok in pieces(lengths)], dim=2))
+    offsets = compressed_cu_seqlens(cu, config)
+    assert offsets.tolist() == [0, *itertools.accumulate(config.num_compressed(n) for n in lengths)]
+    comp = BlockCompressor(16, config).double()
+    torch.testing.assert_close(comp(k, cu_seqlens=cu), torch.cat([comp(k[:, :, tok]) for tok in pieces(lengths)], dim=2))
+    idx = select_blocks(q, k_cmp, config=config, cu_seqlens=cu, chunk_size=7)
+    sep = [select_blocks(q[:, :, tok], k_cmp[:, :, blk], config=config) for tok, blk in
+           zip(pieces(lengths), cmp_slices(lengths, config))]
+    assert torch.equal(idx, torch.cat(sep, dim=2))
+
+
+# ------------------------------------------------------------------------ BlockMasks
+
+
+def dense_packed(lengths, rule):
+    """``(T, S)`` bool from ``rule(doc-local q, doc-local key)`` within each document."""
+    docs = documents(cu_of(lengths))
+    same = docs.doc_id[:, None] == docs.doc_id[None, :]
+    return same & rule(docs.pos[:, None], docs.pos[None, :])
+
+
+@given(configs(max_block=32), doc_lengths(max_len=150), block_sizes)
+def test_varlen_block_masks_cover_their_masks(config, lengths, block_size):
+    docs = documents(cu_of(lengths))
+    T = docs.seq_len
+    w = config.window
+    dense = check_block_mask(sliding_window_varlen_block_mask(docs, w, block_size=block_size), 1, 1, tight=False)
+    assert torch.equal(dense[0, 0], dense_packed(lengths, lambda t, s: (s <= t) & (t - s < w)))
+    if docs.num_compressed(config):
+        dense = check_block_mask(compressed_varlen_block_mask(docs, config, block_size=block_size), 1, 1, tight=False)
+        first, cdoc = docs.compressed_blocks(config)
+        last = first + config.compress_block - 1
+        expect = (cdoc[None, :] == docs.doc_id[:, None].long()) & (last[None, :] <= torch.arange(T)[:, None])
+        assert torch.equal(dense[0, 0], expect)
+
+
+@given(configs(max_block=32), doc_lengths(max_len=150), block_sizes, st.sampled_from([1, 2, 3]), st.integers(0, 2**31 - 1))
+def test_selection_block_mask_with_documents(config, lengths, block_size, G, seed):
+    q, k, _, _, _, _ = make_inputs(lengths, config, 2, G, 16, 16, seed, given_cmp=False)
+    cu = cu_of(lengths)
+    docs = documents(cu)
+    idx = select_blocks(q.detach(), mean_compress(k.detach(), config, cu), config=config, cu_seqlens=cu)
+    bm = selection_block_mask(idx, config, group_size=G, block_size=block_size, doc_start=docs.start)
+    dense = check_block_mask(bm, 1, 2, tight=True)
+    # unfold rows and compare with the reference's rule, per document
+    allowed = torch.zeros(1, 2, docs.seq_len, docs.seq_len, dtype=torch.bool)
+    for tok in pieces(lengths):
+        allowed[:, :, tok, tok] = R._allowed_by_selection(idx[:, :, tok], config, tok.stop - tok.start)
+    assert torch.equal(dense[:, :, ::G], allowed)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+CFG = NSAConfig(compress_block=8, compress_stride=4, select_block=8, num_selected=3, num_initial=1, num_local=1, window=8)
+
+
+def _qkv(B=1, T=40):
+    g = torch.Generator().manual_seed(0)
+    return (torch.randn(B, h, T, 16, generator=g, dtype=torch.float64) for h in (2, 1, 1))
+
+
+BAD = [
+    ("not a tensor", [0, 20, 40], TypeError, "cu_seqlens must be a torch.Tensor"),
+    ("float", torch.tensor([0.0, 20.0, 40.0]), TypeError, "cu_seqlens must be int32 or int64"),
+    ("int16", torch.tensor([0, 20, 40], dtype=torch.int16), TypeError, "cu_seqlens must be int32 or int64"),
+    ("2-D", torch.tensor([[0, 20, 40]], dtype=torch.int32), ValueError, "cu_seqlens must be 1-D"),
+    ("one entry", torch.tensor([40], dtype=torch.int32), ValueError, "cu_seqlens must be 1-D with N\\+1 >= 2"),
+    ("start", torch.tensor([1, 20, 40], dtype=torch.int32), ValueError, "cu_seqlens must start at 0"),
+    ("decreasing", torch.tensor([0, 30, 20, 40], dtype=torch.int32), ValueError, "cu_seqlens must not decrease"),
+    ("short", torch.tensor([0, 20, 39], dtype=torch.int32), ValueError, "cu_seqlens must end at the packed length T = 40"),
+    ("long", torch.tensor([0, 20, 41], dtype=torch.int32), ValueError, "cu_seqlens must end at"),
+]
+
+
+@pytest.mark.parametrize("backend", ["flex", "reference"])
+@pytest.mark.parametrize("name, cu, exc, match", BAD, ids=[b[0] for b in BAD])
+def test_bad_cu_seqlens_is_named(name, cu, exc, match, backend):
+    q, k, v = _qkv()
+    with pytest.raises(exc, match=match):
+        attend(q, k, v, config=CFG, cu_seqlens=cu, backend=backend)
+
+
+def test_bad_input_under_cu_seqlens_is_named():
+    cu = cu_of([20, 0, 20])
+    q, k, v = _qkv(B=2)
+    with pytest.raises(ValueError, match="cu_seqlens needs a batch of one packed row"):
+        attend(q, k, v, config=CFG, cu_seqlens=cu)
+    q, k, v = _qkv()
+    # two documents of 20 tokens: 4 compressed blocks each, 8 in all, not Tc(40) = 9
+    with pytest.raises(ValueError, match="k_cmp must hold Tc = 8 compressed blocks"):
+        attend(q, k, v, config=CFG, cu_seqlens=cu, k_cmp=torch.randn(1, 1, 9, 16, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"block_indices must lie in \[-1, 3\)"):  # longest document: 3 blocks
+        attend(q, k, v, config=CFG, cu_seqlens=cu, block_indices=torch.full((1, 1, 40, 3), 3, dtype=torch.int32))
+    # in range for the longest document, but not for the token's own (doc-local indices)
+    short = cu_of([10, 30])
+    idx = torch.zeros(1, 1, 40, 3, dtype=torch.int32)
+    idx[0, 0, 5, 1] = 2
+    with pytest.raises(ValueError, match=r"token 5 lies in a document of 10 tokens, so its blocks must lie in \[-1, 2\)"):
+        attend(q, k, v, config=CFG, cu_seqlens=short, block_indices=idx)
+    with pytest.raises(ValueError, match="cu_seqlens needs a batch of one packed row"):
+        SparseAttention(32, heads=2, dim_head=16, config=CFG)(torch.randn(2, 40, 32), cu_seqlens=cu)
+    with pytest.raises(ValueError, match="cu_seqlens must end at"):
+        mean_compress(k, CFG, cu_of([20, 19]))
+    with pytest.raises(ValueError, match="cu_seqlens must end at"):
+        select_blocks(q, mean_compress(k, CFG, cu), config=CFG, cu_seqlens=cu_of([41]))
+    with pytest.raises(ValueError, match="cu_seqlens .* is on meta"):
+        attend(q, k, v, config=CFG, cu_seqlens=documents(cu, device="meta"))
+
+
+def test_one_document_is_the_plain_call():
+    q, k, v = _qkv()
+    a = attend(q, k, v, config=CFG)
+    b = attend(q, k, v, config=CFG, cu_seqlens=torch.tensor([0, 40]))
+    assert rel_err(b, a) < TOL
+
+
+# ------------------------------------------------------------------------------ bench
+
+
+def test_bench_varlen_part_runs_quick(tmp_path):
+    import json
+
+    from nsa_flex.bench import main
+
+    assert main(["--quick", "--parts", "varlen", "--reps", "1", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert {r["part"] for r in rows} == {"varlen"}
+    flex = [r for r in rows if r["name"] == "nsa_flex flex"]
+    assert flex and all(r["fwd_ms"] > 0 for r in flex)
+    doc_masked = [r for r in rows if r["name"] == "FlexAttention doc"]
+    assert doc_masked and all(r["fwd_ms"] > 0 for r in doc_masked)
+    assert nsa_flex.varlen is not None
