@@ -259,11 +259,14 @@ class _FlexForwardTritonBackward(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, block_indices, config, scale):
         G = q.shape[1] // k.shape[1]
-        block_mask = selection_block_mask(block_indices, config, group_size=G, block_size=selection_tile(G, config))
+        block_mask = selection_block_mask(
+            block_indices, config, group_size=G, block_size=selection_tile(G, config), transposed=False
+        )
         out, lse = _flex(_fold(q, G), k, v, None, block_mask, scale, return_lse=True)
         out, lse = _unfold(out, G), _unfold(lse, G)
         idx = triton_backend.kernel_indices(block_indices, config.select_block, q.shape[2])
-        ctx.save_for_backward(q, k, v, idx, out, lse)
+        # the Triton kernels write dQ/dK/dV with the strides of q/k/v: keep those dense
+        ctx.save_for_backward(q.contiguous(), k.contiguous(), v.contiguous(), idx, out, lse)
         ctx.select_block, ctx.scale = config.select_block, scale
         return out
 
@@ -305,9 +308,11 @@ def selected_branch(
         return _FlexForwardTritonBackward.apply(q, k, v, block_indices, config, scale)
     # Fold the group into rows, so that one K/V tile load serves the G heads of a group.
     q_rows = _fold(q, G)
+    # The transposed lists only a backward reads (FlexAttention's checks for them even on its
+    # CPU path) are left out of forward-only masks.
     block_mask = selection_block_mask(
-        block_indices, config, group_size=G, mask_mod=mask_mod,
-        block_size=_selection_tile(q, k, v, G, config), doc_start=None if docs is None else docs.start,
+        block_indices, config, group_size=G, mask_mod=mask_mod, block_size=_selection_tile(q, k, v, G, config),
+        doc_start=None if docs is None else docs.start, transposed=_needs_backward(q, k, v),
     )
     user_score = None
     if score_mod is not None:

@@ -319,6 +319,7 @@ def selection_block_mask(
     mask_mod: MaskMod | None = None,
     block_size: tuple[int, int] | None = None,
     doc_start: Tensor | None = None,
+    transposed: bool = True,
 ) -> BlockMask:
     """BlockMask of the selected branch, straight from ``block_indices``, over folded queries.
 
@@ -331,6 +332,11 @@ def selection_block_mask(
         block_size: ``(Q tile, KV tile)``; default :func:`selection_tile`.
         doc_start: for a packed row, ``(T,)`` each token's document start; ``block_indices``
             are then doc-local (see :func:`selection_mask`). No tile is then full.
+        transposed: build the transposed (Q) lists that FlexAttention's backward reads. With
+            ``False`` and one-block KV tiles they are left out (``q_indices is None``, as
+            ``BlockMask.from_kv_blocks(compute_q_blocks=False)`` does): the mask then serves
+            forward passes only, and skips the largest tensors here (1 GiB each at T=65536,
+            Hkv=4, G=16).
 
     A KV tile is listed for a Q tile when a token of the tile selected a block that overlaps
     the KV tile at or before the token; it is full when every token of the tile selected all of
@@ -361,11 +367,11 @@ def selection_block_mask(
         selected = and_masks(selected, user)
     full_allowed = mask_mod is None and doc_start is None
     if kb == config.select_block and doc_start is None:
-        return _block_tiles(block_indices, config, G, (qb, kb), selected, full_allowed)
+        return _block_tiles(block_indices, config, G, (qb, kb), selected, full_allowed, transposed)
     return _spanning_tiles(block_indices, config, G, (qb, kb), selected, full_allowed, doc_start)
 
 
-def _block_tiles(block_indices, config, G, block_size, mask_mod, full_allowed) -> BlockMask:
+def _block_tiles(block_indices, config, G, block_size, mask_mod, full_allowed, transposed=True) -> BlockMask:
     """KV tile = selection block: each Q tile lists the union of its tokens' blocks."""
     B, H, T, n = block_indices.shape
     qb, ls = block_size
@@ -407,8 +413,10 @@ def _block_tiles(block_indices, config, G, block_size, mask_mod, full_allowed) -
 
     kv_num, kv_idx = _compact(cand, partial, ns)
     full_num, full_idx = _compact(cand, full, ns)
-    q_num, q_idx = _transpose_lists(kv_num, kv_idx, ns)
-    full_q_num, full_q_idx = _transpose_lists(full_num, full_idx, ns)
+    q_num = q_idx = full_q_num = full_q_idx = None
+    if transposed:
+        q_num, q_idx = _transpose_lists(kv_num, kv_idx, ns)
+        full_q_num, full_q_idx = _transpose_lists(full_num, full_idx, ns)
     return BlockMask(
         seq_lengths=(rows, T),
         kv_num_blocks=kv_num,

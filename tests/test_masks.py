@@ -206,3 +206,14 @@ def test_builders_reject_bad_sizes():
         sliding_window_block_mask(10, 0)
     with pytest.raises(ValueError, match="group_size"):
         selection_block_mask(torch.zeros(1, 1, 10, 2, dtype=torch.int32), NSAConfig(num_selected=2, num_initial=0), group_size=0)
+
+
+def test_forward_only_selection_mask_skips_the_transposed_lists():
+    config = NSAConfig()
+    q, k, _ = make_qkv(shapes_fixed(700, 4), 1)
+    idx = select_blocks(q, mean_compress(k, config), config=config)
+    full = selection_block_mask(idx, config, group_size=4)
+    fwd = selection_block_mask(idx, config, group_size=4, transposed=False)
+    assert fwd.q_indices is None and fwd.full_q_indices is None and full.q_indices is not None
+    for name in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices"):
+        assert torch.equal(getattr(fwd, name), getattr(full, name)), name
