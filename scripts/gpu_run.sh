@@ -14,23 +14,28 @@ mkdir -p "$out"
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HYPOTHESIS_PROFILE=ci
 python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())" | tee "$out/versions.txt"
 if [[ $what == *" gpu "* ]]; then
-  # The gpu tests in parallel processes on the one GPU: their time is mostly Inductor compiling
-  # on the CPU cores. Each group logs to gpu_tests_N.log and prints its summary line.
-  groups=(
+  # The gpu tests in parallel processes on the one GPU (their time is mostly Inductor compiling
+  # on the CPU cores), in two waves so that the float64 references of the largest tests never
+  # run side by side (together they once ran out of the H200's memory). Each group logs to
+  # gpu_tests_N.log and prints its summary line.
+  wave1=(
     "tests/test_gpu.py -k flex_forward_backward and fp32"
     "tests/test_gpu.py -k flex_forward_backward and bf16"
-    "tests/test_gpu.py -k not flex_forward_backward"
     "tests/test_gpu_triton.py"
   )
-  for f in tests/test_gpu_*.py; do [[ $f == tests/test_gpu_triton.py ]] || groups+=("$f"); done
+  wave2=("tests/test_gpu.py -k not flex_forward_backward")
+  for f in tests/test_gpu_*.py; do [[ $f == tests/test_gpu_triton.py ]] || wave2+=("$f"); done
   n=0
-  for g in "${groups[@]}"; do
-    n=$((n + 1))
-    file=${g%% -k *}; filter=""; [[ $g == *" -k "* ]] && filter=${g#* -k }
-    ( timeout "${GPU_TEST_S:-400}" python3 -m pytest -q -p no:cacheprovider -m gpu -o log_level=WARNING \
-        "$file" ${filter:+-k "$filter"} > "$out/gpu_tests_$n.log" 2>&1
-      echo "[$g] $(grep -E "passed|failed|error" "$out/gpu_tests_$n.log" | tail -1)" ) &
-  done
+  run_group() {
+    local g=$1 n=$2 file=${1%% -k *} filter=""
+    [[ $g == *" -k "* ]] && filter=${g#* -k }
+    timeout "${GPU_TEST_S:-400}" python3 -m pytest -q -p no:cacheprovider -m gpu -o log_level=WARNING \
+      "$file" ${filter:+-k "$filter"} > "$out/gpu_tests_$n.log" 2>&1
+    echo "[$g] $(grep -E "passed|failed|error" "$out/gpu_tests_$n.log" | tail -1)"
+  }
+  for g in "${wave1[@]}"; do n=$((n + 1)); run_group "$g" $n & done
+  wait
+  for g in "${wave2[@]}"; do n=$((n + 1)); run_group "$g" $n & done
   wait
   grep -h -E "^FAILED|^ERROR" "$out"/gpu_tests_*.log | head -20
 fi
