@@ -86,13 +86,14 @@ class Block(nn.Module):
 
 
 class ByteLM(nn.Module):
-    def __init__(self, attention: str, layers: int, dim: int, heads: int, kv_heads: int, config: NSAConfig):
+    def __init__(self, attention: str, layers: int, dim: int, heads: int, kv_heads: int, config: NSAConfig,
+                 selection_grad: bool = False):
         super().__init__()
         dim_head = dim // heads
 
         def attn():
             if attention == "nsa":
-                return SparseAttention(dim, heads, kv_heads, dim_head=dim_head, config=config)
+                return SparseAttention(dim, heads, kv_heads, dim_head=dim_head, config=config, selection_grad=selection_grad)
             return FullAttention(dim, heads, kv_heads, dim_head)
 
         self.embed = nn.Embedding(256, dim)
@@ -132,7 +133,7 @@ def evaluate(model, data, args, device, autocast) -> float:
 def train(attention: str, train_data, val_data, args, device) -> dict:
     torch.manual_seed(args.seed)
     config = NSAConfig(select_block=args.select_block, num_selected=args.num_selected, window=args.window)
-    model = ByteLM(attention, args.layers, args.dim, args.heads, args.kv_heads, config).to(device)
+    model = ByteLM(attention, args.layers, args.dim, args.heads, args.kv_heads, config, args.selection_grad).to(device)
     step_fn = torch.compile(model) if args.compile else model
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1, betas=(0.9, 0.95))
     def autocast():  # bf16 on the GPU; the CPU run stays in float32
@@ -142,7 +143,8 @@ def train(attention: str, train_data, val_data, args, device) -> dict:
 
     gen = torch.Generator().manual_seed(args.seed)
     it = batches(train_data, args.batch, args.seq_len, gen)
-    log = dict(attention=attention, steps=[], train_loss=[], val_steps=[], val_loss=[], step_ms=[])
+    log = dict(attention=attention, selection_grad=attention == "nsa" and args.selection_grad,
+               steps=[], train_loss=[], val_steps=[], val_loss=[], step_ms=[])
     tokens_per_step = args.batch * args.seq_len
     for step in range(1, args.steps + 1):
         lr = args.lr * min(1.0, step / max(1, args.warmup)) * 0.5 * (1 + math.cos(math.pi * step / args.steps))
@@ -222,6 +224,8 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-batches", type=int, default=8)
     ap.add_argument("--max-bytes", type=int, default=40_000_000)
     ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--selection-grad", action="store_true",
+                    help="NSA with straight-through gradients through the selection (attend's selection_grad)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=Path("runs/train_lm"))
     args = ap.parse_args(argv)

@@ -2,7 +2,8 @@
 
 - :func:`attend`: the whole NSA layer as a function.
 - :class:`SparseAttention`: the layer as an ``nn.Module`` with learned compression and gates.
-- :func:`select_blocks`: importance scores and top-n block selection, shared by backends.
+- :func:`select_blocks`: importance scores and top-n block selection, shared by backends;
+  :func:`block_scores`: the same scores, differentiably.
 - :class:`NSACache`, :func:`prefill`, :func:`decode_step`: inference with a KV cache.
 - :class:`NSAConfig`: the hyperparameters.
 - :mod:`nsa_flex.masks`: the branches' mask_mods and BlockMask builders.
@@ -14,7 +15,7 @@ from . import masks, reference, varlen
 from .api import BACKENDS, NSAAux, attend
 from .compression import BlockCompressor, mean_compress
 from .config import NSAConfig
-from .selection import select_blocks
+from .selection import block_scores, select_blocks
 from .module import SparseAttention
 from .cache import NSACache, decode_step, prefill
 
@@ -30,6 +31,7 @@ __all__ = [
     "BlockCompressor",
     "mean_compress",
     "select_blocks",
+    "block_scores",
     "masks",
     "reference",
     "varlen",

@@ -20,7 +20,7 @@ from ._validation import (
 )
 from .compression import mean_compress
 from .config import NSAConfig
-from .selection import select_blocks
+from .selection import block_scores, select_blocks, straight_through_score_mod
 
 __all__ = ["attend", "NSAAux", "BACKENDS"]
 
@@ -79,6 +79,7 @@ def attend(
     backend: str = "flex",
     return_aux: bool = False,
     cu_seqlens: Tensor | varlen.Documents | None = None,
+    selection_grad: bool = False,
 ) -> Tensor | tuple[Tensor, NSAAux]:
     """Native Sparse Attention: compressed, selected and sliding-window attention, gated.
 
@@ -115,6 +116,14 @@ def attend(
             compressed blocks concatenated (``Tc = sum_n config.num_compressed(len_n)``),
             ``block_indices`` count from each token's document start, and the mods see packed
             positions. A tensor is read on the host once per call.
+        selection_grad: gradients through the selection (straight-through): the selected
+            branch's scores are multiplied by ``1 + imp - imp.detach()``, where ``imp`` is each
+            (query, block) pair's importance (:func:`nsa_flex.block_scores`). The forward is
+            unchanged; the selected branch's gradient then also reaches ``q`` and ``k_cmp``
+            through the probabilities selection ranked by. It costs a differentiable
+            ``(B, Hkv, T, Ns)`` importance tensor and, on CUDA, FlexAttention's 128x128-tile
+            backward for the selected branch. Not with ``backend="triton"`` (its kernel runs
+            no score_mod) or ``cu_seqlens``.
 
     Returns:
         ``out (B, Hq, T, Dv)`` in ``q``'s dtype, or ``(out, aux)``.
@@ -161,13 +170,19 @@ def attend(
         _check_triton(q, score_mod, mask_mod)
     if not isinstance(return_aux, bool):
         raise TypeError(f"return_aux must be a bool, got {type(return_aux).__name__}")
+    if not isinstance(selection_grad, bool):
+        raise TypeError(f"selection_grad must be a bool, got {type(selection_grad).__name__}")
+    if selection_grad and backend == "triton":
+        raise ValueError("selection_grad needs backend='flex' or 'reference': the triton kernel runs no score_mod")
+    if selection_grad and docs is not None:
+        raise ValueError("selection_grad is not supported with cu_seqlens yet")
 
     if backend == "reference":
         cu = None if docs is None else torch.tensor((0, *docs.lengths)).cumsum(0)
         r = reference.attend(
             q, k, v, gates, config=config, k_cmp=k_cmp, v_cmp=v_cmp,
             block_indices=block_indices, scale=scale, score_mod=score_mod, mask_mod=mask_mod,
-            cu_seqlens=cu,
+            cu_seqlens=cu, selection_grad=selection_grad,
         )
         out, aux = r.out, NSAAux(r.block_indices, r.o_cmp, r.o_slc, r.o_swa)
     else:
@@ -181,8 +196,12 @@ def attend(
         if backend == "triton":
             o_slc = triton_backend.selected_branch(q, k, v, block_indices, config, scale, docs=docs)
         else:
+            slc_score_mod = score_mod
+            if selection_grad:
+                importance = block_scores(q, k_cmp, config=config, scale=scale, score_mod=score_mod, mask_mod=mask_mod)
+                slc_score_mod = straight_through_score_mod(importance, config.select_block, q.shape[1] // k.shape[1], score_mod)
             o_slc = flex_backend.selected_branch(
-                q, k, v, block_indices, config, scale, score_mod, mask_mod, docs=docs
+                q, k, v, block_indices, config, scale, slc_score_mod, mask_mod, docs=docs
             )
         o_swa = flex_backend.window_branch(q, k, v, config, scale, score_mod, mask_mod, docs=docs)
         out = _gate(o_cmp, o_slc, o_swa, gates)

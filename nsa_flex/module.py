@@ -47,6 +47,9 @@ class SparseAttention(nn.Module):
             hand-written selected-branch kernel) or ``"reference"`` (the dense oracle).
             A plain attribute: it may be changed after construction.
         bias: whether the linear projections have a bias.
+        selection_grad: straight-through gradients through the selection, so that the key
+            compression also learns from what the selected branch needed (``attend``'s
+            ``selection_grad``). A plain attribute, like ``backend``.
 
     Shapes:
         ``forward(x)``: ``x (B, T, dim) -> (B, T, dim)``.
@@ -70,6 +73,7 @@ class SparseAttention(nn.Module):
         compress_hidden: int | None = None,
         backend: str = "flex",
         bias: bool = False,
+        selection_grad: bool = False,
     ) -> None:
         super().__init__()
         kv_heads = heads if kv_heads is None else kv_heads
@@ -109,6 +113,9 @@ class SparseAttention(nn.Module):
         self.dim_head_v = dim_head_v
         self.config = config
         self.backend = backend
+        if not isinstance(selection_grad, bool):
+            raise TypeError(f"selection_grad must be a bool, got {type(selection_grad).__name__}")
+        self.selection_grad = selection_grad
 
         self.to_q = nn.Linear(dim, heads * dim_head, bias=bias)
         self.to_k = nn.Linear(dim, kv_heads * dim_head, bias=bias)
@@ -189,6 +196,7 @@ class SparseAttention(nn.Module):
             mask_mod=mask_mod,
             return_aux=return_aux,
             cu_seqlens=docs,
+            selection_grad=self.selection_grad,
         )
         out, aux = result if return_aux else (result, None)
         out = self.to_out(rearrange(out, "b h t d -> b t (h d)"))

@@ -184,7 +184,9 @@ def top_n(scores: Tensor, config: NSAConfig) -> Tensor:
     out = torch.full((B, H, T, n), -1, dtype=torch.int32, device=scores.device)
     for t in range(T):
         m = min(n, int(candidate[t].sum()))
-        chosen = torch.topk(key[:, :, t], m).indices.sort(dim=-1).values
+        # equal scores: the lower block first, the library's rule (SPEC lets ties go either way)
+        ranked = torch.sort(key[:, :, t], dim=-1, descending=True, stable=True).indices[..., :m]
+        chosen = ranked.sort(dim=-1).values
         out[:, :, t, :m] = chosen.to(torch.int32)
     return out
 
@@ -270,6 +272,7 @@ def attend(
     score_mod: Callable | None = None,
     mask_mod: Callable | None = None,
     cu_seqlens: Tensor | None = None,
+    selection_grad: bool = False,
 ) -> ReferenceOutput:
     """The whole NSA layer (eq. 5), densely. Inputs are not validated: ``nsa_flex.attend``
     does that before it calls here.
@@ -297,7 +300,18 @@ def attend(
         # Selection is not differentiable (SPEC): scores are computed without a graph.
         scores = selection_scores(p_cmp.detach(), config, k.shape[1])
         block_indices = top_n(scores, config)
-    o_slc = selected_attention(q, k, v, block_indices, config, scale, score_mod, mask_mod)
+    slc_score_mod = score_mod
+    if selection_grad:
+        # straight-through: scores times 1 + imp - imp.detach(), imp the pair's importance
+        w = selection_scores(p_cmp, config, k.shape[1])
+        w = (w - w.detach() + 1).to(q.dtype)
+        G, ls, H, Ns = q.shape[1] // k.shape[1], config.select_block, k.shape[1], w.shape[-1]
+
+        def slc_score_mod(score, b, h, t, s):
+            score = score * w[b, h // G, t, s // ls]
+            return score if score_mod is None else score_mod(score, b, h, t, s)
+
+    o_slc = selected_attention(q, k, v, block_indices, config, scale, slc_score_mod, mask_mod)
     o_swa = window_attention(q, k, v, config, scale, score_mod, mask_mod)
     if gates is None:
         out = o_cmp + o_slc + o_swa

@@ -12,12 +12,13 @@ from typing import Callable
 
 import torch
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 from ._validation import check_qk_cmp, resolve_config, resolve_scale
 from .config import NSAConfig
 from .varlen import Documents, resolve, shift_mask_mod, shift_score_mod
 
-__all__ = ["select_blocks", "top_n_blocks", "block_importance", "sort_unique_blocks"]
+__all__ = ["select_blocks", "block_scores", "top_n_blocks", "block_importance", "sort_unique_blocks"]
 
 # Bytes one chunk's (B, Hq, chunk, Tc) score tensor may take. The softmax output is a second
 # such tensor and the mask and the mapping add smaller ones, so selection's extra memory is
@@ -179,6 +180,34 @@ def _top_n_of_keys(key: Tensor, n: int, stable: bool) -> Tensor:
     return idx
 
 
+def straight_through_score_mod(
+    importance: Tensor, select_block: int, group_size: int, score_mod: Callable | None = None
+) -> Callable:
+    """The selected branch's ``score_mod`` for gradients through the selection (issue 6,
+    ``attend(..., selection_grad=True)``): each score is multiplied by
+    ``w = 1 + importance - importance.detach()`` of its (query, block) pair, then passed to the
+    user's ``score_mod``.
+
+    ``w`` is exactly 1, so the forward is unchanged; its gradient is the importance's, so the
+    gradient a block's scores receive flows into the compressed branch's probabilities that
+    chose it (``q`` and ``k_cmp``), which the top-n alone would cut.
+
+    Args:
+        importance: ``(B, Hkv, T, Ns)`` from :func:`block_scores` (differentiable).
+        group_size: ``G``; query head ``h`` reads row ``h // G``.
+    """
+    B, H, T, Ns = importance.shape
+    # flat, as selection_mask reads its bits (an Inductor CPU workaround, docs/design.md)
+    weights = (importance - importance.detach() + 1).reshape(-1)
+
+    def weighted(score, b, h, q_idx, kv_idx):
+        w = weights[((b * H + h // group_size) * T + q_idx) * Ns + kv_idx // select_block]
+        score = score * w.to(score.dtype)
+        return score if score_mod is None else score_mod(score, b, h, q_idx, kv_idx)
+
+    return weighted
+
+
 def sort_unique_blocks(block_indices: Tensor, num_blocks: int) -> tuple[Tensor, Tensor]:
     """Each row's blocks sorted, with a mask that is false for ``-1`` padding and repeats.
 
@@ -259,16 +288,30 @@ def _select_fused(q, k_cmp, config, scale, chunk_size=None) -> Tensor:
 
 @torch.no_grad()
 def _select(q, k_cmp, config, scale, score_mod, mask_mod, chunk_size) -> Tensor:
-    B, Hq, T, _ = q.shape
+    B, _, T, _ = q.shape
     Hkv, tc = k_cmp.shape[1], k_cmp.shape[2]
-    G = Hq // Hkv
-    n = config.num_selected
     if tc == 0:
         # Nothing compressed yet: every candidate scores 0, so only forced blocks and ties.
         scores = q.new_zeros(B, Hkv, T, config.num_select_blocks(T), dtype=torch.float32)
         return top_n_blocks(scores, config)
     if _fused_ok(q, score_mod, mask_mod):
         return _select_fused(q, k_cmp, config, scale, chunk_size)
+    out = []
+    for start, p in _chunk_importance(q, k_cmp, config, scale, score_mod, mask_mod, chunk_size):
+        out.append(top_n_blocks(p, config, start))
+    return torch.cat(out, dim=2) if len(out) > 1 else out[0]
+
+
+def _chunk_importance(q, k_cmp, config, scale, score_mod, mask_mod, chunk_size, differentiable=False):
+    """Yield ``(start, importance (B, Hkv, C, Ns))`` for chunks of ``C`` queries from ``start``:
+    the compressed branch's probabilities mapped onto selection blocks, summed over each group.
+
+    In place where nothing differentiates (the selection itself), out of place for
+    :func:`block_scores`, whose chunks autograd replays.
+    """
+    B, Hq, T, _ = q.shape
+    Hkv, tc = k_cmp.shape[1], k_cmp.shape[2]
+    G = Hq // Hkv
     dtype = torch.promote_types(q.dtype, torch.float32)
     kc = k_cmp.to(dtype)[:, :, None]  # (B, Hkv, 1, Tc, Dk)
     kv_pos = _index(tc, q.device, (1, 1, 1, tc)) * config.compress_stride + config.compress_block - 1
@@ -277,22 +320,69 @@ def _select(q, k_cmp, config, scale, score_mod, mask_mod, chunk_size) -> Tensor:
         chunk_size = max(1, _CHUNK_BYTES // max(1, B * Hq * tc * itemsize))
     b_idx = _index(B, q.device, (B, 1, 1, 1))
     h_idx = _index(Hq, q.device, (1, Hq, 1, 1))
-    out = []
-    for start in range(0, T, chunk_size):
-        stop = min(T, start + chunk_size)
-        qc = q[:, :, start:stop].to(dtype).unflatten(1, (Hkv, G))  # (B, Hkv, G, C, Dk)
-        s = (qc @ kc.transpose(-1, -2)).flatten(1, 2).mul_(scale)  # (B, Hq, C, Tc)
-        t_idx = torch.arange(start, stop, device=q.device, dtype=torch.int32).view(1, 1, -1, 1)
+
+    def importance(qc, kc, start):
+        C = qc.shape[-2]
+        s = (qc.to(dtype).unflatten(1, (Hkv, G)) @ kc.transpose(-1, -2)).flatten(1, 2)  # (B, Hq, C, Tc)
+        s = s * scale if differentiable else s.mul_(scale)
+        t_idx = torch.arange(start, start + C, device=q.device, dtype=torch.int32).view(1, 1, -1, 1)
         if score_mod is not None:
-            s = score_mod(s, b_idx, h_idx, t_idx, kv_pos).expand_as(s).clone()  # writable
+            s = score_mod(s, b_idx, h_idx, t_idx, kv_pos).expand_as(s)
+            s = s if differentiable else s.clone()  # writable
         allowed = kv_pos <= t_idx
         if mask_mod is not None:
             allowed = allowed & mask_mod(b_idx, h_idx, t_idx, kv_pos)
         # A query that sees no compressed block gets a row of NaN from softmax; it scores 0.
-        p = torch.softmax(s.masked_fill_(~allowed, float("-inf")), dim=-1).nan_to_num_(0.0)
+        if differentiable:
+            p = torch.softmax(s.masked_fill(~allowed, float("-inf")), dim=-1)
+            p = torch.where(allowed.any(dim=-1, keepdim=True), p, 0.0)
+        else:
+            p = torch.softmax(s.masked_fill_(~allowed, float("-inf")), dim=-1).nan_to_num_(0.0)
         p = p.unflatten(1, (Hkv, G)).sum(dim=2)  # eq. 10: heads of a group share a selection
-        out.append(top_n_blocks(block_importance(p, config, T), config, start))
-    return torch.cat(out, dim=2) if len(out) > 1 else out[0]
+        return block_importance(p, config, T)
+
+    for start in range(0, T, chunk_size):
+        qc = q[:, :, start : min(T, start + chunk_size)]
+        if differentiable:
+            # recomputed in the backward, so that only one chunk's scores are ever held
+            yield start, checkpoint(importance, qc, kc, start, use_reentrant=False)
+        else:
+            yield start, importance(qc, kc, start)
+
+
+def block_scores(
+    q: Tensor,
+    k_cmp: Tensor,
+    *,
+    config: NSAConfig | None = None,
+    scale: float | None = None,
+    score_mod: Callable | None = None,
+    mask_mod: Callable | None = None,
+    chunk_size: int | None = None,
+) -> Tensor:
+    """Importance of every selection block for every query, differentiably: what
+    :func:`select_blocks` ranks, as a function of ``q`` and ``k_cmp``.
+
+    Args: as :func:`select_blocks`.
+
+    Returns:
+        ``(B, Hkv, T, Ns)`` float32 (float64 for float64 inputs), ``0`` where a block has no
+        visible compressed block. Autograd keeps one chunk of ``(B, Hq, chunk, Tc)`` scores at a
+        time (the chunks are recomputed in the backward, ``torch.utils.checkpoint``), but the
+        result itself is ``T x Ns``: 1 GiB at T=65536 with SPEC's shape.
+    """
+    config = resolve_config(config)
+    check_qk_cmp(q, k_cmp, config)
+    scale = resolve_scale(scale, q)
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    B, Hq, T, _ = q.shape
+    if k_cmp.shape[2] == 0:
+        dtype = torch.promote_types(q.dtype, torch.float32)
+        zero = (q.sum() + k_cmp.sum()).to(dtype) * 0  # keeps both in the graph
+        return zero + q.new_zeros(B, k_cmp.shape[1], T, config.num_select_blocks(T), dtype=dtype)
+    parts = [p for _, p in _chunk_importance(q, k_cmp, config, scale, score_mod, mask_mod, chunk_size, True)]
+    return torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
 
 
 def _select_documents(q, k_cmp, config, scale, score_mod, mask_mod, chunk_size, docs: Documents) -> Tensor:

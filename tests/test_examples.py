@@ -33,3 +33,17 @@ def test_train_lm_runs_both_models(tmp_path):
     except ImportError:
         return
     assert (tmp_path / "loss.png").stat().st_size > 0
+
+
+def test_train_lm_with_selection_grad(tmp_path):
+    cmd = [
+        sys.executable, str(ROOT / "examples" / "train_lm.py"), "--device", "cpu", "--steps", "2",
+        "--seq-len", "96", "--layers", "1", "--dim", "32", "--heads", "2", "--kv-heads", "1",
+        "--batch", "1", "--eval-every", "2", "--eval-batches", "1", "--max-bytes", "100000",
+        "--window", "32", "--select-block", "16", "--num-selected", "3", "--attention", "nsa",
+        "--selection-grad", "--out", str(tmp_path),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run,) = json.loads((tmp_path / "log.json").read_text())["runs"]
+    assert run["attention"] == "nsa" and all(math.isfinite(x) for x in run["train_loss"])
