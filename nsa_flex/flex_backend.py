@@ -280,6 +280,7 @@ class _FlexForwardTritonBackward(torch.autograd.Function):
 def _triton_backward_applies(q, k, v, score_mod, mask_mod) -> bool:
     return (
         q.is_cuda
+        and q.dtype in (torch.float16, torch.bfloat16, torch.float32)  # the kernels' dtypes
         and score_mod is None
         and mask_mod is None
         and not torch.compiler.is_compiling()
