@@ -311,8 +311,10 @@ def selected_branch(
     q_rows = _fold(q, G)
     # The transposed lists only a backward reads (FlexAttention's checks for them even on its
     # CPU path) are left out of forward-only masks.
+    # (A packed row's doc-local blocks start anywhere: its tiles are the 128x128 default.)
     block_mask = selection_block_mask(
-        block_indices, config, group_size=G, mask_mod=mask_mod, block_size=_selection_tile(q, k, v, G, config),
+        block_indices, config, group_size=G, mask_mod=mask_mod,
+        block_size=_selection_tile(q, k, v, G, config) if docs is None else None,
         doc_start=None if docs is None else docs.start, transposed=_needs_backward(q, k, v),
     )
     user_score = None
