@@ -5,6 +5,7 @@
 #   bash scripts/gpu_run.sh                       # gpu cpu demo bench
 #   WHAT="gpu demo" bash scripts/gpu_run.sh      # gpu tests in parallel groups (GPU_TEST_S each)
 #   WHAT=bench BENCH_ARGS="--seq-lens 8192 65536" bash scripts/gpu_run.sh
+#   WHAT=train TRAIN_ARGS="--steps 600 --selection-grad" bash scripts/gpu_run.sh   # examples/train_lm.py
 # To compare with fla, put fla-core (pure Python) on PYTHONPATH first, e.g. carried as a wheel and
 # installed with `pip install --no-deps --target /tmp/site`.
 set -uo pipefail
@@ -49,4 +50,8 @@ if [[ $what == *" demo "* ]]; then
 fi
 if [[ $what == *" bench "* ]]; then
   timeout "${BENCH_S:-500}" python3 -m nsa_flex.bench --out "$out" ${BENCH_ARGS:-} 2>&1 | tee "$out/bench.log" | tail -45
+fi
+if [[ $what == *" train "* ]]; then  # not in the default run: the training example, both models
+  timeout "${TRAIN_S:-560}" python3 examples/train_lm.py --out "$out/train" ${TRAIN_ARGS:-} 2>&1 \
+    | tee "$out/train.log" | grep -E "final|step/s|tok/s" | tail -10
 fi
