@@ -276,11 +276,24 @@ def _decode_rows(p: Problem, T: int, reps: int, batches=(1, 8)) -> list[Row]:
             cache._bound = T
             return out
 
+        def nsa_fused():
+            out = decode_step(cache, q, k1, v1, gates, fused=True)
+            cache.rewind_(1)
+            cache._bound = T
+            return out
+
         def sdpa():
             return F.scaled_dot_product_attention(q, k_full, v_full, enable_gqa=True)
 
         times = {}
-        for name, fn in (("nsa", nsa), ("sdpa", sdpa)):
+        contenders = [("nsa", nsa), ("sdpa", sdpa)]
+        fused_err = None
+        if _triton_timeable(p.device)[0]:
+            contenders.insert(1, ("nsa fused", nsa_fused))
+            with torch.no_grad():  # the same step both ways, checked before any timing
+                want, got = nsa().float(), nsa_fused().float()
+            fused_err = float((got - want).norm() / want.norm())
+        for name, fn in contenders:
             for graphed in (False, True):
                 label = f"{name} B={B}" + (" graph" if graphed else "")
                 row = Row("decode", label, T)
@@ -296,11 +309,13 @@ def _decode_rows(p: Problem, T: int, reps: int, batches=(1, 8)) -> list[Row]:
                 except (RuntimeError, AssertionError, ValueError, TypeError) as e:
                     row.note = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
                 rows.append(row)
-        for row in rows[-4:]:
+        for row in rows[-2 * len(contenders):]:
             graphed = row.name.endswith("graph")
             full = times.get(("sdpa", graphed))
             if row.name.startswith("nsa") and row.fwd_ms and full:
                 row.note = f"full/this: {full / row.fwd_ms:.2f}x"
+            if row.name.startswith("nsa fused") and fused_err is not None:
+                row.note = f"{row.note}  rel err vs the PyTorch step {fused_err:.1e}".strip()
         del cache, k_full, v_full
     return rows
 

@@ -432,6 +432,7 @@ def decode_step(
     compress_k: Callable[[Tensor], Tensor] | None = None,
     compress_v: Callable[[Tensor], Tensor] | None = None,
     scale: float | None = None,
+    fused: bool = False,
 ) -> Tensor:
     """Append ``m`` tokens to every row of the cache and attend them over all it holds.
 
@@ -454,6 +455,10 @@ def decode_step(
         compress_k, compress_v: the compression used at prefill (default the block mean); each
             is called on ``(B, Hkv, S, D)`` spans of raw tokens with ``S = (ceil(m/d) - 1) * d + l``.
         scale: score scale (default ``Dk ** -0.5``).
+        fused: for ``m = 1``, run the three branches and the selection in one Triton kernel
+            (``decode_kernels.decode_kernel``, one program per row and KV head) instead of a few
+            dozen PyTorch operations. It computes the same thing (tested under Triton's CPU
+            interpreter); it has not yet been timed or run on a GPU, hence off by default.
 
     Returns:
         ``(B, Hq, m, Dv)`` in ``q``'s dtype. Not differentiable (inference).
@@ -472,6 +477,16 @@ def decode_step(
     _check_compressor("compress_v", compress_v)
     scale = resolve_scale(scale, q)
     m = q.shape[2]
+    if not isinstance(fused, bool):
+        raise TypeError(f"fused must be a bool, got {type(fused).__name__}")
+    if fused:
+        if m != 1:
+            raise ValueError(f"fused decoding takes one token per row, got q with {m}")
+        from .triton_backend import check_runnable
+
+        check_runnable(q)
+        if max(q.shape[-1], v.shape[-1]) > 256:
+            raise ValueError("fused decoding takes head sizes up to 256")
     if cache._bound + m > cache.max_len:
         raise ValueError(
             f"q adds {m} tokens to rows holding up to {cache._bound}: past the cache's max_len "
@@ -479,8 +494,9 @@ def decode_step(
         )
     config = cache.config
     with torch.no_grad():
-        out = _decode(cache, q, k, v, gates, config, scale,
-                      _compressor(compress_k, config), _compressor(compress_v, config))
+        out = (_decode_fused if fused else _decode)(
+            cache, q, k, v, gates, config, scale, _compressor(compress_k, config), _compressor(compress_v, config)
+        )
     cache._bound += m
     return out
 
@@ -549,4 +565,48 @@ def _decode(cache, q, k, v, gates, config, scale, compress_k, compress_v) -> Ten
     def heads(o):  # (B, Hkv, m, G, Dv) -> (B, Hq, m, Dv)
         return o.transpose(2, 3).reshape(B, Hq, m, Dv).to(q.dtype)
 
+    return _gate(heads(o_cmp), heads(o_slc), heads(o_swa), gates)
+
+
+def _pow2(x: int, least: int = 16) -> int:
+    return max(least, 1 << max(0, x - 1).bit_length())
+
+
+def _decode_fused(cache, q, k, v, gates, config, scale, compress_k, compress_v) -> Tensor:
+    """``_decode`` for one token per row, its attention and selection in one Triton kernel."""
+    from .decode_kernels import decode_kernel
+
+    B, Hq, _, Dk = q.shape
+    Hkv, Dv = k.shape[1], v.shape[-1]
+    G = Hq // Hkv
+    L = cache.max_len
+    l, d, ls = config.compress_block, config.compress_stride, config.select_block
+    start = cache.lengths  # (B,)
+    t = start[:, None]
+    _write(cache._k, torch.where(t < L, t, L), k)
+    _write(cache._v, torch.where(t < L, t, L), v)
+    _compress_new_blocks(cache, start, 1, compress_k, compress_v)
+
+    tc, ns, n = config.num_compressed(L), config.num_select_blocks(L), config.num_selected
+    r, per_sel = l // d, ls // d
+    block_c = max(64, _pow2(per_sel + r - 1))
+    step = (block_c - r + 1) // per_sel
+    scores = torch.empty(B, Hkv, ns, device=q.device, dtype=torch.float32)
+    idx = torch.empty(B, Hkv, n, device=q.device, dtype=torch.int32)
+    o_cmp, o_slc, o_swa = (torch.empty(B, Hq, Dv, device=q.device, dtype=torch.float32) for _ in range(3))
+    kc, vc = cache._k_cmp, cache._v_cmp
+    decode_kernel[(B * Hkv,)](
+        q, cache._k, cache._v, kc, vc, start.clamp(max=L), scores, idx, o_cmp, o_slc, o_swa,
+        q.stride(0), q.stride(1), q.stride(3),
+        *cache._k.stride(), *cache._v.stride(), *kc.stride(), *vc.stride(),
+        scores.stride(0), scores.stride(1), idx.stride(0), idx.stride(1), o_cmp.stride(0), o_cmp.stride(1),
+        Hkv, tc, ns, scale * 1.4426950408889634,
+        G=G, CMP_BLOCK=l, CMP_STRIDE=d, SEL_BLOCK=ls, N_SEL=n, N_INITIAL=config.num_initial,
+        N_LOCAL=config.num_local, WINDOW=config.window, DK=Dk, DV=Dv,
+        BLOCK_G=_pow2(G), BLOCK_C=block_c, BLOCK_S=_pow2(step), SEL_STEP=step,
+        BLOCK_N=32 if max(Dk, Dv) > 128 else 64, BLOCK_DK=_pow2(Dk), BLOCK_DV=_pow2(Dv),
+        BLOCK_SEL=_pow2(n, 2), BLOCK_NS=256, num_warps=4,
+    )
+    cache.lengths.add_(1)
+    heads = lambda o: o[:, :, None].to(q.dtype)  # noqa: E731 - (B, Hq, Dv) -> (B, Hq, 1, Dv)
     return _gate(heads(o_cmp), heads(o_slc), heads(o_swa), gates)

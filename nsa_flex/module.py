@@ -269,7 +269,7 @@ class SparseAttention(nn.Module):
         )
         return self.to_out(rearrange(out, "b h t d -> b t (h d)"))
 
-    def decode(self, x: Tensor, cache: NSACache) -> Tensor:
+    def decode(self, x: Tensor, cache: NSACache, *, fused: bool = False) -> Tensor:
         """Append ``m`` tokens per row to ``cache`` and return their outputs.
 
         Args:
@@ -277,6 +277,7 @@ class SparseAttention(nn.Module):
                 decoding). RoPE rotates them at each row's absolute positions
                 ``cache.lengths[b] ..``.
             cache: filled by :meth:`prefill` (or empty), updated in place.
+            fused: ``decode_step``'s one-kernel step (``m = 1``; not yet run on a GPU).
 
         Returns:
             ``(B, m, dim)``, equal to ``forward`` over the row's whole sequence at those
@@ -287,5 +288,5 @@ class SparseAttention(nn.Module):
         if self.rotary is not None:
             positions = cache.lengths[:, None] + torch.arange(x.shape[1], device=x.device)
             q, k = self.rotary.rotate_at(q, positions), self.rotary.rotate_at(k, positions)
-        out = decode_step(cache, q, k, v, gates, compress_k=self.compress_k, compress_v=self.compress_v)
+        out = decode_step(cache, q, k, v, gates, compress_k=self.compress_k, compress_v=self.compress_v, fused=fused)
         return self.to_out(rearrange(out, "b h t d -> b t (h d)"))

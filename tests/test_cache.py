@@ -404,3 +404,44 @@ def test_docs_examples_run():
             exec(compile(block, "docs/inference.md", "exec"), {"__name__": "docs_example"})
         expected = [line.split("# ", 1)[1].strip() for line in block.splitlines() if line.startswith("print(") and "# " in line]
         assert out.getvalue().split("\n")[: len(expected)] == expected
+
+
+@pytest.mark.skipif(not TRITON, reason="no CUDA and no Triton interpreter")
+@pytest.mark.parametrize("G", [1, 3, 16])
+@pytest.mark.parametrize("config", [SMALL, NSAConfig(compress_block=16, compress_stride=8, select_block=16, num_selected=4, num_initial=1, num_local=2, window=20)])
+def test_fused_decode_equals_the_pytorch_steps(G, config):
+    # decode_step(fused=True): one Triton kernel (interpreted here) against the PyTorch step,
+    # rows at different lengths, steps across compression and selection boundaries
+    torch.manual_seed(G)
+    B, Hkv, D, L = 2, 2, 16, 60
+    cache = NSACache(B, Hkv, L, D, config=config, dtype=torch.float32)
+    prefill(cache, *(torch.randn(B, h, 20, D) for h in (G * Hkv, Hkv, Hkv)), lengths=torch.tensor([3, 20]))
+    for _ in range(18):
+        q, k, v = torch.randn(B, G * Hkv, 1, D), torch.randn(B, Hkv, 1, D), torch.randn(B, Hkv, 1, D)
+        gates = torch.rand(B, G * Hkv, 1, 3)
+        fused_cache = cache.clone()
+        want = decode_step(cache, q, k, v, gates)
+        got = decode_step(fused_cache, q, k, v, gates, fused=True)
+        assert rel_err(got, want) < 1e-5
+        for name in ("k", "v", "k_cmp", "v_cmp", "lengths"):
+            assert torch.equal(getattr(fused_cache, name), getattr(cache, name)), name
+
+
+def test_fused_decode_rejects_what_it_cannot_run():
+    cache = NSACache(1, 1, 40, 8, config=SMALL, dtype=torch.float32)
+    q, k, v = torch.randn(1, 2, 2, 8), torch.randn(1, 1, 2, 8), torch.randn(1, 1, 2, 8)
+    with pytest.raises(ValueError, match="one token"):
+        decode_step(cache, q, k, v, fused=True)
+    with pytest.raises(TypeError, match="fused"):
+        decode_step(cache, q[:, :, :1], k[:, :, :1], v[:, :, :1], fused=1)
+
+
+@pytest.mark.skipif(not TRITON, reason="no CUDA and no Triton interpreter")
+def test_module_fused_decode_matches_forward():
+    layer = make_layer(SMALL, G=2, Hkv=2, dim_head=16, dtype=torch.float32, seed=3)
+    x = torch.randn(2, 30, 16)
+    with torch.no_grad():
+        full = layer(x)
+        cache = layer.new_cache(2, 30)
+        outs = [layer.prefill(x[:, :9], cache)] + [layer.decode(x[:, t : t + 1], cache, fused=True) for t in range(9, 30)]
+    assert rel_err(torch.cat(outs, dim=1), full) < 1e-5

@@ -55,8 +55,8 @@ def padded_rows(seqs):
     return out
 
 
-@pytest.mark.parametrize("m", [1, 3], ids=["m1", "m3-speculative"])
-def test_functional_decode_in_a_cuda_graph_matches_attend(m):
+@pytest.mark.parametrize("m, fused", [(1, False), (3, False), (1, True)], ids=["m1", "m3-speculative", "m1-fused"])
+def test_functional_decode_in_a_cuda_graph_matches_attend(m, fused):
     torch.manual_seed(0)
     config = NSAConfig(window=256)
     B, Hkv, G, D, dtype = 2, 2, 4, 64, torch.bfloat16
@@ -85,7 +85,7 @@ def test_functional_decode_in_a_cuda_graph_matches_attend(m):
                 buf[b].copy_(x[b, :, n + i * m : n + (i + 1) * m])
 
     load(0)
-    graph, out = capture(lambda: decode_step(cache, *static[:3], static[3]), cache)
+    graph, out = capture(lambda: decode_step(cache, *static[:3], static[3], fused=fused), cache)
     got = []
     for i in range(steps):
         load(i)
