@@ -65,7 +65,9 @@ def decode_kernel(
     h = (bh % Hkv).to(tl.int64)
     R: tl.constexpr = CMP_BLOCK // CMP_STRIDE
     PER_SEL: tl.constexpr = SEL_BLOCK // CMP_STRIDE
-    t = tl.load(LEN + b)  # the new token's position
+    # the new token's position; int32 so that every index below (and the loop-carried best_j)
+    # keeps one type, as compiled Triton requires
+    t = tl.load(LEN + b).to(tl.int32)
     g = tl.arange(0, BLOCK_G)
     g_ok = g < G
     dk = tl.arange(0, BLOCK_DK)
