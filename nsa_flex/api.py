@@ -132,7 +132,7 @@ def attend(
         TypeError, ValueError: naming the argument, before any kernel runs.
 
     Gradients flow to ``q, k, v, gates, k_cmp, v_cmp`` through the attention; the selection
-    itself is not differentiable. With the flex backend, under ``torch.compile(fullgraph=True)``
+    itself is not differentiable, unless ``selection_grad=True`` adds its straight-through path. With the flex backend, under ``torch.compile(fullgraph=True)``
     this traces without graph breaks (value checks on ``block_indices`` are skipped while
     tracing).
     """

@@ -25,7 +25,8 @@ depend only on ``m`` and the cache's sizes, so it can be captured in a CUDA grap
 7. the gates mix the three, and ``lengths += m``.
 
 Attention in a step is plain PyTorch (matmuls over gathered keys, scores in float32 or wider),
-the same for every backend; ``backend`` only picks how :func:`prefill` attends.
+the same for every backend, or, with ``decode_step(..., fused=True)``, one Triton kernel
+(``decode_kernels.py``); ``backend`` only picks how :func:`prefill` attends.
 """
 
 from __future__ import annotations

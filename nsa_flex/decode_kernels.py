@@ -93,7 +93,8 @@ def decode_kernel(
 
     # Scores of the selection blocks j <= t // l' (eqs. 8-10), +inf for forced ones, into a
     # scratch row: the group's probabilities mapped by token overlap, a step of blocks at a time.
-    cur = t // SEL_BLOCK
+    # (clamped: a replay that outran max_len has t = L, whose block may be past the last)
+    cur = tl.minimum(t // SEL_BLOCK, Ns - 1)
     jb = tl.arange(0, BLOCK_S)
     s_row = SCORES + b * ssb + h * ssh
     for j0 in range(0, cur + 1, SEL_STEP):

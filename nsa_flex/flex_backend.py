@@ -209,7 +209,7 @@ def window_branch(
     return _flex(q, k, v, score_mod, block_mask, scale)
 
 
-def _selection_tile(q: Tensor, k: Tensor, v: Tensor, G: int, config: NSAConfig) -> tuple[int, int]:
+def _selection_tile(q: Tensor, G: int, config: NSAConfig, needs_backward: bool) -> tuple[int, int]:
     """The selected branch's BlockMask tile: one token by one block (:func:`~nsa_flex.masks.selection_tile`)
     unless FlexAttention's CUDA backward must run, which gets 128x128 tiles.
 
@@ -220,7 +220,7 @@ def _selection_tile(q: Tensor, k: Tensor, v: Tensor, G: int, config: NSAConfig) 
     they cost several times the work; eager training avoids them with
     :class:`_FlexForwardTritonBackward`, compiled training and user modifiers cannot.
     """
-    if q.is_cuda and _needs_backward(q, k, v):
+    if q.is_cuda and needs_backward:
         return Q_BLOCK, KV_BLOCK
     return selection_tile(G, config)
 
@@ -311,11 +311,14 @@ def selected_branch(
     q_rows = _fold(q, G)
     # The transposed lists only a backward reads (FlexAttention's checks for them even on its
     # CPU path) are left out of forward-only masks.
+    # A backward also runs for tensors a score_mod captures (selection_grad's importance, a
+    # learned bias) when q, k and v need none.
+    needs_backward = _needs_backward(q, k, v) or (torch.is_grad_enabled() and score_mod is not None)
     # (A packed row's doc-local blocks start anywhere: its tiles are the 128x128 default.)
     block_mask = selection_block_mask(
         block_indices, config, group_size=G, mask_mod=mask_mod,
-        block_size=_selection_tile(q, k, v, G, config) if docs is None else None,
-        doc_start=None if docs is None else docs.start, transposed=_needs_backward(q, k, v),
+        block_size=_selection_tile(q, G, config, needs_backward) if docs is None else None,
+        doc_start=None if docs is None else docs.start, transposed=needs_backward,
     )
     user_score = None
     if score_mod is not None:

@@ -109,3 +109,16 @@ def test_selection_grad_is_validated():
     if available(q.device)[0]:  # the Triton interpreter on the CPU (conftest), or CUDA
         with pytest.raises(ValueError, match="selection_grad"):
             attend(q.float(), k.float(), v.float(), config=CONFIG, backend="triton", selection_grad=True)
+
+
+def test_only_the_compressed_keys_need_gradients():
+    # frozen q/k/v (only a key compressor training): the backward runs for the importance the
+    # selected branch's score_mod captures, so the mask must carry what a backward reads
+    q, k, v, k_cmp, v_cmp = inputs(4)
+    q, k, v = q.detach(), k.detach(), v.detach()
+    grads = []
+    for backend in ("reference", "flex"):
+        _, aux = attend(q, k, v, config=CONFIG, k_cmp=k_cmp, v_cmp=v_cmp, scale=0.3, backend=backend,
+                        selection_grad=True, return_aux=True)
+        grads.append(torch.autograd.grad(aux.o_slc.square().sum(), k_cmp)[0])
+    assert grads[0].abs().sum() > 0 and rel_err(grads[1], grads[0]) < 1e-10
