@@ -40,7 +40,7 @@ from ._validation import check_gates, check_qkv, resolve_config, resolve_scale
 from .api import BACKENDS, _gate, attend
 from .compression import mean_compress
 from .config import NSAConfig
-from .selection import block_importance, top_n_blocks
+from .selection import _pow2, _score_tiles, block_importance, top_n_blocks
 
 __all__ = ["NSACache", "prefill", "decode_step"]
 
@@ -569,10 +569,6 @@ def _decode(cache, q, k, v, gates, config, scale, compress_k, compress_v) -> Ten
     return _gate(heads(o_cmp), heads(o_slc), heads(o_swa), gates)
 
 
-def _pow2(x: int, least: int = 16) -> int:
-    return max(least, 1 << max(0, x - 1).bit_length())
-
-
 def _decode_fused(cache, q, k, v, gates, config, scale, compress_k, compress_v) -> Tensor:
     """``_decode`` for one token per row, its attention and selection in one Triton kernel."""
     from .decode_kernels import decode_kernel
@@ -589,9 +585,7 @@ def _decode_fused(cache, q, k, v, gates, config, scale, compress_k, compress_v) 
     _compress_new_blocks(cache, start, 1, compress_k, compress_v)
 
     tc, ns, n = config.num_compressed(L), config.num_select_blocks(L), config.num_selected
-    r, per_sel = l // d, ls // d
-    block_c = max(64, _pow2(per_sel + r - 1))
-    step = (block_c - r + 1) // per_sel
+    block_c, step = _score_tiles(config)
     scores = torch.empty(B, Hkv, ns, device=q.device, dtype=torch.float32)
     idx = torch.empty(B, Hkv, n, device=q.device, dtype=torch.int32)
     o_cmp, o_slc, o_swa = (torch.empty(B, Hq, Dv, device=q.device, dtype=torch.float32) for _ in range(3))

@@ -12,11 +12,13 @@ the KV head, padded to ``BLOCK_G`` (at least 16). Every product is a float32 one
 import triton
 import triton.language as tl
 
+from .triton_kernels import _load_rows
+
 
 @triton.jit
 def _rows(ptr, stride_row, stride_col, rows, cols, row_mask, col_mask):
-    return tl.load(ptr + rows[:, None] * stride_row + cols[None, :] * stride_col,
-                   mask=row_mask[:, None] & col_mask[None, :], other=0.0).to(tl.float32)
+    """The selected-branch kernels' tile load, widened to float32 (every product here is one)."""
+    return _load_rows(ptr, stride_row, stride_col, rows, cols, row_mask, col_mask).to(tl.float32)
 
 
 @triton.jit

@@ -241,8 +241,24 @@ def _fused_ok(q: Tensor, score_mod, mask_mod) -> bool:
     )
 
 
-def _pow2(x: int) -> int:
-    return 1 << max(0, x - 1).bit_length()
+def _pow2(x: int, least: int = 16) -> int:
+    """The smallest power of two ``>= x`` and ``>= least`` (Triton tile sizes; 16 is
+    ``tl.dot``'s smallest)."""
+    return max(least, 1 << max(0, x - 1).bit_length())
+
+
+def _score_tiles(config: NSAConfig) -> tuple[int, int]:
+    """``(BLOCK_C, SEL_STEP)`` of the scoring kernels: a step of ``SEL_STEP`` selection blocks
+    needs ``SEL_STEP * l'/d + r - 1`` compressed blocks in one tile of ``BLOCK_C``."""
+    r = config.compress_block // config.compress_stride
+    per_sel = config.select_block // config.compress_stride
+    block_c = max(64, _pow2(per_sel + r - 1))
+    return block_c, (block_c - r + 1) // per_sel
+
+
+def _check_chunk_size(chunk_size) -> None:
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
 
 
 @torch.no_grad()
@@ -255,11 +271,8 @@ def _select_fused(q, k_cmp, config, scale, chunk_size=None) -> Tensor:
     Hkv, tc = k_cmp.shape[1], k_cmp.shape[2]
     G = Hq // Hkv
     ns = config.num_select_blocks(T)
-    r, per_sel = config.compress_block // config.compress_stride, config.select_block // config.compress_stride
-    # A step of selection blocks needs step*l'/d + r - 1 compressed blocks in one tile.
-    block_c = max(64, _pow2(per_sel + r - 1))
-    step = (block_c - r + 1) // per_sel
-    block_g = _pow2(G)
+    block_c, step = _score_tiles(config)
+    block_g = _pow2(G, least=1)
     block_t = max(1, 64 // block_g)
     if chunk_size is None:
         # float32 scores, then about three float64 tensors of the same shape for the tie rule
@@ -275,8 +288,8 @@ def _select_fused(q, k_cmp, config, scale, chunk_size=None) -> Tensor:
             tc, ns, Hkv, start, C, scale * 1.4426950408889634,
             G=G, CMP_BLOCK=config.compress_block, CMP_STRIDE=config.compress_stride,
             SEL_BLOCK=config.select_block, N_INITIAL=config.num_initial, N_LOCAL=config.num_local,
-            DK=Dk, BLOCK_DK=max(16, _pow2(Dk)), BLOCK_T=block_t, BLOCK_G=block_g, BLOCK_C=block_c,
-            BLOCK_S=max(16, _pow2(step)), SEL_STEP=step, IEEE=q.dtype == torch.float32,
+            DK=Dk, BLOCK_DK=_pow2(Dk), BLOCK_T=block_t, BLOCK_G=block_g, BLOCK_C=block_c,
+            BLOCK_S=_pow2(step), SEL_STEP=step, IEEE=q.dtype == torch.float32,
             num_warps=4, num_stages=2,
         )
         # the kernel wrote +-inf for forced and non-candidate blocks; the rest get the tie rule
@@ -374,8 +387,7 @@ def block_scores(
     config = resolve_config(config)
     check_qk_cmp(q, k_cmp, config)
     scale = resolve_scale(scale, q)
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    _check_chunk_size(chunk_size)
     B, Hq, T, _ = q.shape
     if k_cmp.shape[2] == 0:
         dtype = torch.promote_types(q.dtype, torch.float32)
@@ -444,8 +456,7 @@ def select_blocks(
             docs = resolve(cu_seqlens, q.shape[2], q.device, q.shape[0])
     check_qk_cmp(q, k_cmp, config, num_blocks=None if docs is None else docs.num_compressed(config))
     scale = resolve_scale(scale, q)
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    _check_chunk_size(chunk_size)
     if docs is not None:
         return _select_documents(q, k_cmp, config, scale, score_mod, mask_mod, chunk_size, docs)
     return _select(q, k_cmp, config, scale, score_mod, mask_mod, chunk_size)

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from ._validation import check_block_indices, check_kernel_head_dims, check_qkv, resolve_scale
 from .config import NSAConfig
-from .selection import sort_unique_blocks
+from .selection import _pow2, sort_unique_blocks
 from .varlen import Documents, resolve
 from .varlen import check_block_indices as varlen_check_block_indices
 
@@ -57,10 +57,6 @@ def check_runnable(q: Tensor) -> None:
         # Triton's interpreter computes bf16 tl.dot wrongly (seen with triton 3.9); refuse
         # rather than return garbage. float16 and float32 interpret fine.
         raise TypeError("the triton backend under Triton's CPU interpreter takes float16 or float32, not bfloat16")
-
-
-def _pow2(x: int, least: int = 16) -> int:
-    return max(least, 1 << (x - 1).bit_length())
 
 
 def _meta(G: int, Dk: int, Dv: int, select_block: int, dtype: torch.dtype) -> dict:
