@@ -11,18 +11,9 @@ from nsa_flex import NSAConfig, attend, mean_compress, reference as R, select_bl
 
 from strategies import Shape, rel_err
 
-pytestmark = pytest.mark.gpu
+pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("gpu_numerics")]
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
-
-
-@pytest.fixture(autouse=True)
-def no_tf32_and_room_to_recompile(monkeypatch):
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    # every shape and branch is its own compiled FlexAttention graph
-    monkeypatch.setattr(torch._dynamo.config, "cache_size_limit", 256)
-    monkeypatch.setattr(torch._dynamo.config, "accumulated_cache_size_limit", 4096)
 
 
 def inputs(shape, config, dtype, seed):

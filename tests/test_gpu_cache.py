@@ -14,17 +14,9 @@ from nsa_flex import NSACache, NSAConfig, SparseAttention, attend, decode_step, 
 
 from strategies import rel_err
 
-pytestmark = pytest.mark.gpu
+pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("gpu_numerics")]
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
-
-
-@pytest.fixture(autouse=True)
-def no_tf32_and_room_to_recompile(monkeypatch):
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    monkeypatch.setattr(torch._dynamo.config, "cache_size_limit", 256)
-    monkeypatch.setattr(torch._dynamo.config, "accumulated_cache_size_limit", 4096)
 
 
 def capture(step, cache):
@@ -44,6 +36,20 @@ def capture(step, cache):
     cache.copy_(saved)  # capture ran nothing, but keep the host-side bound honest
     torch.cuda.synchronize()
     return graph, out
+
+
+def replay_steps(step, cache, load, steps, dim):
+    """Capture ``step`` (inputs staged by ``load(0)``), then for each ``i < steps`` stage
+    ``load(i)``, replay, and keep the output: all of them concatenated along ``dim``."""
+    load(0)
+    graph, out = capture(step, cache)
+    got = []
+    for i in range(steps):
+        load(i)
+        graph.replay()
+        got.append(out.clone())
+    torch.cuda.synchronize()
+    return torch.cat(got, dim=dim)
 
 
 def padded_rows(seqs):
@@ -84,15 +90,8 @@ def test_functional_decode_in_a_cuda_graph_matches_attend(m, fused):
             for b, n in enumerate(prompt_lens):
                 buf[b].copy_(x[b, :, n + i * m : n + (i + 1) * m])
 
-    load(0)
-    graph, out = capture(lambda: decode_step(cache, *static[:3], static[3], fused=fused), cache)
-    got = []
-    for i in range(steps):
-        load(i)
-        graph.replay()
-        got.append(out.clone())
-    torch.cuda.synchronize()
-    got = torch.cat(got, dim=2)  # (B, Hq, steps*m, D)
+    step = lambda: decode_step(cache, *static[:3], static[3], fused=fused)  # noqa: E731
+    got = replay_steps(step, cache, load, steps, dim=2)  # (B, Hq, steps*m, D)
     assert cache.sync_bound()._bound == max(total)
     assert cache.lengths.tolist() == total
     for b, n in enumerate(prompt_lens):
@@ -120,15 +119,7 @@ def test_module_decode_in_a_cuda_graph_matches_forward():
             for b, n in enumerate(prompt_lens):
                 static_x[b].copy_(x[b, n + i : n + i + 1])
 
-        load(0)
-        graph, out = capture(lambda: layer.decode(static_x, cache), cache)
-        got = []
-        for i in range(steps):
-            load(i)
-            graph.replay()
-            got.append(out.clone())
-        torch.cuda.synchronize()
-    got = torch.cat(got, dim=1)
+        got = replay_steps(lambda: layer.decode(static_x, cache), cache, load, steps, dim=1)
     for b, n in enumerate(prompt_lens):
         assert torch.isfinite(got[b]).all()
         assert rel_err(got[b], full[b, n : n + steps]) < TOL[dtype], f"row {b}"

@@ -18,8 +18,9 @@ from nsa_flex import NSAConfig, SparseAttention, attend, mean_compress, select_b
 from nsa_flex.varlen import documents
 
 from strategies import rel_err
+from test_varlen import pieces
 
-pytestmark = pytest.mark.gpu
+pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("gpu_numerics")]
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -27,26 +28,8 @@ LENGTHS = [1, 777, 64, 7350]  # 8192 tokens: a single token, an odd length, one 
 CONFIG = NSAConfig()  # the paper's: l=32, d=16, l'=64, n=16, w=512
 
 
-@pytest.fixture(autouse=True)
-def no_tf32_and_room_to_recompile(monkeypatch):
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    # every document length and branch is its own compiled FlexAttention graph
-    monkeypatch.setattr(torch._dynamo.config, "cache_size_limit", 256)
-    monkeypatch.setattr(torch._dynamo.config, "accumulated_cache_size_limit", 4096)
-
-
 def cu_of(lengths):
     return torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device="cuda")
-
-
-def slices(lengths):
-    out, s = [], 0
-    for n in lengths:
-        if n:
-            out.append(slice(s, s + n))
-        s += n
-    return out
 
 
 def inputs(T, Hkv, G, D, dtype, seed):
@@ -75,7 +58,7 @@ def test_packed_equals_separate(backend, dtype):
     sep = torch.cat([
         attend(q[:, :, s], k[:, :, s], v[:, :, s], gates[:, :, s], config=CONFIG, backend=backend,
                block_indices=idx[:, :, s])
-        for s in slices(LENGTHS)
+        for s in pieces(LENGTHS)
     ], dim=2)
     sep_grads = torch.autograd.grad((sep.float() * w).sum(), leaves)
 
@@ -101,7 +84,7 @@ def test_selection_packed_equals_separate():
     k_cmp = mean_compress(k, CONFIG, cu)
     idx = select_blocks(q, k_cmp, config=CONFIG, cu_seqlens=cu)
     sep = torch.cat([select_blocks(q[:, :, s], mean_compress(k[:, :, s], CONFIG), config=CONFIG)
-                     for s in slices(LENGTHS)], dim=2)
+                     for s in pieces(LENGTHS)], dim=2)
     assert torch.equal(idx, sep)
 
 
@@ -113,7 +96,7 @@ def test_sparse_attention_packed_equals_separate():
     x = torch.randn(1, sum(lengths), 256, device="cuda")
     docs = documents(cu_of(lengths))
     y, aux = layer(x, cu_seqlens=docs, return_aux=True)
-    parts = [layer(x[:, s], return_aux=True) for s in slices(lengths)]
+    parts = [layer(x[:, s], return_aux=True) for s in pieces(lengths)]
     sep = torch.cat([o for o, _ in parts], dim=1)
     sep_idx = torch.cat([a.block_indices for _, a in parts], dim=2)
     # a token's output depends on its own selection only; compare where the selections agree
