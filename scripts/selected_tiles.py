@@ -27,11 +27,14 @@ idx = select_blocks(q.detach(), mean_compress(k.detach(), config), config=config
 with torch.no_grad():
     ref = triton_backend.selected_attention(q, k, v, idx, config.select_block, scale)[0].float()
 print(f"T={T} torch {torch.__version__}", flush=True)
-default_tile = masks.selection_tile
+# flex_backend holds its own reference to selection_tile: patch that one (patching masks'
+# would leave every row at the default tile)
+default_tile = flex_backend.selection_tile
 for tile in [(16, 64), (32, 64), (64, 64), (128, 64), (128, 128)]:
-    masks.selection_tile = lambda G, c, tile=tile: tile
+    flex_backend.selection_tile = lambda G, c, tile=tile: tile
     try:
-        build = do_bench(lambda: masks.selection_block_mask(idx, config, group_size=Hq // Hkv), return_mode="median")
+        build = do_bench(lambda: masks.selection_block_mask(idx, config, group_size=Hq // Hkv, block_size=tile, transposed=False),
+                         return_mode="median")
         fwd = lambda: flex_backend.selected_branch(q, k, v, idx, config, scale)
         with torch.no_grad():
             err = float((fwd().float() - ref).norm() / ref.norm())
@@ -39,7 +42,7 @@ for tile in [(16, 64), (32, 64), (64, 64), (128, 64), (128, 128)]:
         print(f"tile {tile}: build {build:.2f} ms  rel err {err:.1e}  fwd {t_f:.2f} ms", flush=True)
     except Exception as e:  # noqa: BLE001 - a probe: record and go on
         print(f"tile {tile}: failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
-masks.selection_tile = default_tile
+flex_backend.selection_tile = default_tile
 fb = lambda: torch.autograd.grad(flex_backend.selected_branch(q, k, v, idx, config, scale).float().sum(), (q, k, v))
 print(f"default path fwd+bwd {do_bench(fb, return_mode='median'):.2f} ms", flush=True)
 with torch.no_grad():
