@@ -143,8 +143,12 @@ def train(attention: str, train_data, val_data, args, device) -> dict:
 
     gen = torch.Generator().manual_seed(args.seed)
     it = batches(train_data, args.batch, args.seq_len, gen)
-    log = dict(attention=attention, selection_grad=attention == "nsa" and args.selection_grad,
-               steps=[], train_loss=[], val_steps=[], val_loss=[], step_ms=[])
+    selection_grad = attention == "nsa" and args.selection_grad
+    log = dict(attention=attention, selection_grad=selection_grad, label=label(attention, selection_grad),
+               steps=[], train_loss=[], val_steps=[], val_loss=[], step_ms=[], stopped_early=False)
+    started = time.perf_counter()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     tokens_per_step = args.batch * args.seq_len
     for step in range(1, args.steps + 1):
         lr = args.lr * min(1.0, step / max(1, args.warmup)) * 0.5 * (1 + math.cos(math.pi * step / args.steps))
@@ -170,8 +174,15 @@ def train(attention: str, train_data, val_data, args, device) -> dict:
         if step % args.eval_every == 0 or step == args.steps:
             log["val_steps"].append(step)
             log["val_loss"].append(evaluate(model, val_data, args, device, autocast))
+        out_of_time = args.time_limit is not None and time.perf_counter() - started > args.time_limit
+        if out_of_time and step < args.steps:
+            log["stopped_early"] = True
+            log["val_steps"].append(step)
+            log["val_loss"].append(evaluate(model, val_data, args, device, autocast))
+            print(f"\n{log['label']}: --time-limit of {args.time_limit} s reached at step {step}", end="")
+            break
         done = int(30 * step / args.steps)
-        print(f"\r{attention:4} [{'#' * done}{'.' * (30 - done)}] step {step}/{args.steps} loss {loss.item():.3f} "
+        print(f"\r{log['label']:6} [{'#' * done}{'.' * (30 - done)}] step {step}/{args.steps} loss {loss.item():.3f} "
               f"{tokens_per_step / (ms / 1e3):,.0f} tok/s", end="", flush=True)
     print()
     # steady-state step time: the median after the first few (compilation) steps
@@ -179,7 +190,13 @@ def train(attention: str, train_data, val_data, args, device) -> dict:
     log["median_step_ms"] = steady[len(steady) // 2]
     log["tokens_per_s"] = tokens_per_step / (log["median_step_ms"] / 1e3)
     log["final_val_loss"] = log["val_loss"][-1]
+    if device.type == "cuda":
+        log["peak_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
     return log
+
+
+def label(attention: str, selection_grad: bool) -> str:
+    return "nsa+sg" if selection_grad else attention
 
 
 def plot(logs: list[dict], path: Path) -> str:
@@ -191,9 +208,10 @@ def plot(logs: list[dict], path: Path) -> str:
     except ImportError:
         return "matplotlib is not installed: no plot"
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for color, log in zip(("tab:blue", "tab:orange"), logs):
-        ax.plot(log["steps"], log["train_loss"], color=color, alpha=0.3, label=f"{log['attention']} train")
-        ax.plot(log["val_steps"], log["val_loss"], color=color, marker="o", label=f"{log['attention']} val")
+    for color, log in zip(("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple"), logs):
+        name = log.get("label", log["attention"])
+        ax.plot(log["steps"], log["train_loss"], color=color, alpha=0.3, label=f"{name} train")
+        ax.plot(log["val_steps"], log["val_loss"], color=color, marker="o", label=f"{name} val")
     ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy (nats per byte)")
     ax.grid(alpha=0.3)
@@ -202,6 +220,13 @@ def plot(logs: list[dict], path: Path) -> str:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return f"plot: {path}"
+
+
+def report(logs: list[dict]) -> None:
+    for log in logs:
+        early = f", stopped early at step {log['steps'][-1]}" if log.get("stopped_early") else ""
+        print(f"{log.get('label', log['attention']):6}: final val loss {log['final_val_loss']:.4f}, "
+              f"median step {log['median_step_ms']:.1f} ms ({log['tokens_per_s']:,.0f} tok/s){early}")
 
 
 def main(argv=None) -> int:
@@ -226,11 +251,23 @@ def main(argv=None) -> int:
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--selection-grad", action="store_true",
                     help="NSA with straight-through gradients through the selection (attend's selection_grad)")
+    ap.add_argument("--time-limit", type=float, default=None,
+                    help="stop a run after this many seconds of training (the log says so)")
+    ap.add_argument("--plot", type=Path, nargs="+", metavar="LOG_JSON",
+                    help="train nothing: merge the runs of these log.json files into --out (log.json, loss.png)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=Path("runs/train_lm"))
     args = ap.parse_args(argv)
     if args.dim % args.heads or (args.dim // args.heads) % 2:
         ap.error("--dim must be a multiple of --heads with an even head size")
+
+    if args.plot:  # runs made apart (one per GPU, say), shown together
+        logs = [run for path in args.plot for run in json.loads(path.read_text())["runs"]]
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "log.json").write_text(json.dumps(dict(merged=[str(p) for p in args.plot], runs=logs), indent=1))
+        report(logs)
+        print(plot(logs, args.out / "loss.png"))
+        return 0
 
     device = torch.device(args.device)
     data = stdlib_bytes(args.max_bytes)
@@ -245,9 +282,7 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     meta = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     (args.out / "log.json").write_text(json.dumps(dict(args=meta, torch=torch.__version__, runs=logs), indent=1))
-    for log in logs:
-        print(f"{log['attention']:4}: final val loss {log['final_val_loss']:.4f}, "
-              f"median step {log['median_step_ms']:.1f} ms ({log['tokens_per_s']:,.0f} tok/s)")
+    report(logs)
     print(plot(logs, args.out / "loss.png"))
     return 0
 

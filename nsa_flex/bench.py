@@ -489,13 +489,6 @@ def main(argv: list[str] | None = None) -> int:
           f"torch {torch.__version__}, B={p.B} Hq={p.Hq} Hkv={p.Hkv} D={p.D} {p.dtype}, {p.config}")
     if device.type != "cuda":
         print("no CUDA: SDPA cuDNN/flash, fla and all backward timings are skipped")
-    rows: list[Row] = []
-    for T in lens:
-        for part in args.parts:
-            rows += PARTS[part](p, T, args.reps)
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-    print(_table(rows))
     args.out.mkdir(parents=True, exist_ok=True)
     meta = dict(device=str(device), torch=torch.__version__, dtype=str(p.dtype), B=p.B, Hq=p.Hq, Hkv=p.Hkv,
                 D=p.D, config=asdict(p.config), argv=sys.argv[1:])
@@ -503,7 +496,19 @@ def main(argv: list[str] | None = None) -> int:
         import triton
 
         meta.update(gpu=torch.cuda.get_device_name(device), triton=triton.__version__)
-    (args.out / "results.json").write_text(json.dumps(dict(meta=meta, rows=[asdict(r) for r in rows]), indent=1))
+    rows: list[Row] = []
+    for T in lens:
+        for part in args.parts:
+            new_rows = PARTS[part](p, T, args.reps)
+            rows += new_rows
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            # as they come, so that a run stopped at a time limit keeps what it measured
+            for r in new_rows:
+                print(f"row: {r.part} | {r.name} | T={r.T} | fwd {r.fwd_ms} | fwd+bwd {r.fwd_bwd_ms} | "
+                      f"peak MiB {r.peak_mib} | {r.note}", flush=True)
+            (args.out / "results.json").write_text(json.dumps(dict(meta=meta, rows=[asdict(r) for r in rows]), indent=1))
+    print(_table(rows))
     print(f"results: {args.out / 'results.json'}")
     print(_plot(rows, args.out / "times.png"))
     return 0

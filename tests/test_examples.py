@@ -47,3 +47,29 @@ def test_train_lm_with_selection_grad(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     (run,) = json.loads((tmp_path / "log.json").read_text())["runs"]
     assert run["attention"] == "nsa" and all(math.isfinite(x) for x in run["train_loss"])
+
+
+def test_train_lm_time_limit_and_merged_plot(tmp_path):
+    """``--time-limit`` stops a run early and says so; ``--plot`` merges separate runs."""
+    common = [
+        sys.executable, str(ROOT / "examples" / "train_lm.py"), "--device", "cpu", "--seq-len", "96",
+        "--layers", "1", "--dim", "32", "--heads", "2", "--kv-heads", "1", "--batch", "1", "--eval-every", "50",
+        "--eval-batches", "1", "--max-bytes", "100000", "--window", "32", "--select-block", "16",
+        "--num-selected", "3",
+    ]
+    runs = {"sdpa": ["--attention", "sdpa", "--steps", "2"],
+            "nsa": ["--attention", "nsa", "--steps", "400", "--time-limit", "0"]}
+    for name, extra in runs.items():
+        proc = subprocess.run(common + extra + ["--out", str(tmp_path / name)], capture_output=True, text=True,
+                              timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    (nsa,) = json.loads((tmp_path / "nsa" / "log.json").read_text())["runs"]
+    assert nsa["stopped_early"] and nsa["steps"] == [1] and nsa["val_steps"] == [1]
+    assert "stopped early at step 1" in proc.stdout
+    merged = tmp_path / "both"
+    proc = subprocess.run(common + ["--plot", str(tmp_path / "sdpa" / "log.json"), str(tmp_path / "nsa" / "log.json"),
+                                    "--out", str(merged)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    labels = [r["label"] for r in json.loads((merged / "log.json").read_text())["runs"]]
+    assert labels == ["sdpa", "nsa"]
+    assert "sdpa  : final val loss" in proc.stdout and "nsa   : final val loss" in proc.stdout
