@@ -118,16 +118,39 @@ def batches(data: torch.Tensor, batch: int, seq_len: int, gen: torch.Generator):
 
 
 @torch.no_grad()
-def evaluate(model, data, args, device, autocast) -> float:
+def evaluate(model, data, args, device, autocast) -> tuple[float, list[list[float]]]:
+    """Validation loss, and each NSA layer's mean gate per branch (compressed, selected,
+    window) over the validation tokens and heads (empty for full attention)."""
     gen = torch.Generator().manual_seed(1234)  # the same validation windows every time
     it = batches(data, args.batch, args.seq_len, gen)
+    layers = [m for m in model.modules() if isinstance(m, SparseAttention)]
+    sums = [torch.zeros(3, device=device) for _ in layers]
+
+    def hook(i):
+        def record(module, inputs, output):  # to_gates: (B, T, heads * 3), sigmoid in forward
+            sums[i] += output.float().unflatten(-1, (-1, 3)).sigmoid().mean(dim=(0, 1, 2))
+        return record
+
+    handles = [layer.to_gates.register_forward_hook(hook(i)) for i, layer in enumerate(layers)]
     losses = []
-    for _ in range(args.eval_batches):
-        x, y = (t.to(device) for t in next(it))
-        with autocast():
-            logits = model(x)
-        losses.append(F.cross_entropy(logits.float().flatten(0, 1), y.flatten()).item())
-    return sum(losses) / len(losses)
+    try:
+        for _ in range(args.eval_batches):
+            x, y = (t.to(device) for t in next(it))
+            with autocast():
+                logits = model(x)
+            losses.append(F.cross_entropy(logits.float().flatten(0, 1), y.flatten()).item())
+    finally:
+        for h in handles:
+            h.remove()
+    gates = [[round(float(g), 4) for g in s / args.eval_batches] for s in sums]
+    return sum(losses) / len(losses), gates
+
+
+def record_eval(log: dict, step: int, result: tuple[float, list[list[float]]]) -> None:
+    loss, gates = result
+    log["val_steps"].append(step)
+    log["val_loss"].append(loss)
+    log["gates"].append(gates)  # per layer: mean gate of the compressed, selected, window branch
 
 
 def train(attention: str, train_data, val_data, args, device) -> dict:
@@ -145,7 +168,9 @@ def train(attention: str, train_data, val_data, args, device) -> dict:
     it = batches(train_data, args.batch, args.seq_len, gen)
     selection_grad = attention == "nsa" and args.selection_grad
     log = dict(attention=attention, selection_grad=selection_grad, label=label(attention, selection_grad),
-               steps=[], train_loss=[], val_steps=[], val_loss=[], step_ms=[], stopped_early=False)
+               steps=[], train_loss=[], val_steps=[], val_loss=[], step_ms=[], stopped_early=False,
+               gates=[])
+    log["gates_at_start"] = evaluate(model, val_data, args, device, autocast)[1]
     started = time.perf_counter()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -172,13 +197,11 @@ def train(attention: str, train_data, val_data, args, device) -> dict:
         log["train_loss"].append(loss.item())
         log["step_ms"].append(ms)
         if step % args.eval_every == 0 or step == args.steps:
-            log["val_steps"].append(step)
-            log["val_loss"].append(evaluate(model, val_data, args, device, autocast))
+            record_eval(log, step, evaluate(model, val_data, args, device, autocast))
         out_of_time = args.time_limit is not None and time.perf_counter() - started > args.time_limit
         if out_of_time and step < args.steps:
             log["stopped_early"] = True
-            log["val_steps"].append(step)
-            log["val_loss"].append(evaluate(model, val_data, args, device, autocast))
+            record_eval(log, step, evaluate(model, val_data, args, device, autocast))
             print(f"\n{log['label']}: --time-limit of {args.time_limit} s reached at step {step}", end="")
             break
         done = int(30 * step / args.steps)

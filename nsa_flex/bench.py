@@ -30,8 +30,10 @@ matplotlib) under ``--out``.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import math
+import signal
 import statistics
 import sys
 import time
@@ -476,6 +478,14 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     device = torch.device(args.device)
+    # `kill -USR1` (or `timeout -s USR1`) prints where a long run is, and it carries on
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
+    # Every contender, length and grad mode is its own graph of torch.compile(flex_attention);
+    # past Dynamo's limit (8 per function) it would stop compiling and run FlexAttention
+    # unfused, which materialises the scores (over 100 GiB at 16k).
+    dynamo = torch._dynamo.config
+    limit = "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit"
+    setattr(dynamo, limit, max(getattr(dynamo, limit), 256))
     if args.quick:
         p = Problem(1, 4, 2, 32, torch.float32 if device.type == "cpu" else torch.bfloat16, device,
                     NSAConfig(select_block=32, num_selected=4, window=64))

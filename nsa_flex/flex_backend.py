@@ -43,9 +43,16 @@ from .varlen import Documents
 __all__ = ["compressed_branch", "selected_branch", "window_branch"]
 
 
+def _flex_call(q, k, v, **kw):
+    return flex_attention(q, k, v, **kw)
+
+
 @functools.cache
 def _compiled_flex():
-    return torch.compile(flex_attention, dynamic=False)
+    # A function of our own rather than flex_attention itself: Dynamo counts graphs, and gives
+    # up compiling past its recompile limit, per code object, so a user's (or a benchmark's)
+    # torch.compile(flex_attention) must not share this one's count.
+    return torch.compile(_flex_call, dynamic=False)
 
 
 def _room_to_recompile():
@@ -109,18 +116,23 @@ def _kernel_options(q: Tensor, v: Tensor, block_size: tuple[int, int]) -> dict |
 def _tile_options(element_size: int, head_dim: int, block_size: tuple[int, int] = (128, 128)) -> dict:
     """Kernel tiles that divide the BlockMask's ``(Q tile, KV tile)``, as FlexAttention needs.
 
-    For the selected branch's small tiles (one token's 16 rows by one 64-key block) the
-    backward's tiles are given too: its defaults (64-128 rows) would not divide them.
+    The forward's options carry FlexAttention's ``fwd_`` prefix, so that the backward keeps
+    Inductor's own choice (on the H200, bf16, D=128: 8 warps and 3 stages; unprefixed options
+    would apply to both kernels, and 4 warps, 2 stages made the backward of the compressed and
+    window branches several times slower). For the selected branch's small tiles (one token's
+    16 rows by one 64-key block) the backward's tiles are given too, ``bwd_``-prefixed: its
+    defaults (64-128 rows) would not divide them.
     """
     qb, kb = block_size
     wide = element_size >= 4 and head_dim > 128
     n = min(32 if wide else 64, kb)
-    options = {"BLOCK_M": min(64, qb), "BLOCK_N": n, "num_stages": 2, "num_warps": 4}
+    options = {"fwd_BLOCK_M": min(64, qb), "fwd_BLOCK_N": n, "fwd_num_stages": 2, "fwd_num_warps": 4}
     if qb < 128 or kb < 128:
         # dK/dV: BLOCK_N1 keys against BLOCK_M1 query rows at a time (N1 % M1 == 0);
         # dQ: BLOCK_M2 rows against BLOCK_N2 keys at a time (M2 % N2 == 0).
         m2 = min(64, qb)
-        options.update(BLOCK_M1=min(qb, n, 32), BLOCK_N1=n, BLOCK_M2=m2, BLOCK_N2=min(m2, n))
+        options.update(bwd_BLOCK_M1=min(qb, n, 32), bwd_BLOCK_N1=n, bwd_BLOCK_M2=m2, bwd_BLOCK_N2=min(m2, n),
+                       bwd_num_stages=2, bwd_num_warps=4)
     return options
 
 
@@ -187,6 +199,14 @@ def compressed_branch(
         def user_score(score, b, h, q_idx, kv_idx):  # block kv_idx is seen at its last token
             return score_mod(score, b, h, q_idx, kv_idx * d + (l - 1))
 
+    G = Hq // k_cmp.shape[1]
+    if G > 1 and q.is_cuda and _needs_backward(q, k_cmp, v_cmp):
+        # FlexAttention's dK/dV kernel gives each KV tile one program, which walks the queries
+        # of all G heads of its group in turn. With ~T/d compressed keys that is few programs
+        # with long walks (at 64k and SPEC's shape, 32 tiles x 4 KV heads for 132 SMs); one
+        # copy of the keys per query head gives G times as many, G times shorter. The copies
+        # are small (T/d rows) and autograd sums their gradients back over the group.
+        k_cmp, v_cmp = k_cmp.repeat_interleave(G, dim=1), v_cmp.repeat_interleave(G, dim=1)
     return _flex(q, k_cmp, v_cmp, user_score, block_mask, scale)
 
 

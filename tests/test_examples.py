@@ -27,6 +27,10 @@ def test_train_lm_runs_both_models(tmp_path):
         assert r["tokens_per_s"] > 0
         # a byte model starts near ln(256) = 5.55 nats and must not start far above it
         assert r["train_loss"][0] < 7.0
+    # each NSA layer's mean gate per branch, at the start and at every evaluation
+    for gates in [runs["nsa"]["gates_at_start"], *runs["nsa"]["gates"]]:
+        assert len(gates) == 1 and len(gates[0]) == 3 and all(0 < g < 1 for g in gates[0])
+    assert len(runs["nsa"]["gates"]) == 2 and runs["sdpa"]["gates"] == [[], []]
     assert "final val loss" in proc.stdout
     try:
         import matplotlib  # noqa: F401

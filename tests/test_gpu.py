@@ -142,3 +142,29 @@ def test_compile_fullgraph_no_graph_breaks(dtype):
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
     eager = model(x)
     assert rel_err(out, eager) < TOL[dtype]
+
+
+def test_a_users_compiled_flex_attention_does_not_use_up_ours(monkeypatch):
+    """Dynamo's recompile limit counts per function: a user's torch.compile(flex_attention) that
+    reaches it (each length is a graph) must leave the flex backend compiling its own."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    from nsa_flex import flex_backend
+
+    dynamo = torch._dynamo.config
+    monkeypatch.setattr(dynamo, "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit", 8)
+
+    theirs = torch.compile(flex_attention, backend="eager", dynamic=False)
+    for T in range(16, 16 * 11, 16):  # more lengths than the default limit of 8
+        x = torch.randn(1, 1, T, 16, device="cuda")
+        theirs(x, x, x)
+    counters = torch._dynamo.utils.counters
+    before = counters["stats"]["unique_graphs"]
+    config = NSAConfig(compress_block=16, compress_stride=16, select_block=16, num_selected=2, window=16)
+    q, k, v = (torch.randn(1, h, 200, 16, device="cuda") for h in (2, 1, 1))
+    with torch.no_grad():
+        out = attend(q, k, v, config=config)
+    assert counters["stats"]["unique_graphs"] > before  # ours compiled
+    ref = R.attend(q.double(), k.double(), v.double(), config=config).out
+    assert rel_err(out, ref) < TOL[torch.float32]
+    assert flex_backend._compiled_flex()._torchdynamo_orig_callable is flex_backend._flex_call
