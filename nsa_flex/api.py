@@ -132,9 +132,10 @@ def attend(
         TypeError, ValueError: naming the argument, before any kernel runs.
 
     Gradients flow to ``q, k, v, gates, k_cmp, v_cmp`` through the attention; the selection
-    itself is not differentiable, unless ``selection_grad=True`` adds its straight-through path. With the flex backend, under ``torch.compile(fullgraph=True)``
-    this traces without graph breaks (value checks on ``block_indices`` are skipped while
-    tracing).
+    itself is not differentiable, unless ``selection_grad=True`` adds its straight-through path.
+    With the flex or triton backend, under ``torch.compile(fullgraph=True)`` this traces without
+    graph breaks, forward and backward (value checks on ``block_indices`` are skipped while
+    tracing; the Triton kernels are custom operators, docs/compile.md).
     """
     check_qkv(q, k, v)
     config = resolve_config(config)

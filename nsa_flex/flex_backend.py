@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 from torch.nn.attention.flex_attention import flex_attention
 
-from . import triton_backend
+from . import ops, triton_backend
 from .config import NSAConfig
 from .masks import (
     KV_BLOCK,
@@ -237,8 +237,8 @@ def _selection_tile(q: Tensor, G: int, config: NSAConfig, needs_backward: bool) 
     BlockMask's, before it looks at the tile sizes we pass, and its only half-precision config
     on Hopper for head dims 65-128 has 64/128-row tiles: with 16x64 tiles it finds no kernel
     ("NoValidChoicesError"). 128x128 tiles list the union of the blocks of 128 / G tokens, so
-    they cost several times the work; eager training avoids them with
-    :class:`_FlexForwardTritonBackward`, compiled training and user modifiers cannot.
+    they cost several times the work; training without user modifiers avoids them with
+    :func:`_flex_forward_triton_backward` (eager and compiled alike), user modifiers cannot.
     """
     if q.is_cuda and needs_backward:
         return Q_BLOCK, KV_BLOCK
@@ -266,44 +266,45 @@ def _unfold(x: Tensor, G: int) -> Tensor:
     return x.view(B, Hkv, T, G, *x.shape[3:]).transpose(2, 3).reshape(B, Hkv * G, T, *x.shape[3:])
 
 
-class _FlexForwardTritonBackward(torch.autograd.Function):
+def _flex_forward_triton_backward(q, k, v, block_indices, config: NSAConfig, scale: float) -> Tensor:
     """The selected branch for training on CUDA: FlexAttention's forward over one-token tiles,
     then nsa_flex's Triton backward kernels from its output and log-sum-exp.
 
     FlexAttention's own backward cannot take those tiles there (see :func:`_selection_tile`);
-    over 128x128 tiles it would do several times the work. Used only when nothing else can
-    differ between the two: no score_mod or mask_mod (the Triton kernels run neither), and
-    outside ``torch.compile`` (which traces FlexAttention's backward instead).
+    over 128x128 tiles it would do several times the work. So the forward runs outside autograd
+    (forward-only BlockMask, detached inputs), and the custom op
+    ``nsa_flex::attach_selected_backward`` (:mod:`nsa_flex.ops`) unfolds its output and gives
+    it the Triton gradient. Eagerly the forward goes through the shared compiled
+    FlexAttention; inside ``torch.compile`` it is traced into the caller's graph like the other
+    branches, and the op stays opaque, so compiled and eager training take the same path. Used
+    only when nothing else can differ between the two: no score_mod or mask_mod (the Triton
+    kernels run neither), see :func:`_triton_backward_applies`.
     """
-
-    @staticmethod
-    def forward(ctx, q, k, v, block_indices, config, scale):
-        G = q.shape[1] // k.shape[1]
+    G = q.shape[1] // k.shape[1]
+    # no_grad: as an inference call (one compiled entry for both); detach: the public
+    # flex_attention refuses CPU inputs that require grad, even under no_grad
+    with torch.no_grad():
         block_mask = selection_block_mask(
             block_indices, config, group_size=G, block_size=selection_tile(G, config), transposed=False
         )
-        out, lse = _flex(_fold(q, G), k, v, None, block_mask, scale, return_lse=True)
-        out, lse = _unfold(out, G), _unfold(lse, G)
-        idx = triton_backend.kernel_indices(block_indices, config.select_block, q.shape[2])
-        # the Triton kernels write dQ/dK/dV with the strides of q/k/v: keep those dense
-        ctx.save_for_backward(q.contiguous(), k.contiguous(), v.contiguous(), idx, out, lse)
-        ctx.select_block, ctx.scale = config.select_block, scale
-        return out
-
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, idx, out, lse = ctx.saved_tensors
-        dq, dk, dv = triton_backend.selected_backward(q, k, v, idx, out, lse, do, ctx.select_block, ctx.scale)
-        return dq, dk, dv, None, None, None
+        out, lse = _flex(_fold(q.detach(), G), k.detach(), v.detach(), None, block_mask, scale, return_lse=True)
+        lse = _unfold(lse, G)
+    idx = triton_backend.kernel_indices(block_indices, config.select_block, q.shape[2])
+    # the Triton kernels write dQ/dK/dV with the strides of q/k/v: keep those dense
+    return ops.attach_selected_backward(
+        q.contiguous(), k.contiguous(), v.contiguous(), idx, out, lse, config.select_block, scale
+    )
 
 
 def _triton_backward_applies(q, k, v, score_mod, mask_mod) -> bool:
+    """Whether the selected branch takes :func:`_flex_forward_triton_backward`: CUDA, a backward
+    will run, no user modifiers, dtypes and head dims the Triton kernels take. Static facts, so
+    a compiled graph decides as an eager call does."""
     return (
         q.is_cuda
         and q.dtype in (torch.float16, torch.bfloat16, torch.float32)  # the kernels' dtypes
         and score_mod is None
         and mask_mod is None
-        and not torch.compiler.is_compiling()
         and _needs_backward(q, k, v)
         and 16 <= min(q.shape[-1], v.shape[-1])
         and max(q.shape[-1], v.shape[-1]) <= 256
@@ -326,7 +327,7 @@ def selected_branch(
     (``docs``: doc-local block indices, counted from each token's document start)."""
     G = q.shape[1] // k.shape[1]
     if docs is None and _triton_backward_applies(q, k, v, score_mod, mask_mod):
-        return _FlexForwardTritonBackward.apply(q, k, v, block_indices, config, scale)
+        return _flex_forward_triton_backward(q, k, v, block_indices, config, scale)
     # Fold the group into rows, so that one K/V tile load serves the G heads of a group.
     q_rows = _fold(q, G)
     # The transposed lists only a backward reads (FlexAttention's checks for them even on its

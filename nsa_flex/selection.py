@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from . import ops
 from ._validation import check_qk_cmp, resolve_config, resolve_scale
 from .config import NSAConfig
 from .varlen import Documents, resolve, shift_mask_mod, shift_score_mod
@@ -229,11 +230,12 @@ def sort_unique_blocks(block_indices: Tensor, num_blocks: int) -> tuple[Tensor, 
 
 
 def _fused_ok(q: Tensor, score_mod, mask_mod) -> bool:
-    """Whether the Triton scoring kernel serves this call: CUDA, eager, no modifiers (the
-    kernel computes plain scores), a dtype and head size the kernel takes."""
+    """Whether the Triton scoring kernel serves this call: CUDA, no modifiers (the kernel
+    computes plain scores), a dtype and head size the kernel takes. Static facts, so a compiled
+    graph decides as an eager call does (it calls the kernel through the custom op
+    ``nsa_flex::select_blocks_fused``)."""
     return (
         q.is_cuda
-        and not torch.compiler.is_compiling()  # compiled graphs trace the torch path
         and score_mod is None
         and mask_mod is None
         and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
@@ -264,7 +266,9 @@ def _check_chunk_size(chunk_size) -> None:
 @torch.no_grad()
 def _select_fused(q, k_cmp, config, scale, chunk_size=None) -> Tensor:
     """``select_blocks`` with the scores from ``selection_kernels.block_scores_kernel``: the
-    ``(B, Hkv, chunk, Ns)`` float32 block scores are the only large buffer."""
+    ``(B, Hkv, chunk, Ns)`` float32 block scores are the only large buffer. Called through the
+    custom op ``nsa_flex::select_blocks_fused`` (:mod:`nsa_flex.ops`), which ``torch.compile``
+    keeps opaque; returns contiguous ``(B, Hkv, T, n)`` int32."""
     from .selection_kernels import block_scores_kernel
 
     B, Hq, T, Dk = q.shape
@@ -296,7 +300,7 @@ def _select_fused(q, k_cmp, config, scale, chunk_size=None) -> Tensor:
         key, stable = _ranking_key(scores, torch.arange(ns, device=q.device), ns)
         del scores
         out.append(_top_n_of_keys(key, config.num_selected, stable))
-    return torch.cat(out, dim=2) if len(out) > 1 else out[0]
+    return (torch.cat(out, dim=2) if len(out) > 1 else out[0]).contiguous()
 
 
 @torch.no_grad()
@@ -308,7 +312,10 @@ def _select(q, k_cmp, config, scale, score_mod, mask_mod, chunk_size) -> Tensor:
         scores = q.new_zeros(B, Hkv, T, config.num_select_blocks(T), dtype=torch.float32)
         return top_n_blocks(scores, config)
     if _fused_ok(q, score_mod, mask_mod):
-        return _select_fused(q, k_cmp, config, scale, chunk_size)
+        return ops.select_blocks_fused(
+            q, k_cmp, config.compress_block, config.compress_stride, config.select_block,
+            config.num_selected, config.num_initial, config.num_local, scale, chunk_size,
+        )
     out = []
     for start, p in _chunk_importance(q, k_cmp, config, scale, score_mod, mask_mod, chunk_size):
         out.append(top_n_blocks(p, config, start))

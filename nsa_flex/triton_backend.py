@@ -1,4 +1,4 @@
-"""The triton backend's selected branch: launch code and autograd around ``triton_kernels``.
+"""The triton backend's selected branch: launch code around ``triton_kernels``.
 
 The forward and dQ kernels run one program per (query position, batch row, KV head), the G
 query heads of the group as the rows of every tile. The dK/dV kernel runs one program per
@@ -6,6 +6,10 @@ query heads of the group as the rows of every tile. The dK/dV kernel runs one pr
 selection is inverted with a sort, so every key has exactly one writer and the gradients are
 deterministic without atomics. Nothing here reads device values on the host, so forward and
 backward can be captured in a CUDA graph.
+
+Autograd and ``torch.compile`` see the launches as the custom operators of :mod:`nsa_flex.ops`
+(``nsa_flex::selected_attention`` and ``nsa_flex::selected_attention_backward``), so the
+branch runs inside a ``torch.compile(fullgraph=True)`` graph, forward and backward, as eagerly.
 
 On the CPU the kernels run only under Triton's interpreter (``TRITON_INTERPRET=1`` set before
 ``nsa_flex`` is imported), which is slow and meant for tests on tiny shapes.
@@ -19,6 +23,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from . import ops
 from ._validation import check_block_indices, check_kernel_head_dims, check_qkv, resolve_scale
 from .config import NSAConfig
 from .selection import _pow2, sort_unique_blocks
@@ -110,38 +115,33 @@ def invert_selection(idx: Tensor, num_blocks: int) -> tuple[Tensor, Tensor]:
     return qlist.contiguous(), qstart.to(torch.int32).contiguous()
 
 
-class _SelectedAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, idx, select_block, scale, packed):
-        from .triton_kernels import selected_fwd_kernel
+def selected_forward(q, k, v, idx, select_block: int, scale: float, packed=None) -> tuple[Tensor, Tensor]:
+    """``(o (B, Hq, T, Dv), lse (B, Hq, T) float32)`` of the forward kernel; ``q, k, v``
+    contiguous, ``idx`` as :func:`kernel_indices` makes it, ``packed`` a :class:`_Packed` for a
+    packed row. Autograd and ``torch.compile`` reach it through ``nsa_flex::selected_attention``
+    (:mod:`nsa_flex.ops`)."""
+    from .triton_kernels import selected_fwd_kernel
 
-        B, Hq, T, Dk = q.shape
-        Hkv, Dv = k.shape[1], v.shape[-1]
-        meta = _meta(Hq // Hkv, Dk, Dv, select_block, q.dtype)
-        o = torch.empty(B, Hq, T, Dv, device=q.device, dtype=q.dtype)
-        lse = torch.empty(B, Hq, T, device=q.device, dtype=torch.float32)
-        doc_start = idx if packed is None else packed.doc_start  # idx: a placeholder, never read
-        selected_fwd_kernel[(T, B * Hkv)](
-            q, k, v, idx, doc_start, o, lse,
-            *_strides(q), *_strides(k), *_strides(v), *_strides(idx), *_strides(o), *_strides(lse),
-            T, Hkv, scale, N_SEL=idx.shape[-1], VARLEN=packed is not None, **meta,
-        )
-        ctx.mark_non_differentiable(lse)
-        ctx.save_for_backward(q, k, v, idx, o, lse)
-        ctx.select_block, ctx.scale, ctx.packed = select_block, scale, packed
-        return o, lse
-
-    @staticmethod
-    def backward(ctx, do, dlse):
-        q, k, v, idx, o, lse = ctx.saved_tensors
-        grads = selected_backward(q, k, v, idx, o, lse, do, ctx.select_block, ctx.scale, ctx.packed)
-        return grads + (None, None, None, None)
+    B, Hq, T, Dk = q.shape
+    Hkv, Dv = k.shape[1], v.shape[-1]
+    meta = _meta(Hq // Hkv, Dk, Dv, select_block, q.dtype)
+    o = torch.empty(B, Hq, T, Dv, device=q.device, dtype=q.dtype)
+    lse = torch.empty(B, Hq, T, device=q.device, dtype=torch.float32)
+    doc_start = idx if packed is None else packed.doc_start  # idx: a placeholder, never read
+    selected_fwd_kernel[(T, B * Hkv)](
+        q, k, v, idx, doc_start, o, lse,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(idx), *_strides(o), *_strides(lse),
+        T, Hkv, scale, N_SEL=idx.shape[-1], VARLEN=packed is not None, **meta,
+    )
+    return o, lse
 
 
 def selected_backward(q, k, v, idx, o, lse, do, select_block: int, scale: float, packed=None):
     """``(dq, dk, dv)`` of selected attention from the forward's output ``o (B, Hq, T, Dv)`` and
     natural log-sum-exp ``lse (B, Hq, T)`` float32 (``-inf`` for empty rows), whichever kernel
-    produced them. ``idx`` as the forward kernel takes it: ascending, unique, ``-1`` last."""
+    produced them. ``idx`` as the forward kernel takes it: ascending, unique, ``-1`` last.
+    ``dq, dk, dv`` take the strides of ``q, k, v``. Autograd and ``torch.compile`` reach it
+    through ``nsa_flex::selected_attention_backward`` (:mod:`nsa_flex.ops`)."""
     from .triton_kernels import selected_dkdv_kernel, selected_dq_kernel
 
     B, Hq, T, Dk = q.shape
@@ -240,7 +240,8 @@ def _selected(q, k, v, block_indices, select_block, scale, docs: Documents | Non
         pos = docs.pos.view(1, 1, T, 1).long()
         block_indices = torch.where(block_indices.long() * select_block <= pos, block_indices, -1)
     idx = kernel_indices(block_indices, select_block, T)
-    return _SelectedAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), idx, select_block, scale, packed)
+    docs_args = () if packed is None else packed[:4]
+    return ops.selected_attention(q.contiguous(), k.contiguous(), v.contiguous(), idx, select_block, scale, *docs_args)
 
 
 def selected_branch(

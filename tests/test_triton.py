@@ -164,14 +164,14 @@ def test_flex_forward_with_triton_backward(shape, select_block):
     # The flex backend's selected branch for half-precision CUDA training: FlexAttention's
     # forward (one-token tiles), the Triton backward from its output and log-sum-exp. Run
     # here in float32 on the CPU (FlexAttention eager, Triton interpreted).
-    from nsa_flex.flex_backend import _FlexForwardTritonBackward
+    from nsa_flex.flex_backend import _flex_forward_triton_backward
 
     config = config_for(select_block)
     q, k, _ = make_qkv(shape, 2)
     idx = select_blocks(q, mean_compress(k, config), config=config)
     idx[0, 0, -1, -1] = idx[0, 0, -1, 0]  # a repeat: counts once on both sides
     q, k, v = make_qkv(shape, 3, dtype=torch.float32, device=DEVICE, requires_grad=True)
-    out = _FlexForwardTritonBackward.apply(q, k, v, idx.to(DEVICE), config, 0.3)
+    out = _flex_forward_triton_backward(q, k, v, idx.to(DEVICE), config, 0.3)
     w = torch.randn(out.shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64).to(DEVICE)
     grads = torch.autograd.grad((out.double() * w).sum(), (q, k, v))
     ref_in = [x.detach().double().requires_grad_() for x in (q, k, v)]
