@@ -78,8 +78,8 @@ class NSACache:
             ``[b, :, s]`` for ``s < lengths[b]`` (keys as given, i.e. already rotated by RoPE).
         k_cmp, v_cmp: ``(B, Hkv, Lc, Dk)`` / ``(B, Hkv, Lc, Dv)``, ``Lc =
             config.num_compressed(L)``: compressed block ``i`` (tokens ``i*d .. i*d + l - 1``)
-            for ``i*d + l - 1 < lengths[b]``. ``k_cmp`` is kept in ``dtype`` promoted to at
-            least float32, the precision selection scores it in.
+            for ``i*d + l - 1 < lengths[b]``. In ``dtype``, as the compression returns them and
+            as ``attend`` takes them (selection widens the scores it computes from them).
         lengths: ``(B,)`` int64 on ``device``, tokens held per row.
 
     What lies past a row's length is never read as visible, so rolling a row back (rejected
@@ -115,7 +115,7 @@ class NSACache:
         # NaN there would still turn 0 * NaN into NaN in the value products.
         self._k = torch.zeros(B, H, L + 1, Dk, device=device, dtype=dtype)
         self._v = torch.zeros(B, H, L + 1, Dv, device=device, dtype=dtype)
-        self._k_cmp = torch.zeros(B, H, tc + 1, Dk, device=device, dtype=torch.promote_types(dtype, torch.float32))
+        self._k_cmp = torch.zeros(B, H, tc + 1, Dk, device=device, dtype=dtype)
         self._v_cmp = torch.zeros(B, H, tc + 1, Dv, device=device, dtype=dtype)
         self.lengths = torch.zeros(B, device=device, dtype=torch.int64)
         # An upper bound on lengths, kept on the host so that a step can refuse to overflow
