@@ -609,13 +609,18 @@ def _sm_count(index: int) -> int:
 def _split_counts(device: torch.device, rows: int, tc: int, ns: int, sel_step: int) -> tuple[int, int]:
     """``(S1, S2)``: programs per (row, KV head) of the compressed branch and of the block keys.
 
-    About two programs per SM in all (on the CPU interpreter, a handful), never more than the
-    work has tiles: 16 compressed blocks for ``S1``, ``sel_step`` selection blocks for ``S2``.
+    Two programs per SM in all, rounded down so that they run as one wave (the compressed
+    kernel's registers hold two per SM at the reference shape); on the CPU interpreter a
+    handful. Never more than the work has tiles: 16 compressed blocks for ``S1``; for ``S2``
+    whole steps of ``sel_step`` selection blocks, the same number for every program.
     """
-    target = 2 * _sm_count(device.index if device.index is not None else torch.cuda.current_device()) \
-        if device.type == "cuda" else 4
-    per_row = -(-target // rows)
-    return max(1, min(per_row, -(-tc // 16))), max(1, min(per_row, -(-ns // sel_step)))
+    if device.type == "cuda":
+        target = 2 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    else:
+        target = 4
+    per_row = max(1, target // rows)
+    steps = -(-ns // sel_step)
+    return max(1, min(per_row, -(-tc // 16))), -(-steps // -(-steps // per_row))
 
 
 def _decode_fused(cache, q, k, v, gates, config, scale, compress_k, compress_v, splits=None) -> tuple[Tensor, Tensor]:

@@ -200,7 +200,7 @@ def block_keys_kernel(
     lse = tl.where(total > 0, mx + tl.log2(tl.where(total > 0, total, 1.0)), float("inf"))
 
     n_cand = cur + 1
-    chunk = tl.cdiv(n_cand, n_split)
+    chunk = tl.cdiv(tl.cdiv(n_cand, SEL_STEP), n_split) * SEL_STEP  # whole steps
     lo = split * chunk
     hi = tl.minimum(lo + chunk, n_cand)
     logit_rows = LOGITS + (row.to(tl.int64) * G + g[:, None]) * Tc
