@@ -691,6 +691,7 @@ def _decode_fused(cache, q, k, v, gates, config, scale, compress_k, compress_v, 
     combine_kernel[(B * Hq,)](
         pm, pl, pacc, gates if gates is not None else out, out, cache.lengths,
         g_strides[0], g_strides[1], g_strides[3], out.stride(0), out.stride(1), out.stride(3),
-        Hq, P, s1, G=G, N_SEL=n, DV=Dv, BLOCK_DV=_pow2(Dv), BLOCK_P=16, GATED=gates is not None, num_warps=4,
+        Hq, P, s1, G=G, N_SEL=n, DV=Dv, BLOCK_DV=_pow2(Dv), BLOCK_P=min(64, _pow2(max(s1, n, nw))),
+        GATED=gates is not None, num_warps=4,
     )
     return out, idx.view(B, Hkv, 1, n)
