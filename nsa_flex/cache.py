@@ -447,9 +447,9 @@ def decode_step(
     :meth:`NSACache.rewind_`).
 
     No host-device sync, and shapes that depend only on ``m`` and the cache's sizes: a step
-    can be captured in a CUDA graph. Its cost follows ``max_len`` in the compressed branch (all
-    ``Lc`` slots are scored, masked), ``n * l'`` keys in the selected branch and ``w + m - 1`` in
-    the window branch.
+    can be captured in a CUDA graph. It reads the row's compressed blocks, ``n * l'`` keys in
+    the selected branch and ``w + m - 1`` in the window branch; the PyTorch step scores all
+    ``Lc`` compressed slots (masked), so its cost follows ``max_len``.
 
     Args:
         cache: the :class:`NSACache`, updated in place.
