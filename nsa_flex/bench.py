@@ -12,8 +12,11 @@ Every contender runs in this one process on the same inputs, at SPEC.md's refere
 - ``full``: full causal attention through SDPA's cuDNN and flash backends and FlexAttention.
 - ``decode`` (not run unless asked, ``--parts decode``): the latency of one decode step
   (:func:`nsa_flex.decode_step`, one new token per row) with ``T`` tokens already cached, for
-  B=1 and B=8, eagerly and replayed from a CUDA graph (``nsa B=.. [graph]``), against
-  full-attention decoding (``sdpa B=.. [graph]``: SDPA of one query over the whole cache).
+  B=1 and B=8, eagerly and replayed from a CUDA graph: the PyTorch step (``nsa B=.. [graph]``,
+  ``fused=False``) and the split Triton kernels (``nsa fused B=.. [graph]``, ``fused=True``,
+  with its relative error against the PyTorch step), against full-attention decoding (``sdpa
+  B=.. [graph]``: SDPA of one query over the whole cache); ``full/this`` is SDPA's time over
+  the step's. Each timed NSA step includes the one subtraction that rewinds the rows.
 - ``varlen`` (not run by default; ``--parts varlen``): ``T`` tokens packed from documents of
   mixed lengths (a fixed-seed mix of ``T/64 .. T/4`` tokens, 1k..16k at 64k): the whole layer
   with ``cu_seqlens`` on both backends, fla's varlen ``parallel_nsa`` (its own compression and
@@ -273,14 +276,14 @@ def _decode_rows(p: Problem, T: int, reps: int, batches=(1, 8)) -> list[Row]:
             continue
 
         def nsa():
-            out = decode_step(cache, q, k1, v1, gates)
-            cache.rewind_(1)
+            out = decode_step(cache, q, k1, v1, gates, fused=False)
+            cache.lengths.sub_(1)  # rewind: one small kernel (rewind_ would add a clamp)
             cache._bound = T
             return out
 
         def nsa_fused():
             out = decode_step(cache, q, k1, v1, gates, fused=True)
-            cache.rewind_(1)
+            cache.lengths.sub_(1)
             cache._bound = T
             return out
 

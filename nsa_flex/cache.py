@@ -24,13 +24,16 @@ depend only on ``m`` and the cache's sizes, so it can be captured in a CUDA grap
 6. the window branch: the last ``w`` keys, gathered;
 7. the gates mix the three, and ``lengths += m``.
 
-Attention in a step is plain PyTorch (matmuls over gathered keys, scores in float32 or wider),
-the same for every backend, or, with ``decode_step(..., fused=True)``, one Triton kernel
-(``decode_kernels.py``); ``backend`` only picks how :func:`prefill` attends.
+A step runs either as plain PyTorch operations (matmuls over gathered keys, scores in float32
+or wider), or, for one token per row (the default on CUDA), as four Triton kernels split over
+the compressed blocks, the selected blocks and the window (``decode_kernels.py``, launched by
+``_decode_fused``); the same for every backend: ``backend`` only picks how :func:`prefill`
+attends.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import torch
@@ -75,8 +78,8 @@ class NSACache:
             ``[b, :, s]`` for ``s < lengths[b]`` (keys as given, i.e. already rotated by RoPE).
         k_cmp, v_cmp: ``(B, Hkv, Lc, Dk)`` / ``(B, Hkv, Lc, Dv)``, ``Lc =
             config.num_compressed(L)``: compressed block ``i`` (tokens ``i*d .. i*d + l - 1``)
-            for ``i*d + l - 1 < lengths[b]``. ``k_cmp`` is kept in ``dtype`` promoted to at
-            least float32, the precision selection scores it in.
+            for ``i*d + l - 1 < lengths[b]``. In ``dtype``, as the compression returns them and
+            as ``attend`` takes them (selection widens the scores it computes from them).
         lengths: ``(B,)`` int64 on ``device``, tokens held per row.
 
     What lies past a row's length is never read as visible, so rolling a row back (rejected
@@ -112,7 +115,7 @@ class NSACache:
         # NaN there would still turn 0 * NaN into NaN in the value products.
         self._k = torch.zeros(B, H, L + 1, Dk, device=device, dtype=dtype)
         self._v = torch.zeros(B, H, L + 1, Dv, device=device, dtype=dtype)
-        self._k_cmp = torch.zeros(B, H, tc + 1, Dk, device=device, dtype=torch.promote_types(dtype, torch.float32))
+        self._k_cmp = torch.zeros(B, H, tc + 1, Dk, device=device, dtype=dtype)
         self._v_cmp = torch.zeros(B, H, tc + 1, Dv, device=device, dtype=dtype)
         self.lengths = torch.zeros(B, device=device, dtype=torch.int64)
         # An upper bound on lengths, kept on the host so that a step can refuse to overflow
@@ -433,7 +436,7 @@ def decode_step(
     compress_k: Callable[[Tensor], Tensor] | None = None,
     compress_v: Callable[[Tensor], Tensor] | None = None,
     scale: float | None = None,
-    fused: bool = False,
+    fused: bool | None = None,
 ) -> Tensor:
     """Append ``m`` tokens to every row of the cache and attend them over all it holds.
 
@@ -444,9 +447,9 @@ def decode_step(
     :meth:`NSACache.rewind_`).
 
     No host-device sync, and shapes that depend only on ``m`` and the cache's sizes: a step
-    can be captured in a CUDA graph. Its cost follows ``max_len`` in the compressed branch (all
-    ``Lc`` slots are scored, masked), ``n * l'`` keys in the selected branch and ``w + m - 1`` in
-    the window branch.
+    can be captured in a CUDA graph. It reads the row's compressed blocks, ``n * l'`` keys in
+    the selected branch and ``w + m - 1`` in the window branch; the PyTorch step scores all
+    ``Lc`` compressed slots (masked), so its cost follows ``max_len``.
 
     Args:
         cache: the :class:`NSACache`, updated in place.
@@ -456,10 +459,13 @@ def decode_step(
         compress_k, compress_v: the compression used at prefill (default the block mean); each
             is called on ``(B, Hkv, S, D)`` spans of raw tokens with ``S = (ceil(m/d) - 1) * d + l``.
         scale: score scale (default ``Dk ** -0.5``).
-        fused: for ``m = 1``, run the three branches and the selection in one Triton kernel
-            (``decode_kernels.decode_kernel``, one program per row and KV head) instead of a few
-            dozen PyTorch operations. It computes the same thing (tested under Triton's CPU
-            interpreter); it has not yet been timed or run on a GPU, hence off by default.
+        fused: ``True``: run the step's attention and selection as Triton kernels
+            (``decode_kernels.py``: four launches, split over the compressed blocks, the
+            selected blocks and the window so that even one row fills the GPU; ``m = 1`` only;
+            CUDA, or the CPU under ``TRITON_INTERPRET=1``). ``False``: plain PyTorch operations.
+            ``None`` (default): the kernels for one token per row on CUDA (outside
+            ``torch.compile``), PyTorch otherwise. With the default compression, the kernels
+            also write the new token and compress the block it completes.
 
     Returns:
         ``(B, Hq, m, Dv)`` in ``q``'s dtype. Not differentiable (inference).
@@ -478,8 +484,8 @@ def decode_step(
     _check_compressor("compress_v", compress_v)
     scale = resolve_scale(scale, q)
     m = q.shape[2]
-    if not isinstance(fused, bool):
-        raise TypeError(f"fused must be a bool, got {type(fused).__name__}")
+    if fused is not None and not isinstance(fused, bool):
+        raise TypeError(f"fused must be a bool or None, got {type(fused).__name__}")
     if fused:
         if m != 1:
             raise ValueError(f"fused decoding takes one token per row, got q with {m}")
@@ -488,6 +494,8 @@ def decode_step(
         check_runnable(q)
         if max(q.shape[-1], v.shape[-1]) > 256:
             raise ValueError("fused decoding takes head sizes up to 256")
+    elif fused is None:
+        fused = m == 1 and q.is_cuda and not torch.compiler.is_compiling() and not _fused_runnable(q, v)
     if cache._bound + m > cache.max_len:
         raise ValueError(
             f"q adds {m} tokens to rows holding up to {cache._bound}: past the cache's max_len "
@@ -495,14 +503,17 @@ def decode_step(
         )
     config = cache.config
     with torch.no_grad():
-        out = (_decode_fused if fused else _decode)(
-            cache, q, k, v, gates, config, scale, _compressor(compress_k, config), _compressor(compress_v, config)
-        )
+        if fused:
+            out, _ = _decode_fused(cache, q, k, v, gates, config, scale, compress_k, compress_v)
+        else:
+            out, _ = _decode(cache, q, k, v, gates, config, scale, _compressor(compress_k, config),
+                             _compressor(compress_v, config))
     cache._bound += m
     return out
 
 
-def _decode(cache, q, k, v, gates, config, scale, compress_k, compress_v) -> Tensor:
+def _decode(cache, q, k, v, gates, config, scale, compress_k, compress_v) -> tuple[Tensor, Tensor]:
+    """The step in PyTorch operations: the output and the chosen blocks ``(B, Hkv, m, n)``."""
     B, Hq, m, Dk = q.shape
     Hkv, Dv = k.shape[1], v.shape[-1]
     G = Hq // Hkv
@@ -566,42 +577,121 @@ def _decode(cache, q, k, v, gates, config, scale, compress_k, compress_v) -> Ten
     def heads(o):  # (B, Hkv, m, G, Dv) -> (B, Hq, m, Dv)
         return o.transpose(2, 3).reshape(B, Hq, m, Dv).to(q.dtype)
 
-    return _gate(heads(o_cmp), heads(o_slc), heads(o_swa), gates)
+    return _gate(heads(o_cmp), heads(o_slc), heads(o_swa), gates), blocks
 
 
-def _decode_fused(cache, q, k, v, gates, config, scale, compress_k, compress_v) -> Tensor:
-    """``_decode`` for one token per row, its attention and selection in one Triton kernel."""
-    from .decode_kernels import decode_kernel
+def _fused_runnable(q: Tensor, v: Tensor) -> str:
+    """Why the fused step cannot take ``q`` (empty if it can)."""
+    from .triton_backend import available
+
+    ok, why = available(q.device)
+    if not ok:
+        return why
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"fused decoding takes float16, bfloat16 or float32, got {q.dtype}"
+    if q.dtype == torch.bfloat16 and q.device.type == "cpu":
+        return "fused decoding under Triton's CPU interpreter takes float16 or float32, not bfloat16"
+    if max(q.shape[-1], v.shape[-1]) > 256:
+        return "fused decoding takes head sizes up to 256"
+    return ""
+
+
+# The top-n holds up to this many block keys in registers (max_len = 128k with l' = 64); more
+# are read again from memory in each of its n rounds.
+_KEYS_IN_REGISTERS = 2048
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _split_counts(device: torch.device, rows: int, tc: int, ns: int, sel_step: int) -> tuple[int, int]:
+    """``(S1, S2)``: programs per (row, KV head) of the compressed branch and of the block keys.
+
+    Two programs per SM in all, rounded down so that they run as one wave (the compressed
+    kernel's registers hold two per SM at the reference shape); on the CPU interpreter a
+    handful. Never more than the work has tiles: 16 compressed blocks for ``S1``; for ``S2``
+    whole steps of ``sel_step`` selection blocks, the same number for every program.
+    """
+    if device.type == "cuda":
+        target = 2 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    else:
+        target = 4
+    per_row = max(1, target // rows)
+    steps = -(-ns // sel_step)
+    return max(1, min(per_row, -(-tc // 16))), -(-steps // -(-steps // per_row))
+
+
+def _decode_fused(cache, q, k, v, gates, config, scale, compress_k, compress_v, splits=None) -> tuple[Tensor, Tensor]:
+    """``_decode`` for one token per row, in four Triton launches (``decode_kernels.py``).
+
+    ``compress_k``/``compress_v`` as given to :func:`decode_step`: both ``None`` (the block mean)
+    lets the first kernel write the new token and compress the block it completes; otherwise
+    those two stay PyTorch operations. ``splits``: ``(S1, S2)`` instead of
+    :func:`_split_counts` (tests). Returns the output and the chosen blocks ``(B, Hkv, 1, n)``.
+    """
+    from .decode_kernels import block_keys_kernel, combine_kernel, compressed_split_kernel, sparse_split_kernel
 
     B, Hq, _, Dk = q.shape
     Hkv, Dv = k.shape[1], v.shape[-1]
     G = Hq // Hkv
     L = cache.max_len
-    l, d, ls = config.compress_block, config.compress_stride, config.select_block
-    start = cache.lengths  # (B,)
-    t = start[:, None]
-    _write(cache._k, torch.where(t < L, t, L), k)
-    _write(cache._v, torch.where(t < L, t, L), v)
-    _compress_new_blocks(cache, start, 1, compress_k, compress_v)
+    l, d, ls, w = config.compress_block, config.compress_stride, config.select_block, config.window
+    mean = compress_k is None and compress_v is None
+    if not mean:
+        start = cache.lengths
+        t = start[:, None]
+        _write(cache._k, torch.where(t < L, t, L), k)
+        _write(cache._v, torch.where(t < L, t, L), v)
+        _compress_new_blocks(cache, start, 1, _compressor(compress_k, config), _compressor(compress_v, config))
 
     tc, ns, n = config.num_compressed(L), config.num_select_blocks(L), config.num_selected
     block_c, step = _score_tiles(config)
-    scores = torch.empty(B, Hkv, ns, device=q.device, dtype=torch.float32)
-    idx = torch.empty(B, Hkv, n, device=q.device, dtype=torch.int32)
-    o_cmp, o_slc, o_swa = (torch.empty(B, Hq, Dv, device=q.device, dtype=torch.float32) for _ in range(3))
+    rows = B * Hkv
+    s1, s2 = splits if splits is not None else _split_counts(q.device, rows, tc, ns, step)
+    block_n = 32 if max(Dk, Dv) > 128 else 64
+    block_n = min(block_n, _pow2(ls))
+    tile = block_n * -(-ls // block_n)  # a selected block, or a window tile, per program
+    nw = -(-w // tile)
+    P = s1 + n + nw
+    # one float32 scratch buffer: logits, keys, partial states (m, l, acc), chosen blocks
+    sizes = (rows * G * max(tc, 1), rows * ns, rows * P * G, rows * P * G, rows * P * G * Dv, rows * n)
+    buf = torch.empty(sum(sizes), device=q.device, dtype=torch.float32)
+    logits, keys, pm, pl, pacc, idx = buf.split(sizes)
+    idx = idx.view(torch.int32)
+    out = torch.empty(B, Hq, 1, Dv, device=q.device, dtype=q.dtype)
     kc, vc = cache._k_cmp, cache._v_cmp
-    decode_kernel[(B * Hkv,)](
-        q, cache._k, cache._v, kc, vc, start.clamp(max=L), scores, idx, o_cmp, o_slc, o_swa,
-        q.stride(0), q.stride(1), q.stride(3),
-        *cache._k.stride(), *cache._v.stride(), *kc.stride(), *vc.stride(),
-        scores.stride(0), scores.stride(1), idx.stride(0), idx.stride(1), o_cmp.stride(0), o_cmp.stride(1),
-        Hkv, tc, ns, scale * 1.4426950408889634,
-        G=G, CMP_BLOCK=l, CMP_STRIDE=d, SEL_BLOCK=ls, N_SEL=n, N_INITIAL=config.num_initial,
-        N_LOCAL=config.num_local, WINDOW=config.window, DK=Dk, DV=Dv,
-        BLOCK_G=_pow2(G), BLOCK_C=block_c, BLOCK_S=_pow2(step), SEL_STEP=step,
-        BLOCK_N=32 if max(Dk, Dv) > 128 else 64, BLOCK_DK=_pow2(Dk), BLOCK_DV=_pow2(Dv),
-        BLOCK_SEL=_pow2(n, 2), BLOCK_NS=256, num_warps=4,
+    scale_log2 = scale * 1.4426950408889634
+    ieee = q.dtype == torch.float32
+    dims = dict(G=G, BLOCK_G=_pow2(G), BLOCK_DV=_pow2(Dv), num_warps=4)
+
+    compressed_split_kernel[(rows, s1)](
+        q, cache._k, cache._v, k, v, kc, vc, cache.lengths, logits, pm, pl, pacc,
+        q.stride(0), q.stride(1), q.stride(3), *cache._k.stride(), *cache._v.stride(),
+        k.stride(0), k.stride(1), k.stride(3), v.stride(0), v.stride(1), v.stride(3),
+        *kc.stride(), *vc.stride(), Hkv, L, tc, P, scale_log2,
+        CMP_BLOCK=l, CMP_STRIDE=d, DK=Dk, DV=Dv, BLOCK_C=min(64, _pow2(-(-tc // s1))), BLOCK_DK=_pow2(Dk),
+        BLOCK_L=_pow2(l, 1), WRITE_NEW=mean, MEAN=mean, IEEE=ieee, **dims,
     )
-    cache.lengths.add_(1)
-    heads = lambda o: o[:, :, None].to(q.dtype)  # noqa: E731 - (B, Hq, Dv) -> (B, Hq, 1, Dv)
-    return _gate(heads(o_cmp), heads(o_slc), heads(o_swa), gates)
+    block_keys_kernel[(rows, s2)](
+        cache.lengths, logits, pm, pl, keys, Hkv, L, tc, ns, P, s1,
+        G=G, CMP_BLOCK=l, CMP_STRIDE=d, SEL_BLOCK=ls, N_INITIAL=config.num_initial, N_LOCAL=config.num_local,
+        BLOCK_G=_pow2(G), BLOCK_S1=_pow2(s1, 1), BLOCK_C=block_c, BLOCK_S=_pow2(step), SEL_STEP=step, num_warps=4,
+    )
+    block_ns = _pow2(min(ns, _KEYS_IN_REGISTERS))
+    sparse_split_kernel[(rows, n + nw)](
+        q, cache._k, cache._v, cache.lengths, keys, idx, pm, pl, pacc,
+        q.stride(0), q.stride(1), q.stride(3), *cache._k.stride(), *cache._v.stride(),
+        Hkv, L, ns, P, s1, scale_log2,
+        SEL_BLOCK=ls, N_SEL=n, WINDOW=w, DK=Dk, DV=Dv, TILE=tile, BLOCK_N=block_n, BLOCK_DK=_pow2(Dk),
+        BLOCK_SEL=_pow2(n, 2), BLOCK_NS=block_ns, ONE_TILE=ns <= block_ns, IEEE=ieee, **dims,
+    )
+    g_strides = gates.stride() if gates is not None else (0, 0, 0, 0)
+    combine_kernel[(B * Hq,)](
+        pm, pl, pacc, gates if gates is not None else out, out, cache.lengths,
+        g_strides[0], g_strides[1], g_strides[3], out.stride(0), out.stride(1), out.stride(3),
+        Hq, P, s1, G=G, N_SEL=n, DV=Dv, BLOCK_DV=_pow2(Dv), BLOCK_P=min(64, _pow2(max(s1, n, nw))),
+        GATED=gates is not None, num_warps=4,
+    )
+    return out, idx.view(B, Hkv, 1, n)

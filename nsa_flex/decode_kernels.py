@@ -1,166 +1,385 @@
-"""Triton kernel of one decode step (one new token per row): the three NSA branches and the
-block selection between them, in one program per (row, KV head). Kernel only; the launch code
-lives in ``cache.py`` (``decode_step(..., fused=True)``).
+"""Triton kernels of one decode step (one new token per row), split flash-decoding style so that
+a single row still spreads over the whole GPU. Kernels only; the launch code, the split counts
+and the scratch buffers live in ``cache.py`` (``_decode_fused``).
 
-Layout: ``q (B, Hq, 1, Dk)``; the cache's ``k (B, Hkv, L+1, Dk)``, ``v (B, Hkv, L+1, Dv)``,
-``k_cmp (B, Hkv, Lc+1, Dk)`` float32, ``v_cmp (B, Hkv, Lc+1, Dv)``; ``lengths (B,)`` with the
-new token already written at position ``lengths[b]``. The row tile is the ``G`` query heads of
-the KV head, padded to ``BLOCK_G`` (at least 16). Every product is a float32 one
-(``input_precision="ieee"``), as the PyTorch decode path computes in float32.
+Layout: ``q (B, Hq, 1, Dk)``; the new token's ``k_new (B, Hkv, 1, Dk)``, ``v_new (B, Hkv, 1,
+Dv)``; the cache's ``k (B, Hkv, L+1, Dk)``, ``v (B, Hkv, L+1, Dv)``, ``k_cmp (B, Hkv, Lc+1,
+Dk)``, ``v_cmp (B, Hkv, Lc+1, Dv)``; ``lengths (B,)``, the new token's position ``t`` (clamped to
+``L``, the spare slot). A program's row tile is the ``G`` query heads of one KV head, padded to
+``BLOCK_G`` (at least 16, ``tl.dot``'s smallest). Scratch, float32 and contiguous, ``R = B*Hkv``:
+``logits (R, G, Tc)``, ``keys (R, Ns)``, and the partial softmax states of ``P`` slots per row,
+``part_m, part_l (R, P, G)`` (running max and sum, base 2) and ``part_acc (R, P, G, Dv)``
+(unnormalised output). Slots ``0 .. S1-1`` are the compressed branch's splits, then ``n``
+selected blocks, then ``NW`` window tiles.
+
+The step, four launches:
+
+1. :func:`compressed_split_kernel`, grid ``(R, S1)``: split ``s`` attends the ``s``-th of ``S1``
+   equal slices of the row's visible compressed blocks, writes its partial state and the scaled
+   logits ``q . k_cmp`` of its slice. Split 0 writes the new token's K/V into the cache; with
+   mean compression the split that owns a block completed by the new token computes it first.
+2. :func:`block_keys_kernel`, grid ``(R, S2)``: each program combines the compressed splits'
+   ``(m, l)`` into the log-sum-exp, and turns a slice of candidate selection blocks' logits into
+   importances (paper eqs. 8-10): ``+inf`` for forced blocks.
+3. :func:`sparse_split_kernel`, grid ``(R, n + NW)``: program ``r < n`` ranks the row's keys
+   (top-n, an exact tie to the lower block) and attends the ``r``-th chosen block; the rest
+   attend one tile of the sliding window each.
+4. :func:`combine_kernel`, grid ``(B*Hq,)``: merges each branch's partial states, mixes the
+   three with the gates, writes the output in ``q``'s dtype and advances ``lengths``.
+
+Products: float32 inputs multiply in float32 (``input_precision="ieee"``); float16/bfloat16
+multiply natively with float32 accumulation. The importances are always float32 products.
 """
 
 import triton
 import triton.language as tl
 
-from .triton_kernels import _load_rows
+from .triton_kernels import _dot, _load_rows
 
 
 @triton.jit
-def _rows(ptr, stride_row, stride_col, rows, cols, row_mask, col_mask):
-    """The selected-branch kernels' tile load, widened to float32 (every product here is one)."""
-    return _load_rows(ptr, stride_row, stride_col, rows, cols, row_mask, col_mask).to(tl.float32)
-
-
-@triton.jit
-def _attend_keys(q, acc, m, l, k_base, v_base, skt, skd, svt, svd, pos, ok, dk, dv, dk_ok, dv_ok, scale_log2):
-    """One online-softmax step of the G rows over keys ``pos`` (``ok`` masks them)."""
-    kt = _rows(k_base, skt, skd, pos, dk, ok, dk_ok)
-    vt = _rows(v_base, svt, svd, pos, dv, ok, dv_ok)
-    s = tl.dot(q, tl.trans(kt), input_precision="ieee") * scale_log2
+def _softmax_step(s, ok, acc, m, l, v, IEEE: tl.constexpr):
+    """One online-softmax step of the row tile over a key tile: scores ``s`` (base 2), keys
+    ``ok``, values ``v``."""
     s = tl.where(ok[None, :], s, float("-inf"))
     m_new = tl.maximum(m, tl.max(s, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     p = tl.exp2(s - m_safe[:, None])
     alpha = tl.exp2(m - m_safe)
     l = l * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p, vt, input_precision="ieee")
+    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
     return acc, m_new, l
 
 
 @triton.jit
-def _store_rows(ptr, stride_row, rows, cols, row_ok, col_ok, acc, l):
-    out = tl.where((l > 0)[:, None], acc / tl.where(l > 0, l, 1.0)[:, None], 0.0)
-    tl.store(ptr + rows[:, None] * stride_row + cols[None, :], out, mask=row_ok[:, None] & col_ok[None, :])
+def _store_partial(PM, PL, PACC, slot_row, g, dv, g_ok, dv_ok, acc, m, l, G: tl.constexpr, DV: tl.constexpr):
+    """Partial state of the ``G`` rows into slot ``slot_row = row * P + slot``."""
+    base = slot_row * G + g
+    tl.store(PM + base, m, mask=g_ok)
+    tl.store(PL + base, l, mask=g_ok)
+    tl.store(PACC + base[:, None] * DV + dv[None, :], acc, mask=g_ok[:, None] & dv_ok[None, :])
 
 
 @triton.jit
-def decode_kernel(
-    Q, K, V, KC, VC, LEN, SCORES, IDX, OC, OS, OW,
+def _position(LEN, b, L):
+    # int32, so that loop-carried indices keep one type under compiled Triton
+    return tl.minimum(tl.load(LEN + b), L).to(tl.int32)
+
+
+@triton.jit
+def _num_visible(t, Tc, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr):
+    """Compressed blocks whose last token ``i*d + l - 1`` is at or before ``t``."""
+    n = tl.where(t >= CMP_BLOCK - 1, (tl.maximum(t, CMP_BLOCK - 1) - (CMP_BLOCK - 1)) // CMP_STRIDE + 1, 0)
+    return tl.minimum(n, Tc)
+
+
+@triton.jit
+def _mean_block(base, new_ptr, s_row, s_col, s_new, t, cols, cols_ok, CMP_BLOCK: tl.constexpr, BLOCK_L: tl.constexpr):
+    """The mean of tokens ``t - l + 1 .. t``: the cached ones and the new token at ``t``."""
+    rows = t - (CMP_BLOCK - 1) + tl.arange(0, BLOCK_L)
+    old = _load_rows(base, s_row, s_col, rows, cols, rows < t, cols_ok).to(tl.float32)
+    new = tl.load(new_ptr + cols * s_new, mask=cols_ok, other=0.0).to(tl.float32)
+    return (tl.sum(old, 0) + new) / CMP_BLOCK
+
+
+@triton.jit
+def compressed_split_kernel(
+    Q, K, V, KN, VN, KC, VC, LEN, LOGITS, PM, PL, PACC,
     sqb, sqh, sqd,
     skb, skh, skt, skd,
     svb, svh, svt, svd,
+    sknb, sknh, sknd,
+    svnb, svnh, svnd,
     skcb, skch, skct, skcd,
     svcb, svch, svct, svcd,
-    ssb, ssh,
-    sib, sih,
-    sob, soh,
-    Hkv, Tc, Ns, scale_log2,
-    G: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, SEL_BLOCK: tl.constexpr,
-    N_SEL: tl.constexpr, N_INITIAL: tl.constexpr, N_LOCAL: tl.constexpr, WINDOW: tl.constexpr,
-    DK: tl.constexpr, DV: tl.constexpr,
-    BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, SEL_STEP: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_SEL: tl.constexpr,
-    BLOCK_NS: tl.constexpr,
+    Hkv, L, Tc, P, scale_log2,
+    G: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_L: tl.constexpr, WRITE_NEW: tl.constexpr, MEAN: tl.constexpr, IEEE: tl.constexpr,
 ):
-    bh = tl.program_id(0)
-    b = (bh // Hkv).to(tl.int64)
-    h = (bh % Hkv).to(tl.int64)
-    R: tl.constexpr = CMP_BLOCK // CMP_STRIDE
-    PER_SEL: tl.constexpr = SEL_BLOCK // CMP_STRIDE
-    # the new token's position; int32 so that every index below (and the loop-carried best_j)
-    # keeps one type, as compiled Triton requires
-    t = tl.load(LEN + b).to(tl.int32)
-    g = tl.arange(0, BLOCK_G)
-    g_ok = g < G
+    row = tl.program_id(0)
+    split = tl.program_id(1)
+    n_split = tl.num_programs(1)
+    b = (row // Hkv).to(tl.int64)
+    h = (row % Hkv).to(tl.int64)
+    t = _position(LEN, b, L)
     dk = tl.arange(0, BLOCK_DK)
     dv = tl.arange(0, BLOCK_DV)
     dk_ok, dv_ok = dk < DK, dv < DV
-    q = _rows(Q + b * sqb + h * G * sqh, sqh, sqd, g, dk, g_ok, dk_ok)
+    k_base = K + b * skb + h * skh
+    v_base = V + b * svb + h * svh
     kc_base = KC + b * skcb + h * skch
     vc_base = VC + b * svcb + h * svch
-    c = tl.arange(0, BLOCK_C)
+    kn_ptr = KN + b * sknb + h * sknh
+    vn_ptr = VN + b * svnb + h * svnh
+    if WRITE_NEW:
+        if split == 0:  # later kernels read the new token from the cache
+            tl.store(k_base + t * skt + dk * skd, tl.load(kn_ptr + dk * sknd, mask=dk_ok), mask=dk_ok)
+            tl.store(v_base + t * svt + dv * svd, tl.load(vn_ptr + dv * svnd, mask=dv_ok), mask=dv_ok)
 
-    # Compressed branch: blocks whose last token i*d + l - 1 <= t.
-    n_vis = tl.where(t >= CMP_BLOCK - 1, (t - (CMP_BLOCK - 1)) // CMP_STRIDE + 1, 0)
-    n_vis = tl.minimum(n_vis, Tc)
+    # this split's slice of the visible compressed blocks: equal shares of what the row holds now
+    n_vis = _num_visible(t, Tc, CMP_BLOCK, CMP_STRIDE)
+    chunk = tl.cdiv(n_vis, n_split)
+    lo = split * chunk
+    hi = tl.minimum(lo + chunk, n_vis)
+    # A block that the new token completes is the last visible one. Its owner computes it (from
+    # the cached tokens and the new one: split 0 may not have written that yet), stores it for
+    # later steps, and uses it from registers.
+    i_new = tl.zeros([], tl.int32) - 1
+    kc_new = tl.zeros([BLOCK_DK], KC.dtype.element_ty)
+    vc_new = tl.zeros([BLOCK_DV], VC.dtype.element_ty)
+    if MEAN:
+        last = n_vis - 1
+        if (n_vis > 0) & (last * CMP_STRIDE + CMP_BLOCK - 1 == t) & (last >= lo) & (last < hi):
+            kc_new = _mean_block(k_base, kn_ptr, skt, skd, sknd, t, dk, dk_ok, CMP_BLOCK, BLOCK_L).to(KC.dtype.element_ty)
+            vc_new = _mean_block(v_base, vn_ptr, svt, svd, svnd, t, dv, dv_ok, CMP_BLOCK, BLOCK_L).to(VC.dtype.element_ty)
+            tl.store(kc_base + last * skct + dk * skcd, kc_new, mask=dk_ok)
+            tl.store(vc_base + last * svct + dv * svcd, vc_new, mask=dv_ok)
+            i_new = last
+
+    g = tl.arange(0, BLOCK_G)
+    g_ok = g < G
+    q = _load_rows(Q + b * sqb + h * G * sqh, sqh, sqd, g, dk, g_ok, dk_ok)
+    logit_rows = LOGITS + (row.to(tl.int64) * G + g[:, None]) * Tc
+    c = tl.arange(0, BLOCK_C)
     acc = tl.zeros([BLOCK_G, BLOCK_DV], tl.float32)
     m = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_G], tl.float32)
-    for c0 in range(0, n_vis, BLOCK_C):
-        acc, m, l = _attend_keys(q, acc, m, l, kc_base, vc_base, skct, skcd, svct, svcd, c0 + c,
-                                 c0 + c < n_vis, dk, dv, dk_ok, dv_ok, scale_log2)
-    o_base = b * sob + h * G * soh
-    _store_rows(OC + o_base, soh, g, dv, g_ok, dv_ok, acc, l)
-    lse = tl.where(l > 0, m + tl.log2(tl.where(l > 0, l, 1.0)), float("inf"))  # +inf: every p is 0
+    for c0 in range(lo, hi, BLOCK_C):
+        i = c0 + c
+        ok = i < hi
+        kc = _load_rows(kc_base, skct, skcd, i, dk, ok & (i != i_new), dk_ok)
+        vc = _load_rows(vc_base, svct, svcd, i, dv, ok & (i != i_new), dv_ok)
+        if MEAN:
+            kc = tl.where((i == i_new)[:, None], kc_new[None, :], kc)
+            vc = tl.where((i == i_new)[:, None], vc_new[None, :], vc)
+        kc, vc = kc.to(q.dtype), vc.to(q.dtype)
+        s = _dot(q, tl.trans(kc), IEEE) * scale_log2
+        tl.store(logit_rows + i[None, :], s, mask=g_ok[:, None] & ok[None, :])
+        acc, m, l = _softmax_step(s, ok, acc, m, l, vc, IEEE)
+    _store_partial(PM, PL, PACC, row.to(tl.int64) * P + split, g, dv, g_ok, dv_ok, acc, m, l, G, DV)
 
-    # Scores of the selection blocks j <= t // l' (eqs. 8-10), +inf for forced ones, into a
-    # scratch row: the group's probabilities mapped by token overlap, a step of blocks at a time.
+
+@triton.jit
+def block_keys_kernel(
+    LEN, LOGITS, PM, PL, KEYS,
+    Hkv, L, Tc, Ns, P, S1,
+    G: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, SEL_BLOCK: tl.constexpr,
+    N_INITIAL: tl.constexpr, N_LOCAL: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_S1: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+    SEL_STEP: tl.constexpr,
+):
+    """Keys of the candidate selection blocks ``j <= t // l'``: the group's summed probability
+    mapped by token overlap, ``+inf`` for forced blocks. Program ``s`` takes the ``s``-th equal
+    slice of the candidates, ``SEL_STEP`` blocks (``BLOCK_C`` compressed logits) at a time:
+    compressed block ``i`` and selection block ``j`` share ``|[i, i+r-1] & [j*l'/d,
+    (j+1)*l'/d - 1]|`` stride-chunks of ``d`` tokens, a small float32 product."""
+    row = tl.program_id(0)
+    split = tl.program_id(1)
+    n_split = tl.num_programs(1)
+    b = (row // Hkv).to(tl.int64)
+    R: tl.constexpr = CMP_BLOCK // CMP_STRIDE
+    PER_SEL: tl.constexpr = SEL_BLOCK // CMP_STRIDE
+    t = _position(LEN, b, L)
+    n_vis = _num_visible(t, Tc, CMP_BLOCK, CMP_STRIDE)
     # (clamped: a replay that outran max_len has t = L, whose block may be past the last)
     cur = tl.minimum(t // SEL_BLOCK, Ns - 1)
+
+    # log-sum-exp (base 2) of each head over all visible blocks, from the splits' states;
+    # +inf for a head that sees none, so that every p below is 0
+    g = tl.arange(0, BLOCK_G)
+    g_ok = g < G
+    sp = tl.arange(0, BLOCK_S1)
+    part = (row.to(tl.int64) * P + sp[:, None]) * G + g[None, :]
+    part_ok = (sp < S1)[:, None] & g_ok[None, :]
+    pm = tl.load(PM + part, mask=part_ok, other=float("-inf"))
+    pl = tl.load(PL + part, mask=part_ok, other=0.0)
+    mx = tl.max(pm, 0)
+    mx = tl.where(mx == float("-inf"), 0.0, mx)
+    total = tl.sum(pl * tl.exp2(pm - mx[None, :]), 0)
+    lse = tl.where(total > 0, mx + tl.log2(tl.where(total > 0, total, 1.0)), float("inf"))
+
+    n_cand = cur + 1
+    chunk = tl.cdiv(tl.cdiv(n_cand, SEL_STEP), n_split) * SEL_STEP  # whole steps
+    lo = split * chunk
+    hi = tl.minimum(lo + chunk, n_cand)
+    logit_rows = LOGITS + (row.to(tl.int64) * G + g[:, None]) * Tc
+    c = tl.arange(0, BLOCK_C)
     jb = tl.arange(0, BLOCK_S)
-    s_row = SCORES + b * ssb + h * ssh
-    for j0 in range(0, cur + 1, SEL_STEP):
+    for j0 in range(lo, hi, SEL_STEP):
         i = j0 * PER_SEL - (R - 1) + c
         i_ok = (i >= 0) & (i < n_vis)
-        kc = _rows(kc_base, skct, skcd, i, dk, i_ok, dk_ok)
-        s = tl.dot(q, tl.trans(kc), input_precision="ieee") * scale_log2
-        p = tl.where(i_ok[None, :] & g_ok[:, None], tl.exp2(s - lse[:, None]), 0.0)
+        ok = g_ok[:, None] & i_ok[None, :]
+        s = tl.load(logit_rows + i[None, :], mask=ok, other=float("-inf"))
+        p = tl.where(ok, tl.exp2(s - lse[:, None]), 0.0)
         j = j0 + jb
-        lo = tl.maximum(i[:, None], (j * PER_SEL)[None, :])
-        hi = tl.minimum(i[:, None] + R - 1, (j * PER_SEL + PER_SEL - 1)[None, :])
-        w = tl.where((jb < SEL_STEP)[None, :], tl.maximum(hi - lo + 1, 0).to(tl.float32), 0.0)
+        first = tl.maximum(i[:, None], (j * PER_SEL)[None, :])
+        last = tl.minimum(i[:, None] + R - 1, (j * PER_SEL + PER_SEL - 1)[None, :])
+        w = tl.where((jb < SEL_STEP)[None, :], tl.maximum(last - first + 1, 0).to(tl.float32), 0.0)
+        # exact float32 products: TF32 would round the probabilities the top-n compares
         imp = tl.sum(tl.dot(p, w, input_precision="ieee"), 0)  # (BLOCK_S,)
         forced = (j < N_INITIAL) | (j > cur - N_LOCAL)
-        tl.store(s_row + j, tl.where(forced, float("inf"), imp), mask=(jb < SEL_STEP) & (j <= cur))
-    tl.debug_barrier()
+        tl.store(KEYS + row.to(tl.int64) * Ns + j, tl.where(forced, float("inf"), imp),
+                 mask=(jb < SEL_STEP) & (j < hi))
 
-    # Top-n over the candidates: the highest score, the lower block on an exact tie, n times.
+
+@triton.jit
+def _packed(vals, j, ok, Ns):
+    """Keys as int64 that order like (value, then lower block first); the smallest int64 where
+    not ``ok``.
+
+    The float's bits are made monotonic as a signed int32 (negative floats flip their magnitude
+    bits) and fill the high half; the block index, reversed, fills the low half, so that one
+    integer maximum finds the best block and breaks an exact tie to the lower one.
+    """
+    bits = vals.to(tl.int32, bitcast=True)
+    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    key = (ordered.to(tl.int64) << 32) | (Ns - 1 - j).to(tl.int64)
+    return tl.where(ok, key, -9223372036854775807 - 1)
+
+
+@triton.jit
+def _top_n(KEYS, cur, Ns, N_SEL: tl.constexpr, BLOCK_SEL: tl.constexpr, BLOCK_NS: tl.constexpr,
+           ONE_TILE: tl.constexpr):
+    """The ``N_SEL`` best of ``keys[0 .. cur]`` (distinct integers from :func:`_packed`) as
+    block indices, ``-1`` for empty slots: round ``r`` takes the largest key below round
+    ``r - 1``'s. With ``ONE_TILE`` the keys stay in registers; otherwise every round reads
+    them again."""
+    NONE: tl.constexpr = -9223372036854775807 - 1
     slot = tl.arange(0, BLOCK_SEL)
     chosen = tl.full([BLOCK_SEL], -1, tl.int32)
     jn = tl.arange(0, BLOCK_NS)
-    for r in range(N_SEL):
-        best_v = tl.full([], float("-inf"), tl.float32)
-        best_j = tl.zeros([], tl.int32) + Ns
-        for j0 in range(0, cur + 1, BLOCK_NS):
-            j = j0 + jn
-            vals = tl.load(s_row + j, mask=j <= cur, other=float("-inf"))
-            v_max = tl.max(vals, 0)
-            j_at = tl.min(tl.where(vals == v_max, j, Ns), 0)
-            better = (v_max > best_v) | ((v_max == best_v) & (j_at < best_j))
-            best_j = tl.where(better, j_at, best_j)
-            best_v = tl.where(better, v_max, best_v)
-        found = best_v > float("-inf")
-        chosen = tl.where(slot == r, tl.where(found, best_j, -1), chosen)
-        tl.store(s_row + best_j, float("-inf"), mask=found)
-        tl.debug_barrier()
-    # ascending, -1 last (as select_blocks returns them)
-    chosen = tl.sort(tl.where(chosen >= 0, chosen, Ns))
-    chosen = tl.where(chosen < Ns, chosen, -1)
-    tl.store(IDX + b * sib + h * sih + slot, chosen, mask=slot < N_SEL)
+    below = tl.full([], 9223372036854775807, tl.int64)
+    if ONE_TILE:
+        key = _packed(tl.load(KEYS + jn, mask=jn <= cur, other=0.0), jn, jn <= cur, Ns)
+        for r in range(N_SEL):
+            best = tl.max(tl.where(key < below, key, NONE), 0)
+            j = tl.where(best > NONE, Ns - 1 - (best & 0xFFFFFFFF), -1).to(tl.int32)
+            chosen = tl.where(slot == r, j, chosen)
+            below = best
+    else:
+        for r in range(N_SEL):
+            best = tl.full([], NONE, tl.int64)
+            for j0 in range(0, cur + 1, BLOCK_NS):
+                jj = j0 + jn
+                key = _packed(tl.load(KEYS + jj, mask=jj <= cur, other=0.0), jj, jj <= cur, Ns)
+                best = tl.maximum(best, tl.max(tl.where(key < below, key, NONE), 0))
+            j = tl.where(best > NONE, Ns - 1 - (best & 0xFFFFFFFF), -1).to(tl.int32)
+            chosen = tl.where(slot == r, j, chosen)
+            below = best
+    return chosen
 
-    # Selected branch: the tokens <= t of the chosen blocks.
+
+@triton.jit
+def sparse_split_kernel(
+    Q, K, V, LEN, KEYS, IDX, PM, PL, PACC,
+    sqb, sqh, sqd,
+    skb, skh, skt, skd,
+    svb, svh, svt, svd,
+    Hkv, L, Ns, P, S1, scale_log2,
+    G: tl.constexpr, SEL_BLOCK: tl.constexpr, N_SEL: tl.constexpr, WINDOW: tl.constexpr,
+    DK: tl.constexpr, DV: tl.constexpr, TILE: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_SEL: tl.constexpr, BLOCK_NS: tl.constexpr, ONE_TILE: tl.constexpr, IEEE: tl.constexpr,
+):
+    """Program ``r < N_SEL``: the chosen block of rank ``r`` (ascending), its tokens ``<= t``;
+    program ``N_SEL + w``: window tokens ``t - W + 1 + w*TILE ..`` (at most ``TILE``, ``<= t``)."""
+    row = tl.program_id(0)
+    r = tl.program_id(1)
+    b = (row // Hkv).to(tl.int64)
+    h = (row % Hkv).to(tl.int64)
+    t = _position(LEN, b, L)
+
+    j = tl.zeros([], tl.int32) - 1
+    if r < N_SEL:
+        cur = tl.minimum(t // SEL_BLOCK, Ns - 1)
+        chosen = _top_n(KEYS + row.to(tl.int64) * Ns, cur, Ns, N_SEL, BLOCK_SEL, BLOCK_NS, ONE_TILE)
+        # ascending order: each block's rank among the chosen (empty slots last, in slot order)
+        slot = tl.arange(0, BLOCK_SEL)
+        order = tl.where(chosen >= 0, chosen, Ns + slot)
+        order = tl.where(slot < N_SEL, order, 2 * Ns + BLOCK_SEL + slot)
+        rank = tl.sum((order[None, :] < order[:, None]).to(tl.int32), 1)
+        if r == 0:
+            tl.store(IDX + row.to(tl.int64) * N_SEL + rank, chosen, mask=slot < N_SEL)
+        j = tl.sum(tl.where(rank == r, chosen, 0), 0)
+    w_tile = r - N_SEL
+    start = tl.where(r < N_SEL, j * SEL_BLOCK, t - (WINDOW - 1) + w_tile * TILE)
+    span = tl.where(r < N_SEL, SEL_BLOCK, tl.minimum(TILE, WINDOW - w_tile * TILE))
+
+    dk = tl.arange(0, BLOCK_DK)
+    dv = tl.arange(0, BLOCK_DV)
+    dk_ok, dv_ok = dk < DK, dv < DV
+    g = tl.arange(0, BLOCK_G)
+    g_ok = g < G
+    q = _load_rows(Q + b * sqb + h * G * sqh, sqh, sqd, g, dk, g_ok, dk_ok)
     k_base = K + b * skb + h * skh
     v_base = V + b * svb + h * svh
     n = tl.arange(0, BLOCK_N)
     acc = tl.zeros([BLOCK_G, BLOCK_DV], tl.float32)
     m = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_G], tl.float32)
-    for r in range(N_SEL):
-        j = tl.sum(tl.where(slot == r, chosen, 0), 0)
-        for off in range(0, SEL_BLOCK, BLOCK_N):
-            pos = j * SEL_BLOCK + off + n
-            ok = (off + n < SEL_BLOCK) & (pos <= t) & (pos >= 0)  # j = -1 (no block): pos < 0
-            acc, m, l = _attend_keys(q, acc, m, l, k_base, v_base, skt, skd, svt, svd, pos, ok,
-                                     dk, dv, dk_ok, dv_ok, scale_log2)
-    _store_rows(OS + o_base, soh, g, dv, g_ok, dv_ok, acc, l)
+    for off in range(0, TILE, BLOCK_N):
+        pos = start + off + n
+        ok = (off + n < span) & (pos >= 0) & (pos <= t)  # no block (j = -1): pos < 0
+        kt = _load_rows(k_base, skt, skd, pos, dk, ok, dk_ok)
+        vt = _load_rows(v_base, svt, svd, pos, dv, ok, dv_ok)
+        s = _dot(q, tl.trans(kt), IEEE) * scale_log2
+        acc, m, l = _softmax_step(s, ok, acc, m, l, vt, IEEE)
+    _store_partial(PM, PL, PACC, row.to(tl.int64) * P + S1 + r, g, dv, g_ok, dv_ok, acc, m, l, G, DV)
 
-    # Sliding window: keys t - w < s <= t.
-    first = tl.maximum(t - (WINDOW - 1), 0)
-    acc = tl.zeros([BLOCK_G, BLOCK_DV], tl.float32)
-    m = tl.full([BLOCK_G], float("-inf"), tl.float32)
-    l = tl.zeros([BLOCK_G], tl.float32)
-    for s0 in range(0, WINDOW, BLOCK_N):
-        pos = first + s0 + n
-        acc, m, l = _attend_keys(q, acc, m, l, k_base, v_base, skt, skd, svt, svd, pos,
-                                 (s0 + n < WINDOW) & (pos <= t), dk, dv, dk_ok, dv_ok, scale_log2)
-    _store_rows(OW + o_base, soh, g, dv, g_ok, dv_ok, acc, l)
+
+@triton.jit
+def _merge(PM, PL, PACC, slot_row0, lo, hi, G: tl.constexpr, DV: tl.constexpr, dv, dv_ok,
+           BLOCK_DV: tl.constexpr, BLOCK_P: tl.constexpr):
+    """One head's output from the partial states in slots ``lo .. hi - 1`` (0 if all are empty).
+    ``slot_row0 * G`` addresses the head's entry of slot 0."""
+    sp = tl.arange(0, BLOCK_P)
+    m = tl.full([], float("-inf"), tl.float32)
+    l = tl.zeros([], tl.float32)
+    acc = tl.zeros([BLOCK_DV], tl.float32)
+    for p0 in range(lo, hi, BLOCK_P):
+        ok = p0 + sp < hi
+        at = slot_row0 + (p0 + sp) * G
+        pm = tl.load(PM + at, mask=ok, other=float("-inf"))
+        pl = tl.load(PL + at, mask=ok, other=0.0)
+        pa = tl.load(PACC + at[:, None] * DV + dv[None, :], mask=ok[:, None] & dv_ok[None, :], other=0.0)
+        m_new = tl.maximum(m, tl.max(pm, 0))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        w = tl.exp2(pm - m_safe)
+        alpha = tl.exp2(m - m_safe)
+        l = l * alpha + tl.sum(pl * w, 0)
+        acc = acc * alpha + tl.sum(pa * w[:, None], 0)
+        m = m_new
+    return tl.where(l > 0, acc / tl.where(l > 0, l, 1.0), 0.0)
+
+
+@triton.jit
+def combine_kernel(
+    PM, PL, PACC, GATES, OUT, LEN,
+    sgb, sgh, sgc,
+    sob, soh, sod,
+    Hq, P, S1,
+    G: tl.constexpr, N_SEL: tl.constexpr, DV: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_P: tl.constexpr,
+    GATED: tl.constexpr,
+):
+    """One query head: the three branches from their slots, gated (eq. 5); then ``lengths[b]
+    += 1`` (by head 0 of each row, after every kernel of the step has read it)."""
+    pid = tl.program_id(0)
+    b = (pid // Hq).to(tl.int64)
+    hq = (pid % Hq).to(tl.int64)
+    dv = tl.arange(0, BLOCK_DV)
+    dv_ok = dv < DV
+    # the head's entry of slot 0 of its KV head's row, (row * P) * G + g, row = b*Hkv + hq // G
+    slot_row0 = (b * (Hq // G) + hq // G) * P * G + hq % G
+    o_cmp = _merge(PM, PL, PACC, slot_row0, 0, S1, G, DV, dv, dv_ok, BLOCK_DV, BLOCK_P)
+    o_slc = _merge(PM, PL, PACC, slot_row0, S1, S1 + N_SEL, G, DV, dv, dv_ok, BLOCK_DV, BLOCK_P)
+    o_swa = _merge(PM, PL, PACC, slot_row0, S1 + N_SEL, P, G, DV, dv, dv_ok, BLOCK_DV, BLOCK_P)
+    if GATED:
+        gp = GATES + b * sgb + hq * sgh
+        out = (tl.load(gp).to(tl.float32) * o_cmp + tl.load(gp + sgc).to(tl.float32) * o_slc
+               + tl.load(gp + 2 * sgc).to(tl.float32) * o_swa)
+    else:
+        out = o_cmp + o_slc + o_swa
+    tl.store(OUT + b * sob + hq * soh + dv * sod, out.to(OUT.dtype.element_ty), mask=dv_ok)
+    if hq == 0:
+        tl.store(LEN + b, tl.load(LEN + b) + 1)

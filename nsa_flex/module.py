@@ -269,7 +269,7 @@ class SparseAttention(nn.Module):
         )
         return self.to_out(rearrange(out, "b h t d -> b t (h d)"))
 
-    def decode(self, x: Tensor, cache: NSACache, *, fused: bool = False) -> Tensor:
+    def decode(self, x: Tensor, cache: NSACache, *, fused: bool | None = None) -> Tensor:
         """Append ``m`` tokens per row to ``cache`` and return their outputs.
 
         Args:
@@ -277,7 +277,8 @@ class SparseAttention(nn.Module):
                 decoding). RoPE rotates them at each row's absolute positions
                 ``cache.lengths[b] ..``.
             cache: filled by :meth:`prefill` (or empty), updated in place.
-            fused: ``decode_step``'s one-kernel step (``m = 1``; not yet run on a GPU).
+            fused: as for ``decode_step``: ``True`` the Triton kernels (``m = 1``), ``False``
+                PyTorch operations, ``None`` (default) the kernels for ``m = 1`` on CUDA.
 
         Returns:
             ``(B, m, dim)``, equal to ``forward`` over the row's whole sequence at those

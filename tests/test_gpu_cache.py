@@ -162,3 +162,102 @@ def test_float32_eager_decode_matches_forward():
     got = torch.cat(outs, dim=1)
     assert rel_err(got, full[:, :i]) < TOL[torch.float32]
     assert rel_err(got[:, 600:], full[:, 600:i]) < TOL[torch.float32]
+
+
+# ------------------------------------------------- the fused step at the reference shape
+
+
+def _filled_cache(B, Hkv, D, config, lengths, max_len, dtype, seed):
+    """A cache whose row ``b`` holds ``lengths[b]`` random tokens (and their block means)."""
+    from nsa_flex import mean_compress
+
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    T = max(lengths)
+    cache = NSACache(B, Hkv, max_len, D, config=config, device="cuda", dtype=dtype)
+    k = torch.randn(B, Hkv, T, D, device="cuda", generator=g).to(dtype)
+    v = torch.randn(B, Hkv, T, D, device="cuda", generator=g).to(dtype)
+    cache.k[:, :, :T], cache.v[:, :, :T] = k, v  # past a row's length: never visible
+    tc = config.num_compressed(T)
+    cache.k_cmp[:, :, :tc], cache.v_cmp[:, :, :tc] = mean_compress(k, config), mean_compress(v, config)
+    cache.lengths.copy_(torch.tensor(lengths))
+    cache._bound = T
+    return cache
+
+
+def _chosen_importance(cache, q, idx, scale):
+    """The float64 importance (eqs. 8-10) of each (row, KV head)'s chosen blocks, summed, for
+    the query at position ``lengths - 1`` (after its step); forced blocks count 0."""
+    from nsa_flex.selection import block_importance
+
+    config, L = cache.config, cache.max_len
+    B, Hkv = cache.batch_size, cache.kv_heads
+    t = cache.lengths - 1
+    tc, ns = config.num_compressed(L), config.num_select_blocks(L)
+    qg = q[:, :, 0].unflatten(1, (Hkv, -1)).double()  # (B, Hkv, G, D)
+    s = qg @ cache.k_cmp.double().transpose(-1, -2) * scale  # (B, Hkv, G, tc)
+    visible = (torch.arange(tc, device="cuda") * config.compress_stride + config.compress_block - 1) <= t[:, None]
+    p = torch.softmax(s.masked_fill(~visible[:, None, None], float("-inf")), -1).nan_to_num(0.0).sum(2)
+    imp = block_importance(p, config, L)  # (B, Hkv, ns)
+    j = torch.arange(ns, device="cuda")
+    cur = (t // config.select_block)[:, None]
+    forced = (j < config.num_initial) | (j > cur - config.num_local)
+    imp = imp.masked_fill(forced[:, None], 0.0)
+    chosen = idx[:, :, 0].long()
+    return (imp.gather(-1, chosen.clamp_min(0)) * (chosen >= 0)).sum(-1)  # (B, Hkv)
+
+
+@pytest.mark.parametrize("B", [1, 8])
+@pytest.mark.parametrize("T", [8192, 65536])
+def test_fused_decode_at_the_reference_shape_in_a_cuda_graph(B, T):
+    """The split kernels against the PyTorch step, both captured in CUDA graphs, SPEC's shape
+    in bf16, rows of different lengths; 4 steps cross compression and selection boundaries.
+
+    The chosen blocks must be equal, except where two blocks' importances tie to float32
+    rounding (the two sum their products in different orders): there the chosen blocks'
+    float64 importances must agree. Outputs agree to bf16 rounding wherever the blocks do.
+    """
+    from nsa_flex.cache import _compressor, _decode, _decode_fused
+
+    torch.manual_seed(T + B)
+    config, dtype = NSAConfig(), torch.bfloat16
+    Hq, Hkv, D, steps = 64, 4, 128, 4
+    scale = D**-0.5
+    lengths = [T - 3 - 7 * b for b in range(B)]
+    fused = _filled_cache(B, Hkv, D, config, lengths, T + 1, dtype, seed=T)
+    ref = fused.clone()
+    static = [torch.zeros(B, h, 1, d, device="cuda", dtype=dtype) for h, d in ((Hq, D), (Hkv, D), (Hkv, D), (Hq, 3))]
+    mean = _compressor(None, config)
+    graph_f, out_f = capture(lambda: _decode_fused(fused, *static, config, scale, None, None), fused)
+    graph_r, out_r = capture(lambda: _decode(ref, *static, config, scale, mean, mean), ref)
+    mismatched = 0
+    for i in range(steps):
+        for buf in static[:3]:
+            buf.copy_(torch.randn(buf.shape, device="cuda").to(dtype))
+        static[3].copy_(torch.rand(static[3].shape, device="cuda").to(dtype))
+        graph_f.replay()
+        graph_r.replay()
+        torch.cuda.synchronize()
+        (got, got_idx), (want, want_idx) = out_f, out_r
+        assert torch.equal(fused.lengths, ref.lengths) and fused.lengths.tolist() == [n + i + 1 for n in lengths]
+        same = (got_idx == want_idx).all(-1)[:, :, 0]  # (B, Hkv)
+        mismatched += int((~same).sum())
+        if not same.all():
+            a, b = _chosen_importance(fused, static[0], got_idx, scale), _chosen_importance(ref, static[0], want_idx, scale)
+            assert torch.allclose(a[~same], b[~same], rtol=1e-4, atol=1e-7), (i, a[~same], b[~same])
+        rows = same.repeat_interleave(Hq // Hkv, dim=1)  # (B, Hq)
+        assert torch.isfinite(got).all()
+        assert rel_err(got[rows], want[rows]) < 1e-2, i
+    assert mismatched <= steps * B * Hkv // 8, mismatched  # near-ties are rare
+    for name in ("k", "v", "k_cmp", "v_cmp"):
+        torch.testing.assert_close(getattr(fused, name), getattr(ref, name), rtol=1e-2, atol=1e-2)
+
+
+def test_fused_is_the_default_on_cuda():
+    torch.manual_seed(5)
+    config, dtype = NSAConfig(window=128), torch.bfloat16
+    cache = _filled_cache(2, 2, 64, config, [700, 333], 800, dtype, seed=5)
+    other = cache.clone()
+    q, k, v = (torch.randn(2, h, 1, 64, device="cuda").to(dtype) for h in (8, 2, 2))
+    with torch.no_grad():
+        assert torch.equal(decode_step(cache, q, k, v), decode_step(other, q, k, v, fused=True))
+    assert torch.equal(cache.k_cmp, other.k_cmp) and torch.equal(cache.lengths, other.lengths)
