@@ -1,11 +1,13 @@
 """The triton backend's selected branch: launch code around ``triton_kernels``.
 
 The forward and dQ kernels run one program per (query position, batch row, KV head), the G
-query heads of the group as the rows of every tile. The dK/dV kernel runs one program per
-(selection-block tile, batch row, KV head) over the queries that selected that block: the
-selection is inverted with a sort, so every key has exactly one writer and the gradients are
-deterministic without atomics. Nothing here reads device values on the host, so forward and
-backward can be captured in a CUDA graph.
+query heads of the group as the rows of every tile. The dK/dV pass inverts the selection with a
+sort (for each block, the queries that selected it) and gathers over those lists, several
+queries a step; a list longer than one segment (block 0 is in every query's list) is cut, its
+later segments summed into a float32 scratch by one kernel and added in order by the kernel
+that owns the block's keys (``_dkdv``). Every key has one writer and every sum a fixed order, so
+the gradients are deterministic without atomics. Nothing here reads device values on the host,
+so forward and backward can be captured in a CUDA graph.
 
 Autograd and ``torch.compile`` see the launches as the custom operators of :mod:`nsa_flex.ops`
 (``nsa_flex::selected_attention`` and ``nsa_flex::selected_attention_backward``), so the
@@ -64,28 +66,78 @@ def check_runnable(q: Tensor) -> None:
         raise TypeError("the triton backend under Triton's CPU interpreter takes float16 or float32, not bfloat16")
 
 
-def _meta(G: int, Dk: int, Dv: int, select_block: int, dtype: torch.dtype) -> dict:
-    block_dk, block_dv = _pow2(Dk), _pow2(Dv)
-    # Key tile: up to 64 keys, fewer when one K+V tile would pass 64 KiB, so that two pipeline
-    # stages fit in shared memory for every dtype and head dim up to 256.
-    block_n = min(64, _pow2(select_block))
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    while block_n > 16 and block_n * (block_dk + block_dv) * itemsize > 64 * 2**10:
-        block_n //= 2
-    return dict(
-        G=G,
-        SEL_BLOCK=select_block,
-        DK=Dk,
-        DV=Dv,
-        BLOCK_G=_pow2(G),
-        BLOCK_N=block_n,
-        BLOCK_DK=block_dk,
-        BLOCK_DV=block_dv,
-        # float32 inputs get true float32 products (Triton's default would be TF32)
-        IEEE=dtype == torch.float32,
-        num_warps=4,
-        num_stages=2,
-    )
+# A budget for each kernel's shared memory, under the H200's 227 KiB per block with room for
+# Triton's own staging: an upper bound counting every loop-carried load as pipelined.
+_SMEM_BUDGET = 192 * 2**10
+
+
+def _meta(G: int, Dk: int, Dv: int, select_block: int, dtype: torch.dtype, kernel: str = "fwd") -> dict:
+    """Tile sizes and launch settings of one kernel: ``"fwd"``, ``"dq"`` or ``"dkdv"`` (both
+    dK/dV kernels).
+
+    ``fwd``/``dq`` stream key tiles of ``BLOCK_N`` keys past the group's ``BLOCK_G`` resident
+    rows; ``dkdv`` streams row tiles of ``BLOCK_R`` (several queries' heads) past a resident
+    ``BLOCK_N``-key tile and its float32 dK/dV accumulators. Tiles shrink (pipeline stages
+    first) until the shared-memory bound fits ``_SMEM_BUDGET`` for every dtype, head dim up to
+    256 and group size.
+    """
+    block_g, block_dk, block_dv = _pow2(G), _pow2(Dk), _pow2(Dv)
+    size = torch.empty((), dtype=dtype).element_size()
+    half = dtype != torch.float32
+    d = block_dk + block_dv
+    meta = dict(G=G, SEL_BLOCK=select_block, DK=Dk, DV=Dv, BLOCK_DK=block_dk, BLOCK_DV=block_dv,
+                # float32 inputs get true float32 products (Triton's default would be TF32)
+                IEEE=not half)
+    if kernel in ("fwd", "dq"):
+        # Best of the sweep on an H200 (bf16, D=128, G=16): 32 keys, 2 warps, 2 stages (forward
+        # 20.0 ms against 22.9 at 64 keys and 4 warps; dQ 19.2 against 26.2). Wider rows or
+        # head dims keep 4 warps for the accumulator's registers. float32's exact products run
+        # without tensor cores: past 16 rows of D=128, 16-key tiles and 8 warps, or registers
+        # spill (seen compiling for sm_90).
+        wide = not half and block_g * d > 16 * 256
+        block_n = min(16 if wide else 32, _pow2(select_block))
+        stages = 2
+        if half:
+            warps = 2 if block_g <= 16 and max(block_dk, block_dv) <= 128 else 4
+        else:
+            warps = 8 if wide else 4
+        resident = block_g * (block_dk if kernel == "fwd" else d) * size  # q (and dO)
+
+        def smem(n, st):
+            return resident + st * n * d * size
+    elif kernel == "dkdv":
+        # Key tile: up to 64 keys, fewer where the two float32 accumulators (BLOCK_N x D each,
+        # in registers: 64 a thread at 8 warps) would pass 64 KiB, i.e. past D=128. Row tile: up
+        # to 64 rows (at least the group), fewer where a q+dO tile would pass 64 KiB, or 16 KiB
+        # in float32, whose exact products run without tensor cores and spill registers on
+        # wider tiles (seen compiling for sm_90).
+        block_n = min(64, _pow2(select_block))
+        while block_n > 16 and block_n * d * 4 > 64 * 2**10:
+            block_n //= 2
+        rows = max(64, block_g)
+        while rows > block_g and rows * d * size > (64 if half else 16) * 2**10:
+            rows //= 2
+        stages = 2
+
+        def smem(n, st):
+            # K, V resident; q, dO pipelined; p and dS staged for the products
+            return n * d * size + st * rows * d * size + 2 * rows * n * size
+        meta["BLOCK_R"] = rows
+    else:
+        raise ValueError(f"kernel must be 'fwd', 'dq' or 'dkdv', got {kernel!r}")
+    while smem(block_n, stages) > _SMEM_BUDGET and (stages > 1 or block_n > 16):
+        if stages > 1:
+            stages -= 1
+        else:
+            block_n //= 2
+    if kernel == "dkdv":
+        # 8 warps: at 4, the accumulators and score tiles spill registers (seen compiling for
+        # sm_90 at G=3, D=64 and G=16, D=128); 4 for tiles too small to share among 8
+        warps = 8 if block_n * d >= 64 * 64 else 4
+    else:
+        meta["BLOCK_G"] = block_g
+    meta.update(BLOCK_N=block_n, num_warps=warps, num_stages=stages)
+    return meta
 
 
 def _strides(x: Tensor) -> tuple[int, ...]:
@@ -142,11 +194,11 @@ def selected_backward(q, k, v, idx, o, lse, do, select_block: int, scale: float,
     produced them. ``idx`` as the forward kernel takes it: ascending, unique, ``-1`` last.
     ``dq, dk, dv`` take the strides of ``q, k, v``. Autograd and ``torch.compile`` reach it
     through ``nsa_flex::selected_attention_backward`` (:mod:`nsa_flex.ops`)."""
-    from .triton_kernels import selected_dkdv_kernel, selected_dq_kernel
+    from .triton_kernels import selected_dq_kernel
 
     B, Hq, T, Dk = q.shape
     Hkv, Dv = k.shape[1], v.shape[-1]
-    meta = _meta(Hq // Hkv, Dk, Dv, select_block, q.dtype)
+    meta = _meta(Hq // Hkv, Dk, Dv, select_block, q.dtype, "dq")
     do = do.to(q.dtype).contiguous()
     # the kernels read lse and delta at the same offsets: both contiguous (B, Hq, T)
     lse = lse.float().contiguous()
@@ -157,24 +209,114 @@ def selected_backward(q, k, v, idx, o, lse, do, select_block: int, scale: float,
         *_strides(q), *_strides(k), *_strides(v), *_strides(idx), *_strides(do), *_strides(lse),
         T, Hkv, scale, N_SEL=idx.shape[-1], VARLEN=packed is not None, **meta,
     )
-    if packed is None:
-        ns = -(-T // select_block)
-        qlist, qstart = invert_selection(idx, ns)
-        blk_start = blk_end = qstart  # placeholders, never read
-    else:
-        # every document's blocks numbered one after another, so each key has one owner
-        ns = packed.num_blocks
-        qlist, qstart = invert_selection(torch.where(idx >= 0, idx + packed.first_block, -1), ns)
-        blk_start, blk_end = packed.block_start, packed.block_end
-    chunks = -(-select_block // meta["BLOCK_N"])
-    dk, dv = torch.empty_like(k), torch.empty_like(v)
-    selected_dkdv_kernel[(ns * chunks, B * Hkv)](
-        q, k, v, do, lse, delta, qlist, qstart, blk_start, blk_end, dk, dv,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(lse),
-        *_strides(qlist)[:2], *_strides(qstart)[:2],
-        T, Hkv, scale, CHUNKS=chunks, VARLEN=packed is not None, **meta,
-    )
+    qlist, qstart = _inverted(idx, select_block, T, packed)
+    dk, dv = _dkdv(q, k, v, do, lse, delta, qlist, qstart, select_block, scale, packed)
     return dq, dk, dv
+
+
+def _inverted(idx: Tensor, select_block: int, T: int, packed=None) -> tuple[Tensor, Tensor]:
+    """``invert_selection`` over the blocks the dK/dV kernels number: ``ceil(T / select_block)``,
+    or, packed, every document's blocks one after another (so each key has one owner)."""
+    if packed is None:
+        return invert_selection(idx, -(-T // select_block))
+    return invert_selection(torch.where(idx >= 0, idx + packed.first_block, -1), packed.num_blocks)
+
+
+# Segments of a block's query list (see selected_dkdv_partial_kernel): at least _SEGMENT
+# queries each, more where the scratch would pass _MAX_SLOTS slots per (batch row, KV head).
+_SEGMENT = 1024
+_MAX_SLOTS = 512
+
+
+def _segment_size(list_len: int) -> int:
+    """Queries per segment when the lists of one (batch row, head) hold ``list_len = T * n``
+    entries in all: a power of two, at least ``_SEGMENT``, and large enough that the later
+    segments fit ``_MAX_SLOTS`` slots."""
+    return max(_SEGMENT, _pow2(-(-list_len // _MAX_SLOTS), least=1))
+
+
+def _segments(qstart: Tensor, list_len: int, segment: int) -> tuple[Tensor, Tensor]:
+    """Scratch slots of the lists' later segments, built on the device without a sync.
+
+    Block ``j`` with ``c`` queries has ``ceil(c / segment)`` segments, the first summed by
+    ``selected_dkdv_kernel``, the ``(c - 1) // segment`` others one slot each. Their number is
+    at most ``list_len // segment`` per (batch row, head), a bound known on the host.
+
+    Returns:
+        ``(slots (B, H, Ns+1) int32, slot_block (B, H, list_len // segment) int32)``: block
+        ``j``'s slots are ``slots[b, h, j] .. slots[b, h, j+1] - 1``; ``slot_block`` the block of
+        each slot, ``Ns`` for a slot past the last.
+    """
+    counts = (qstart[..., 1:] - qstart[..., :-1]).long()
+    later = (counts - 1).clamp_min(0) // segment
+    B, H, ns1 = qstart.shape
+    slots = torch.zeros(B, H, ns1, device=qstart.device, dtype=torch.int64)
+    slots[..., 1:] = torch.cumsum(later, dim=-1)
+    each = torch.arange(list_len // segment, device=qstart.device).expand(B, H, -1).contiguous()
+    slot_block = torch.searchsorted(slots[..., 1:].contiguous(), each, right=True, out_int32=True)
+    return slots.to(torch.int32), slot_block
+
+
+def _dkdv(q, k, v, do, lse, delta, qlist, qstart, select_block: int, scale: float, packed=None,
+          meta: dict | None = None, segment: int | None = None):
+    """``(dk, dv)`` from the inverted selection (``invert_selection``'s ``qlist``, ``qstart``)
+    and the backward's ``do``, ``lse`` and ``delta = rowsum(dO * O)`` (contiguous
+    ``(B, Hq, T)``).
+
+    Two launches. ``selected_dkdv_partial_kernel`` first: one program per (later segment of a
+    long list, key tile, batch row and KV head), into a float32 scratch; then
+    ``selected_dkdv_kernel``: one program per (block, key tile, batch row and KV head), summing
+    the list's first segment and adding the block's slots in order. Without the split, a block
+    every query selects (block 0, forced) would be one program walking all ``T`` queries.
+
+    Scratch: ``B * Hkv * (T * n // segment)`` slots of ``select_block`` (rounded up to the key
+    tile) rows by ``Dk + Dv`` float32, at most ``_MAX_SLOTS`` slots per (batch row, head): at
+    the reference shape (``B=1, Hkv=4, T=65536, n=16``, 64-key blocks, ``D=128``) the segment is
+    2048 queries, 512 slots, and the scratch 4 * 512 * 64 * 256 * 4 bytes = 128 MiB.
+
+    ``meta`` (``_meta(..., "dkdv")``'s keys) and ``segment`` (a power of two) override the
+    defaults, for tuning; the result is deterministic for any fixed choice.
+    """
+    from .triton_kernels import selected_dkdv_kernel, selected_dkdv_partial_kernel
+
+    B, Hq, T, Dk = q.shape
+    Hkv, Dv = k.shape[1], v.shape[-1]
+    G = Hq // Hkv
+    meta = dict(meta or _meta(G, Dk, Dv, select_block, q.dtype, "dkdv"))
+    if meta["BLOCK_R"] < G:
+        raise ValueError(f"BLOCK_R={meta['BLOCK_R']} holds fewer rows than one query's {G} heads")
+    meta["QUERIES"] = meta["BLOCK_R"] // G
+    list_len = qlist.shape[-1]
+    segment = segment or _segment_size(list_len)
+    if segment & (segment - 1):
+        raise ValueError(f"segment must be a power of two, got {segment}")
+    # the kernels read qstart and slots at the same offsets, lists with unit stride
+    qlist, qstart = qlist.contiguous(), qstart.contiguous()
+    ns = qstart.shape[-1] - 1
+    chunks = -(-select_block // meta["BLOCK_N"])
+    slots, slot_block = _segments(qstart, list_len, segment)
+    n_slots = slot_block.shape[-1]
+    blk_start, blk_end = (qstart, qstart) if packed is None else (packed.block_start, packed.block_end)
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
+    if n_slots:
+        part_dk = torch.empty(B * Hkv, n_slots, chunks * meta["BLOCK_N"], Dk, device=q.device, dtype=torch.float32)
+        part_dv = torch.empty(B * Hkv, n_slots, chunks * meta["BLOCK_N"], Dv, device=q.device, dtype=torch.float32)
+    else:
+        part_dk, part_dv = dk, dv  # placeholders, never read
+    common = (*_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(lse),
+              *_strides(qlist)[:2], *_strides(qstart)[:2])
+    if n_slots:
+        selected_dkdv_partial_kernel[(n_slots * chunks, B * Hkv)](
+            q, k, v, do, lse, delta, qlist, qstart, slots, slot_block, blk_start, blk_end, part_dk, part_dv,
+            *common, *_strides(slot_block)[:2], *_strides(part_dk), *_strides(part_dv),
+            T, Hkv, ns, scale, SEGMENT=segment, CHUNKS=chunks, VARLEN=packed is not None, **meta,
+        )
+    selected_dkdv_kernel[(ns * chunks, B * Hkv)](
+        q, k, v, do, lse, delta, qlist, qstart, slots, blk_start, blk_end, part_dk, part_dv, dk, dv,
+        *common, *_strides(part_dk), *_strides(part_dv),
+        T, Hkv, scale, SEGMENT=segment, SPLIT=n_slots > 0, CHUNKS=chunks, VARLEN=packed is not None, **meta,
+    )
+    return dk, dv
 
 
 def kernel_indices(block_indices: Tensor, select_block: int, T: int) -> Tensor:

@@ -1,10 +1,13 @@
-"""Triton kernels of the selected branch: forward, dQ, and dK/dV. Kernels only; the launch
-code, shapes and autograd live in ``triton_backend.py``.
+"""Triton kernels of the selected branch: forward, dQ, and dK/dV (two kernels). Kernels only;
+the launch code, shapes and autograd live in ``triton_backend.py``.
 
 Layout: ``q (B, Hq, T, Dk)``, ``k (B, Hkv, T, Dk)``, ``v (B, Hkv, T, Dv)``, ``Hq = Hkv * G``,
-``idx (B, Hkv, T, n)`` int32 (ascending, unique, ``-1`` last). The row tile of every kernel is
-the ``G`` query heads of one KV group (padded to ``BLOCK_G``, at least 16 for ``tl.dot``): a
-selected K/V tile is loaded once for the whole group, as in the paper's kernel.
+``idx (B, Hkv, T, n)`` int32 (ascending, unique, ``-1`` last). The row tile of the forward and
+dQ kernels is the ``G`` query heads of one KV group (padded to ``BLOCK_G``, at least 16 for
+``tl.dot``): a selected K/V tile is loaded once for the whole group, as in the paper's kernel.
+The dK/dV kernels hold one key tile and stream row tiles of several queries' groups past it
+(``_dkdv_gather``); a long query list is cut into segments summed apart and added in a fixed
+order (``selected_dkdv_partial_kernel``, ``selected_dkdv_kernel``).
 
 Softmax statistics are kept in float32; ``lse`` is the natural log-sum-exp, ``-inf`` for a row
 with nothing to attend, whose output is 0.
@@ -172,8 +175,76 @@ def selected_dq_kernel(
 
 
 @triton.jit
-def selected_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, QLIST, QSTART, BLK_START, BLK_END, DK_OUT, DV_OUT,
+def _block_keys(K, V, BLK_START, BLK_END, j, off, used, skt, skd, svt, svd, n, dk, dv, dk_ok, dv_ok, T,
+                SEL_BLOCK: tl.constexpr, VARLEN: tl.constexpr):
+    """Keys ``off .. off + BLOCK_N - 1`` of selection block ``j`` (``K``/``V`` at the batch row
+    and head): ``(s_pos, in_block, k, v)``, nothing in the block unless ``used``.
+
+    With ``VARLEN`` (a packed row), ``j`` numbers every document's blocks one after another:
+    block ``j`` covers keys ``BLK_START[j] ..`` up to its document's end ``BLK_END[j]``, so every
+    key still has one owner."""
+    if VARLEN:
+        blk_start = tl.load(BLK_START + j)
+        blk_end = tl.load(BLK_END + j)
+    else:
+        blk_start = j * SEL_BLOCK
+        blk_end = T
+    s_pos = blk_start + off + n
+    # (a scalar & a block of int1 trips Triton's interpreter; compare against a length instead)
+    in_block = (off + n < tl.where(used, SEL_BLOCK, 0)) & (s_pos < blk_end)
+    k = _load_rows(K, skt, skd, s_pos, dk, in_block, dk_ok)
+    v = _load_rows(V, svt, svd, s_pos, dv, in_block, dv_ok)
+    return s_pos, in_block, k, v
+
+
+@triton.jit
+def _dkdv_gather(Q, DO, LSE, DELTA, QLIST, lo, hi, k, v, s_pos, in_block,
+                 sqh, sqt, sqd, sdh, sdt, sdd, slh, slt, scale,
+                 G: tl.constexpr, QUERIES: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+                 BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr,
+                 BLOCK_DV: tl.constexpr, IEEE: tl.constexpr):
+    """dV and unscaled dK (``(BLOCK_N, BLOCK_DV)``, ``(BLOCK_N, BLOCK_DK)`` float32) of the keys
+    ``s_pos`` (``k``, ``v`` loaded) from the queries ``QLIST[lo:hi]``, summed in list order.
+
+    ``QUERIES`` queries a step: their ``G`` heads each are the ``QUERIES * G <= BLOCK_R`` rows
+    of one tile (row ``r`` is query ``r // G``, head ``r % G``), each row masked causally against
+    its own position and with its own ``lse``/``delta``, so the products are
+    ``(BLOCK_N x BLOCK_R) @ (BLOCK_R x D)`` rather than a ``G``-row sliver per query.
+    ``Q``/``DO``/``LSE``/``DELTA`` point at the group's first head, ``QLIST`` at the batch row
+    and head's list."""
+    r = tl.arange(0, BLOCK_R)
+    m = r // G
+    g = (r % G).to(tl.int64)
+    r_used = r < QUERIES * G
+    dk = tl.arange(0, BLOCK_DK)
+    dv = tl.arange(0, BLOCK_DV)
+    dk_ok, dv_ok = dk < DK, dv < DV
+    dk_acc = tl.zeros([BLOCK_N, BLOCK_DK], tl.float32)
+    dv_acc = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
+    for e0 in range(lo, hi, QUERIES):
+        r_ok = r_used & (e0 + m < hi)
+        t = tl.load(QLIST + e0 + m, mask=r_ok, other=0).to(tl.int64)
+        q = tl.load(Q + (g * sqh + t * sqt)[:, None] + dk[None, :] * sqd,
+                    mask=r_ok[:, None] & dk_ok[None, :], other=0.0)
+        do = tl.load(DO + (g * sdh + t * sdt)[:, None] + dv[None, :] * sdd,
+                     mask=r_ok[:, None] & dv_ok[None, :], other=0.0)
+        lse, delta = _row_stats(LSE, DELTA, g * slh + t * slt, r_ok)
+        # scores transposed, (BLOCK_N, BLOCK_R): K and V as the left operands are staged in
+        # shared memory once, before the loop (on the right, Triton re-stored them every step,
+        # seen in the sm_90 IR), and p, dS come out as the dV and dK products take them
+        ok = in_block[:, None] & r_ok[None, :] & (s_pos[:, None] <= t[None, :])
+        s = _dot(k, tl.trans(q), IEEE)
+        dp = _dot(v, tl.trans(do), IEEE)
+        p = tl.where(ok, tl.exp(s * scale - lse[None, :]), 0.0)
+        ds = p * (dp - delta[None, :])
+        dv_acc += _dot(p.to(do.dtype), do, IEEE)
+        dk_acc += _dot(ds.to(q.dtype), q, IEEE)
+    return dk_acc, dv_acc
+
+
+@triton.jit
+def selected_dkdv_partial_kernel(
+    Q, K, V, DO, LSE, DELTA, QLIST, QSTART, SLOTS, SLOT_BLOCK, BLK_START, BLK_END, PART_DK, PART_DV,
     sqb, sqh, sqt, sqd,
     skb, skh, skt, skd,
     svb, svh, svt, svd,
@@ -181,22 +252,89 @@ def selected_dkdv_kernel(
     slb, slh, slt,
     sxb, sxh,
     ssb, ssh,
-    T, Hkv, scale,
-    G: tl.constexpr, SEL_BLOCK: tl.constexpr, CHUNKS: tl.constexpr,
-    DK: tl.constexpr, DV: tl.constexpr,
-    BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    sob, soh,
+    spb, sps, spr, spd,
+    svpb, svps, svpr, svpd,
+    T, Hkv, NS, scale,
+    G: tl.constexpr, QUERIES: tl.constexpr, SEGMENT: tl.constexpr, SEL_BLOCK: tl.constexpr,
+    CHUNKS: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
     IEEE: tl.constexpr, VARLEN: tl.constexpr,
 ):
-    """dK and dV of one tile of one selection block, gathered from the queries that selected it.
+    """float32 partial dK/dV of one key tile of a block from one *later* segment of its query
+    list, into the scratch slot ``PART_*[b * Hkv + h, slot]``; ``selected_dkdv_kernel`` adds the
+    slots up afterwards.
+
+    Why: a block's queries are summed by one program, and a block can be chosen by every query
+    (block 0 is forced): one program walking ``T`` queries would be the whole pass's tail. So a
+    block's list is cut into segments of ``SEGMENT`` queries; the first belongs to
+    ``selected_dkdv_kernel``, each later one is a slot here. ``SLOTS[b, h, j]`` is block ``j``'s
+    first slot (an exclusive cumulative sum, ``Ns + 1`` entries) and ``SLOT_BLOCK[b, h, slot]``
+    the block of a slot, ``NS`` past the last used slot: the grid is an upper bound known on the
+    host (``T * n // SEGMENT`` slots), and surplus programs do nothing.
+    """
+    pid = tl.program_id(0)
+    bh = tl.program_id(1)
+    # 64-bit offsets: B * Hq * T * D passes 2**31 at the reference shape once B >= 4
+    b = (bh // Hkv).to(tl.int64)
+    h = (bh % Hkv).to(tl.int64)
+    slot = (pid // CHUNKS).to(tl.int64)
+    off = (pid % CHUNKS) * BLOCK_N
+    n = tl.arange(0, BLOCK_N)
+    dk = tl.arange(0, BLOCK_DK)
+    dv = tl.arange(0, BLOCK_DV)
+    dk_ok, dv_ok = dk < DK, dv < DV
+    j = tl.load(SLOT_BLOCK + b * sob + h * soh + slot)
+    used = j < NS
+    j = tl.minimum(j, NS - 1)
+    seg = slot - tl.load(SLOTS + b * ssb + h * ssh + j) + 1  # segment 0 is the block kernel's
+    start = tl.load(QSTART + b * ssb + h * ssh + j)
+    stop = tl.load(QSTART + b * ssb + h * ssh + j + 1)
+    lo = start + seg * SEGMENT
+    hi = tl.where(used, tl.minimum(stop, lo + SEGMENT), lo)
+    s_pos, in_block, k, v = _block_keys(K + b * skb + h * skh, V + b * svb + h * svh, BLK_START, BLK_END, j, off,
+                                        used, skt, skd, svt, svd, n, dk, dv, dk_ok, dv_ok, T, SEL_BLOCK, VARLEN)
+    dk_acc, dv_acc = _dkdv_gather(
+        Q + b * sqb + h * G * sqh, DO + b * sdb + h * G * sdh, LSE + b * slb + h * G * slh,
+        DELTA + b * slb + h * G * slh, QLIST + b * sxb + h * sxh, lo, hi, k, v, s_pos, in_block,
+        sqh, sqt, sqd, sdh, sdt, sdd, slh, slt, scale,
+        G, QUERIES, DK, DV, BLOCK_R, BLOCK_N, BLOCK_DK, BLOCK_DV, IEEE,
+    )
+    row = off + n
+    bh64 = b * Hkv + h
+    tl.store(PART_DK + bh64 * spb + slot * sps + row[:, None] * spr + dk[None, :] * spd, dk_acc,
+             mask=in_block[:, None] & dk_ok[None, :])
+    tl.store(PART_DV + bh64 * svpb + slot * svps + row[:, None] * svpr + dv[None, :] * svpd, dv_acc,
+             mask=in_block[:, None] & dv_ok[None, :])
+
+
+@triton.jit
+def selected_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, QLIST, QSTART, SLOTS, BLK_START, BLK_END, PART_DK, PART_DV, DK_OUT, DV_OUT,
+    sqb, sqh, sqt, sqd,
+    skb, skh, skt, skd,
+    svb, svh, svt, svd,
+    sdb, sdh, sdt, sdd,
+    slb, slh, slt,
+    sxb, sxh,
+    ssb, ssh,
+    spb, sps, spr, spd,
+    svpb, svps, svpr, svpd,
+    T, Hkv, scale,
+    G: tl.constexpr, QUERIES: tl.constexpr, SEGMENT: tl.constexpr, SPLIT: tl.constexpr,
+    SEL_BLOCK: tl.constexpr, CHUNKS: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    IEEE: tl.constexpr, VARLEN: tl.constexpr,
+):
+    """dK and dV of one key tile of one selection block, gathered from the queries that selected
+    it; written with ``k``/``v``'s strides.
 
     ``QLIST[b, h, QSTART[b, h, j] : QSTART[b, h, j + 1]]`` are those queries, ascending: the
-    selection inverted. Each key has one owner program, so no atomics and the sum's order is
-    fixed: two runs give bitwise-equal gradients. ``dK``/``dV`` are written with ``k``/``v``'s
-    strides.
-
-    With ``VARLEN`` (a packed row), ``j`` numbers every document's blocks one after another:
-    block ``j`` covers keys ``BLK_START[j] ..`` up to its document's end ``BLK_END[j]``, so every
-    key still has one owner.
+    selection inverted. This program sums the list's first ``SEGMENT`` queries itself
+    (``_dkdv_gather``, several queries a step), then, with ``SPLIT``, adds the float32 partial
+    sums that ``selected_dkdv_partial_kernel`` left for the rest of a long list, in slot order
+    (``SLOTS[b, h, j] .. SLOTS[b, h, j + 1]``). Each key has one writer and every sum a fixed
+    order, so no atomics and two runs give bitwise-equal gradients.
     """
     pid = tl.program_id(0)
     bh = tl.program_id(1)
@@ -205,37 +343,31 @@ def selected_dkdv_kernel(
     h = (bh % Hkv).to(tl.int64)
     j = pid // CHUNKS
     off = (pid % CHUNKS) * BLOCK_N
-    g = tl.arange(0, BLOCK_G)
+    n = tl.arange(0, BLOCK_N)
     dk = tl.arange(0, BLOCK_DK)
     dv = tl.arange(0, BLOCK_DV)
-    n = tl.arange(0, BLOCK_N)
-    g_ok, dk_ok, dv_ok = g < G, dk < DK, dv < DV
-    if VARLEN:
-        blk_start = tl.load(BLK_START + j)
-        blk_end = tl.load(BLK_END + j)
-    else:
-        blk_start = j * SEL_BLOCK
-        blk_end = T
-    s_pos = blk_start + off + n
-    in_block = (off + n < SEL_BLOCK) & (s_pos < blk_end)
-    k = _load_rows(K + b * skb + h * skh, skt, skd, s_pos, dk, in_block, dk_ok)
-    v = _load_rows(V + b * svb + h * svh, svt, svd, s_pos, dv, in_block, dv_ok)
-    dk_acc = tl.zeros([BLOCK_N, BLOCK_DK], tl.float32)
-    dv_acc = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
+    dk_ok, dv_ok = dk < DK, dv < DV
+    s_pos, in_block, k, v = _block_keys(K + b * skb + h * skh, V + b * svb + h * svh, BLK_START, BLK_END, j, off,
+                                        j >= 0, skt, skd, svt, svd, n, dk, dv, dk_ok, dv_ok, T, SEL_BLOCK, VARLEN)
     start = tl.load(QSTART + b * ssb + h * ssh + j)
     stop = tl.load(QSTART + b * ssb + h * ssh + j + 1)
-    for e in range(start, stop):
-        t = tl.load(QLIST + b * sxb + h * sxh + e).to(tl.int64)
-        q = _load_rows(Q + b * sqb + h * G * sqh + t * sqt, sqh, sqd, g, dk, g_ok, dk_ok)
-        do = _load_rows(DO + b * sdb + h * G * sdh + t * sdt, sdh, sdd, g, dv, g_ok, dv_ok)
-        lse, delta = _row_stats(LSE, DELTA, b * slb + (h * G + g) * slh + t * slt, g_ok)
-        ok = in_block & (s_pos <= t)
-        s = _dot(q, tl.trans(k), IEEE)
-        dp = _dot(do, tl.trans(v), IEEE)
-        p = tl.where(ok[None, :], tl.exp(s * scale - lse[:, None]), 0.0)  # (BLOCK_G, BLOCK_N)
-        ds = p * (dp - delta[:, None])
-        dv_acc += _dot(tl.trans(p.to(do.dtype)), do, IEEE)
-        dk_acc += _dot(tl.trans(ds.to(q.dtype)), q, IEEE)
+    dk_acc, dv_acc = _dkdv_gather(
+        Q + b * sqb + h * G * sqh, DO + b * sdb + h * G * sdh, LSE + b * slb + h * G * slh,
+        DELTA + b * slb + h * G * slh, QLIST + b * sxb + h * sxh, start, tl.minimum(stop, start + SEGMENT),
+        k, v, s_pos, in_block, sqh, sqt, sqd, sdh, sdt, sdd, slh, slt, scale,
+        G, QUERIES, DK, DV, BLOCK_R, BLOCK_N, BLOCK_DK, BLOCK_DV, IEEE,
+    )
+    row = off + n
+    if SPLIT:
+        bh64 = b * Hkv + h
+        slot_lo = tl.load(SLOTS + b * ssb + h * ssh + j)
+        slot_hi = tl.load(SLOTS + b * ssb + h * ssh + j + 1)
+        for i in range(0, slot_hi - slot_lo):
+            s64 = slot_lo.to(tl.int64) + i
+            dk_acc += tl.load(PART_DK + bh64 * spb + s64 * sps + row[:, None] * spr + dk[None, :] * spd,
+                              mask=in_block[:, None] & dk_ok[None, :], other=0.0)
+            dv_acc += tl.load(PART_DV + bh64 * svpb + s64 * svps + row[:, None] * svpr + dv[None, :] * svpd,
+                              mask=in_block[:, None] & dv_ok[None, :], other=0.0)
     dk_ptr = DK_OUT + b * skb + h * skh
     dv_ptr = DV_OUT + b * svb + h * svh
     tl.store(dk_ptr + s_pos[:, None] * skt + dk[None, :] * skd, (dk_acc * scale).to(DK_OUT.dtype.element_ty),

@@ -1,16 +1,20 @@
 """Profile of the Triton selected branch and of the whole layer, on a GPU (a probe, not a test).
 
-    PYTHONPATH=. python scripts/profile_selected.py [T] [--sweep] [--layer]
+    PYTHONPATH=. python scripts/profile_selected.py [T] [--sweep[=fwd,dq,dkdv]] [--layer]
 
 SPEC's reference shape (B=1, Hq=64, Hkv=4, D=128, bf16), one selection from ``select_blocks``
 on random inputs. Prints, as do_bench medians:
 
 - each step of the Triton selected branch apart: forward kernel, ``delta``, dQ kernel, the
-  inversion of the selection, dK/dV kernel;
-- how unevenly the queries spread over the blocks (the dK/dV kernel gives each block one
-  program, which walks that block's queries in turn);
-- with ``--sweep``: each kernel at other ``BLOCK_N`` / ``num_warps`` / ``num_stages``, with its
-  relative error against the default configuration;
+  inversion of the selection, the dK/dV kernels (``triton_backend._dkdv``: segment tables,
+  partial sums of long lists, per-block sums);
+- how unevenly the queries spread over the blocks, and how the dK/dV pass cuts the lists
+  (segment size, scratch slots used of those allotted, scratch size);
+- the peak memory of ``selected_backward`` (outputs, ``delta``, the inversion, the dK/dV
+  scratch);
+- with ``--sweep`` (``--sweep=dkdv`` for some kernels only): each kernel at other ``BLOCK_N`` /
+  ``num_warps`` / ``num_stages`` (dK/dV: also ``BLOCK_R`` rows a step, and the segment size),
+  with its relative error against the default configuration;
 - with ``--layer``: a ``torch.profiler`` table of ``attend`` forward+backward for both backends
   (the ten costliest CUDA kernels each).
 """
@@ -22,7 +26,7 @@ from triton.testing import do_bench
 
 from nsa_flex import NSAConfig, attend, select_blocks, triton_backend
 from nsa_flex.compression import mean_compress
-from nsa_flex.triton_kernels import selected_dkdv_kernel, selected_dq_kernel, selected_fwd_kernel
+from nsa_flex.triton_kernels import selected_dq_kernel, selected_fwd_kernel
 
 args = [a for a in sys.argv[1:] if not a.startswith("--")]
 T = int(args[0]) if args else 65536
@@ -46,8 +50,10 @@ def fwd(meta):
     return o, lse
 
 
-base = triton_backend._meta(Hq // Hkv, D, D, 64, q.dtype)
-o, lse = fwd(base)
+base = {kernel: triton_backend._meta(Hq // Hkv, D, D, 64, q.dtype, kernel) for kernel in ("fwd", "dq", "dkdv")}
+print("settings:", {kernel: {k: m[k] for k in ("BLOCK_N", "BLOCK_R", "num_warps", "num_stages") if k in m}
+                    for kernel, m in base.items()}, flush=True)
+o, lse = fwd(base["fwd"])
 delta = (do.float() * o.float()).sum(-1).contiguous()
 
 
@@ -62,28 +68,35 @@ ns = -(-T // 64)
 qlist, qstart = triton_backend.invert_selection(idx, ns)
 
 
-def dkdv(meta):
-    chunks = -(-64 // meta["BLOCK_N"])
-    dk, dv = torch.empty_like(k), torch.empty_like(v)
-    selected_dkdv_kernel[(ns * chunks, B * Hkv)](
-        q, k, v, do, lse, delta, qlist, qstart, qstart, qstart, dk, dv, *S(q), *S(k), *S(v), *S(do), *S(lse),
-        *S(qlist)[:2], *S(qstart)[:2], T, Hkv, scale, CHUNKS=chunks, VARLEN=False, **meta)
-    return dk, dv
+def dkdv(meta, segment=None):
+    return triton_backend._dkdv(q, k, v, do, lse, delta, qlist, qstart, 64, scale, meta=meta, segment=segment)
 
 
 counts = (qstart[..., 1:] - qstart[..., :-1]).float()
 print(f"queries per block: mean {counts.mean():.0f}, max {counts.max():.0f} (block {int(counts[0, 0].argmax())}), "
       f"blocks over 4x the mean: {(counts > 4 * counts.mean()).sum().item()} of {counts.numel()}", flush=True)
+segment = triton_backend._segment_size(qlist.shape[-1])
+slots, slot_block = triton_backend._segments(qstart, qlist.shape[-1], segment)
+scratch = B * Hkv * slot_block.shape[-1] * 64 * 2 * D * 4
+print(f"dK/dV segments of {segment} queries: scratch slots used {slots[..., -1].tolist()} of {slot_block.shape[-1]} "
+      f"per head, scratch {scratch / 2**20:.0f} MiB", flush=True)
 rows = [
-    ("forward kernel", lambda: fwd(base)),
+    ("forward kernel", lambda: fwd(base["fwd"])),
     ("delta rowsum(dO*O)", lambda: (do.float() * o.float()).sum(-1)),
-    ("dq kernel", lambda: dq(base)),
+    ("dq kernel", lambda: dq(base["dq"])),
     ("invert_selection", lambda: triton_backend.invert_selection(idx, ns)),
-    ("dkdv kernel", lambda: dkdv(base)),
+    ("dkdv (tables + kernels)", lambda: dkdv(base["dkdv"])),
     ("selected_backward (all)", lambda: triton_backend.selected_backward(q, k, v, idx, o, lse, do, 64, scale)),
 ]
 for name, f in rows:
     print(f"{name:28s} {med(f):8.2f} ms", flush=True)
+torch.cuda.synchronize()
+before = torch.cuda.memory_allocated()
+torch.cuda.reset_peak_memory_stats()
+triton_backend.selected_backward(q, k, v, idx, o, lse, do, 64, scale)
+torch.cuda.synchronize()
+print(f"selected_backward peak memory above its inputs: {(torch.cuda.max_memory_allocated() - before) / 2**20:.0f} MiB",
+      flush=True)
 
 if "--layer" in sys.argv:
     gates = torch.rand(B, Hq, T, 3, device="cuda", generator=gen, dtype=torch.bfloat16)
@@ -99,22 +112,33 @@ if "--layer" in sys.argv:
         print(f"--- layer fwd+bwd, backend={backend}: {med(step):.2f} ms (do_bench median)", flush=True)
         print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=12, max_name_column_width=60), flush=True)
 
-if "--sweep" in sys.argv:
-    ref = {"fwd": fwd(base)[0].float(), "dq": dq(base).float(), "dkdv": torch.cat(dkdv(base), -1).float()}
+sweep = next((a for a in sys.argv if a.startswith("--sweep")), None)
+if sweep:
+    kernels = sweep.split("=", 1)[1].split(",") if "=" in sweep else ["fwd", "dq", "dkdv"]
     run = {"fwd": lambda m: fwd(m)[0], "dq": dq, "dkdv": lambda m: torch.cat(dkdv(m), -1)}
-    for kernel in ("fwd", "dq", "dkdv"):
+    ref = {kernel: run[kernel](base[kernel]).float() for kernel in kernels}
+    grids = {
+        "fwd": [dict(BLOCK_N=n, num_warps=w, num_stages=s) for n in (16, 32, 64) for w in (2, 4, 8) for s in (1, 2, 3)],
+        "dkdv": [dict(BLOCK_N=n, BLOCK_R=r, num_warps=w, num_stages=s)
+                 for n in (32, 64) for r in (32, 64, 128) for w in (4, 8) for s in (1, 2, 3)],
+    }
+    grids["dq"] = grids["fwd"]
+    for kernel in kernels:
         results = []
-        for block_n in (32, 64):
-            for warps in (2, 4, 8):
-                for stages in (1, 2, 3):
-                    meta = dict(base, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
-                    try:
-                        out = run[kernel](meta).float()
-                        err = float((out - ref[kernel]).norm() / ref[kernel].norm())
-                        results.append((med(lambda: run[kernel](meta)), block_n, warps, stages, err))
-                    except Exception as e:  # noqa: BLE001 - a probe: out of resources, say
-                        print(f"{kernel} BLOCK_N={block_n} warps={warps} stages={stages}: {type(e).__name__}", flush=True)
-        results.sort()
-        for ms, block_n, warps, stages, err in results[:6]:
-            print(f"sweep {kernel:5s} {ms:8.2f} ms  BLOCK_N={block_n} warps={warps} stages={stages} rel err {err:.1e}",
-                  flush=True)
+        for change in grids[kernel]:
+            meta = dict(base[kernel], **change)
+            try:
+                out = run[kernel](meta).float()
+                err = float((out - ref[kernel]).norm() / ref[kernel].norm())
+                results.append((med(lambda: run[kernel](meta)), change, err))
+            except Exception as e:  # noqa: BLE001 - a probe: out of resources, say
+                print(f"{kernel} {change}: {type(e).__name__}", flush=True)
+        results.sort(key=lambda r: r[0])
+        for ms, change, err in results[:6]:
+            print(f"sweep {kernel:5s} {ms:8.2f} ms  {change} rel err {err:.1e}", flush=True)
+    for seg in (256, 512, 1024, 2048, 4096, 8192) if "dkdv" in kernels else ():
+        out = torch.cat(dkdv(base["dkdv"], seg), -1).float()
+        err = float((out - ref["dkdv"]).norm() / ref["dkdv"].norm())
+        mib = B * Hkv * (qlist.shape[-1] // seg) * 64 * 2 * D * 4 / 2**20
+        print(f"sweep dkdv segment {seg:5d}: {med(lambda: dkdv(base['dkdv'], seg)):8.2f} ms, scratch {mib:.0f} MiB, "
+              f"rel err {err:.1e}", flush=True)

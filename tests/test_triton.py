@@ -7,8 +7,9 @@ no GPU), so the shapes stay tiny; tests/test_gpu_triton.py runs the large ones o
 import pytest
 import torch
 
-from nsa_flex import NSAConfig, attend, mean_compress, reference as R, select_blocks
+from nsa_flex import NSAConfig, attend, mean_compress, reference as R, select_blocks, triton_backend
 from nsa_flex.triton_backend import available, invert_selection, selected_attention
+from nsa_flex.varlen import documents
 
 from strategies import Shape, make_qkv, rel_err
 
@@ -124,23 +125,137 @@ def test_sparse_attention_module_on_triton_backend():
 
 
 @pytest.mark.parametrize(
-    "dtype, D, select_block, block_n",
-    [(torch.bfloat16, 128, 64, 64), (torch.bfloat16, 256, 64, 64), (torch.float32, 128, 64, 64),
-     (torch.float32, 256, 64, 32), (torch.float32, 192, 64, 32), (torch.bfloat16, 64, 8, 16), (torch.bfloat16, 64, 48, 64)],
+    "dtype, D, G, select_block, block_n, block_n_dkdv",
+    [(torch.bfloat16, 128, 16, 64, 32, 64), (torch.bfloat16, 256, 16, 64, 32, 32), (torch.float32, 128, 16, 64, 32, 64),
+     (torch.float32, 256, 16, 64, 16, 32), (torch.float32, 192, 16, 64, 16, 32), (torch.bfloat16, 64, 16, 8, 16, 16),
+     (torch.bfloat16, 64, 16, 48, 32, 64), (torch.float32, 256, 64, 64, 16, 16), (torch.bfloat16, 256, 64, 64, 32, 32),
+     (torch.float16, 64, 1, 64, 32, 64)],
 )
-def test_tiles_fit_shared_memory(dtype, D, select_block, block_n):
-    from nsa_flex.triton_backend import _meta
+def test_tiles_fit_shared_memory(dtype, D, G, select_block, block_n, block_n_dkdv):
+    from nsa_flex.triton_backend import _SMEM_BUDGET, _meta
 
-    meta = _meta(16, D, D, select_block, dtype)
-    assert meta["BLOCK_N"] == block_n
     size = torch.empty((), dtype=dtype).element_size()
-    g, n, dk, dv, stages = meta["BLOCK_G"], meta["BLOCK_N"], meta["BLOCK_DK"], meta["BLOCK_DV"], meta["num_stages"]
     # an upper bound on each kernel's shared memory if every loop-carried load were pipelined:
     # forward/dQ stream K and V tiles past resident q (and dO); dK/dV streams q and dO rows
-    # past resident K and V tiles
-    fwd = (g * dk + g * dv) * size + stages * n * (dk + dv) * size
-    dkdv = n * (dk + dv) * size + stages * g * (dk + dv) * size
-    assert max(fwd, dkdv) <= 200 * 2**10  # the H200 has 227 KiB per block
+    # past resident K and V tiles, staging p^T and dS^T for the products
+    for kernel in ("fwd", "dq"):
+        meta = _meta(G, D, D, select_block, dtype, kernel)
+        assert meta["BLOCK_N"] == block_n
+        g, n, dk, dv, stages = meta["BLOCK_G"], meta["BLOCK_N"], meta["BLOCK_DK"], meta["BLOCK_DV"], meta["num_stages"]
+        resident = g * (dk if kernel == "fwd" else dk + dv) * size
+        assert resident + stages * n * (dk + dv) * size <= _SMEM_BUDGET <= 200 * 2**10  # the H200 has 227 KiB per block
+    meta = _meta(G, D, D, select_block, dtype, "dkdv")
+    assert meta["BLOCK_N"] == block_n_dkdv and meta["BLOCK_R"] >= G
+    r, n, dk, dv, stages = meta["BLOCK_R"], meta["BLOCK_N"], meta["BLOCK_DK"], meta["BLOCK_DV"], meta["num_stages"]
+    assert n * (dk + dv) * size + stages * r * (dk + dv) * size + 2 * r * n * size <= _SMEM_BUDGET
+
+
+@pytest.fixture
+def short_segments(monkeypatch):
+    """Segments of 4 queries, so that tiny shapes take the dK/dV split: later segments summed
+    into scratch slots by one kernel, added up in order by the other."""
+    monkeypatch.setattr(triton_backend, "_SEGMENT", 4)
+    monkeypatch.setattr(triton_backend, "_MAX_SLOTS", 1 << 30)
+
+
+def crowded_selection(B, Hkv, T, select_block, seed):
+    """Block 0 for every query (a list T long), the query's own block and one earlier block at
+    random (-1 where there is none)."""
+    own = (torch.arange(T) // select_block).view(1, 1, T, 1).expand(B, Hkv, T, 1)
+    earlier = (torch.rand(B, Hkv, T, 1, generator=torch.Generator().manual_seed(seed)) * own).long()
+    idx = torch.cat([torch.zeros_like(own), own, torch.where(own > 1, earlier, -1)], -1)
+    return idx.to(torch.int32)
+
+
+def assert_split(idx, select_block, T):
+    # the selection does take the split path at the patched segment size
+    qlist, qstart = invert_selection(triton_backend.kernel_indices(idx, select_block, T), -(-T // select_block))
+    slots, slot_block = triton_backend._segments(qstart, qlist.shape[-1], triton_backend._segment_size(qlist.shape[-1]))
+    assert slots[..., -1].min() > 0 and (slot_block == slots.shape[-1] - 1).any(), "no split, or no surplus slot"
+
+
+SPLIT_CASES = [
+    # (shape, select_block): G = 1 (64 queries a step), 3 (21 queries, 63 of 64 rows), 16 (4
+    # queries: several steps per segment at segment 8); Dk != Dv; two key tiles per block
+    (Shape(1, 1, 1, 40, 16, 24), 8),
+    (Shape(2, 2, 3, 37, 16, 16), 8),
+    (Shape(1, 1, 16, 24, 16, 16), 8),
+    (Shape(1, 1, 2, 70, 16, 16), 24),
+]
+
+
+@pytest.mark.parametrize("shape, select_block", SPLIT_CASES, ids=[f"G{s.G}-T{s.T}-l{l}" for s, l in SPLIT_CASES])
+def test_split_lists_match_reference(short_segments, monkeypatch, shape, select_block):
+    if shape.G == 16:
+        monkeypatch.setattr(triton_backend, "_SEGMENT", 8)
+    idx = crowded_selection(shape.B, shape.Hkv, shape.T, select_block, shape.T)
+    assert_split(idx, select_block, shape.T)
+    (o, _, grads), (ref, ref_grads) = run(shape, idx, select_block, torch.float32, seed=2)
+    assert rel_err(o, ref) < 1e-5
+    for name, a, b in zip("qkv", grads, ref_grads):
+        assert rel_err(a, b) < 1e-5, name
+
+
+def test_split_backward_is_deterministic(short_segments):
+    shape, select_block = Shape(1, 1, 3, 48, 16, 16), 8
+    idx = crowded_selection(1, 1, 48, select_block, 1)
+    (_, _, grads), _ = run(shape, idx, select_block, torch.float32, seed=4)
+    (_, _, again), _ = run(shape, idx, select_block, torch.float32, seed=4)
+    for a, b in zip(grads, again):
+        assert torch.equal(a, b), "two backward runs differ"
+
+
+@pytest.mark.parametrize("G", [1, 3])
+def test_split_lists_packed_match_reference(short_segments, G):
+    # a packed row: every document's block 0 chosen by all its queries, so the lists of the
+    # documents' first blocks split; doc-local indices, blocks numbered across documents
+    lengths, ls = [13, 0, 1, 25, 9], 4
+    T = sum(lengths)
+    cu = torch.tensor([0, *__import__("itertools").accumulate(lengths)], dtype=torch.int32)
+    docs = documents(cu)
+    pos = docs.pos.long().view(1, 1, T, 1)
+    g = torch.Generator().manual_seed(G)
+    idx = torch.cat([torch.zeros_like(pos), pos // ls, (torch.rand(1, 1, T, 1, generator=g) * (pos // ls)).long()], -1)
+    idx = idx.to(torch.int32)
+    q, k, v = (torch.randn(1, h, T, 16, generator=g).to(DEVICE).requires_grad_() for h in (G, 1, 1))
+    o, _ = selected_attention(q, k, v, idx.to(DEVICE), ls, 0.3, cu_seqlens=cu)
+    w = torch.randn(o.shape, generator=g).to(DEVICE)
+    grads = torch.autograd.grad((o * w).sum(), (q, k, v))
+    config = NSAConfig(compress_block=4, compress_stride=4, select_block=ls, num_selected=3, num_initial=0, num_local=0)
+    ref_in = [x.detach().double().cpu().requires_grad_() for x in (q, k, v)]
+    ref = R.attend(*ref_in, config=config, block_indices=idx, scale=0.3, cu_seqlens=cu).o_slc
+    ref_grads = torch.autograd.grad((ref * w.double().cpu()).sum(), ref_in)
+    assert rel_err(o, ref) < 1e-5
+    for name, a, b in zip("qkv", grads, ref_grads):
+        assert rel_err(a, b) < 1e-5, name
+
+
+def test_segments():
+    # lists of 0, 1, 4, 5, 9 and 12 queries at segment 4: later segments 0, 0, 0, 1, 2, 2
+    counts = torch.tensor([0, 1, 4, 5, 9, 12])
+    qstart = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)]).to(torch.int32).view(1, 1, 7)
+    slots, slot_block = triton_backend._segments(qstart, 31, 4)
+    assert slots.tolist() == [[[0, 0, 0, 0, 1, 3, 5]]]
+    assert slot_block.tolist() == [[[3, 4, 4, 5, 5, 6, 6]]]  # 31 // 4 = 7 slots, 2 surplus
+
+
+def test_dkdv_settings_override():
+    # the tuning entry (scripts/profile_selected.py): other tiles and segments, same gradients
+    shape, select_block = Shape(1, 1, 3, 40, 16, 16), 8
+    idx = triton_backend.kernel_indices(crowded_selection(1, 1, 40, select_block, 0), select_block, 40).to(DEVICE)
+    q, k, v = make_qkv(shape, 0, dtype=torch.float32, device=DEVICE)
+    o, lse = selected_attention(q, k, v, idx, select_block, 0.3)
+    do = torch.randn(o.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    delta = (do * o).sum(-1).contiguous()
+    qlist, qstart = invert_selection(idx, 5)
+    base = triton_backend._dkdv(q, k, v, do, lse, delta, qlist, qstart, select_block, 0.3)
+    meta = dict(triton_backend._meta(3, 16, 16, select_block, torch.float32, "dkdv"), BLOCK_R=16, num_warps=2)
+    for other in (triton_backend._dkdv(q, k, v, do, lse, delta, qlist, qstart, select_block, 0.3, meta=meta, segment=2),
+                  triton_backend._dkdv(q, k, v, do, lse, delta, qlist, qstart, select_block, 0.3, segment=8)):
+        for a, b in zip(other, base):
+            assert rel_err(a, b) < 1e-6
+    with pytest.raises(ValueError, match="power of two"):
+        triton_backend._dkdv(q, k, v, do, lse, delta, qlist, qstart, select_block, 0.3, segment=6)
 
 
 def test_selected_attention_validates():
