@@ -278,7 +278,7 @@ def selected_dkdv_partial_kernel(
     # 64-bit offsets: B * Hq * T * D passes 2**31 at the reference shape once B >= 4
     b = (bh // Hkv).to(tl.int64)
     h = (bh % Hkv).to(tl.int64)
-    slot = (pid // CHUNKS).to(tl.int64)
+    slot = pid // CHUNKS
     off = (pid % CHUNKS) * BLOCK_N
     n = tl.arange(0, BLOCK_N)
     dk = tl.arange(0, BLOCK_DK)
@@ -302,9 +302,10 @@ def selected_dkdv_partial_kernel(
     )
     row = off + n
     bh64 = b * Hkv + h
-    tl.store(PART_DK + bh64 * spb + slot * sps + row[:, None] * spr + dk[None, :] * spd, dk_acc,
+    s64 = slot.to(tl.int64)
+    tl.store(PART_DK + bh64 * spb + s64 * sps + row[:, None] * spr + dk[None, :] * spd, dk_acc,
              mask=in_block[:, None] & dk_ok[None, :])
-    tl.store(PART_DV + bh64 * svpb + slot * svps + row[:, None] * svpr + dv[None, :] * svpd, dv_acc,
+    tl.store(PART_DV + bh64 * svpb + s64 * svps + row[:, None] * svpr + dv[None, :] * svpd, dv_acc,
              mask=in_block[:, None] & dv_ok[None, :])
 
 
