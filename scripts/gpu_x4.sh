@@ -1,40 +1,56 @@
 #!/usr/bin/env bash
-# One call on a machine of 4 GPUs: tests, training runs, benchmarks and profiles side by side,
-# one lane of work per GPU (timings never share a GPU with other work), logs in ${LOGS:-x4_out}
-# and, packed, in $OUT/x4.tgz. Run from the repository root, with fla-core on PYTHONPATH for
-# the fla rows. Each lane's steps run in turn with their own time limits.
+# One call on a machine of 4 GPUs: the gpu tests, the benchmarks, a profile and the training
+# runs side by side, one lane of work per GPU. Timings (bench, profile, training) each get a GPU
+# of their own while they run; tests share GPUs. Logs in ${LOGS:-x4_out}, packed into
+# $OUT/x4.tgz. Run from the repository root, with fla-core on PYTHONPATH for the fla rows.
+#   LOGS=/tmp/x4 bash scripts/gpu_x4.sh
 set -uo pipefail
 logs=${LOGS:-x4_out}
-mkdir -p "$logs"
-export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+mkdir -p "$logs/tests"
+export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HYPOTHESIS_PROFILE=ci
+python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())" | tee "$logs/versions.txt"
 TRAIN_COMMON=${TRAIN_COMMON:-"--seq-len 8192 --batch 4 --steps 600 --eval-every 100"}
-lane() {  # lane GPU NAME COMMAND...: run on that GPU, log to $logs/NAME.log
-  local gpu=$1 name=$2
-  shift 2
+lane() {  # lane GPU NAME SECONDS COMMAND...: run on that GPU with a time limit, log to $logs/NAME.log
+  local gpu=$1 name=$2 limit=$3
+  shift 3
   echo "[gpu $gpu] $name: start $(date +%T)"
-  CUDA_VISIBLE_DEVICES=$gpu "$@" > "$logs/$name.log" 2>&1
+  # USR1 first: the bench and pytest's faulthandler print where they are; then the kill
+  CUDA_VISIBLE_DEVICES=$gpu timeout -s USR1 -k 15 "$limit" "$@" > "$logs/$name.log" 2>&1
   echo "[gpu $gpu] $name: rc=$? end $(date +%T)"
 }
+pytest_group() {  # pytest_group GPU NAME SECONDS ARGS...: a gpu-test group, its summary line echoed
+  local gpu=$1 name=$2 limit=$3
+  shift 3
+  lane "$gpu" "tests/$name" "$limit" python3 -m pytest -q -p no:cacheprovider -m gpu -o log_level=WARNING \
+    -o faulthandler_timeout=$((limit - 20)) "$@"
+  echo "[tests $name] $(grep -E "passed|failed|error" "$logs/tests/$name.log" | tail -1)"
+}
 (
-  lane 0 tests env OUT="$logs/tests" WHAT=gpu GPU_TEST_S=${GPU_TEST_S:-200} bash scripts/gpu_run.sh
-  lane 0 decode timeout 150 python3 -m nsa_flex.bench --parts decode --seq-lens 8192 65536 --out "$logs/decode"
+  pytest_group 0 flex_fp32 240 tests/test_gpu.py -k "flex_forward_backward and fp32"
+  pytest_group 0 gpu_rest 200 tests/test_gpu.py -k "not flex_forward_backward" &
+  pytest_group 0 cache 200 tests/test_gpu_cache.py &
+  wait
+  lane 0 decode 120 python3 -m nsa_flex.bench --parts decode --seq-lens 8192 65536 --out "$logs/decode"
 ) &
 (
-  lane 1 train_nsa timeout 440 python3 examples/train_lm.py --attention nsa --time-limit 380 $TRAIN_COMMON --out "$logs/train_nsa"
-  lane 1 profile timeout 130 python3 scripts/profile_selected.py 65536 --sweep --layer
+  pytest_group 1 flex_bf16 200 tests/test_gpu.py -k "flex_forward_backward and bf16" &
+  pytest_group 1 triton 240 tests/test_gpu_triton.py &
+  pytest_group 1 varlen 500 tests/test_gpu_varlen.py &
+  wait
 ) &
 (
-  lane 2 train_sdpa timeout 140 python3 examples/train_lm.py --attention sdpa --time-limit 100 $TRAIN_COMMON --out "$logs/train_sdpa"
-  lane 2 train_sg timeout 360 python3 examples/train_lm.py --attention nsa --selection-grad --time-limit 300 $TRAIN_COMMON --out "$logs/train_sg"
+  pytest_group 2 compile 500 tests/test_gpu_compile.py &
+  for f in tests/test_gpu_*.py; do  # any other gpu test file
+    case $f in *test_gpu_compile.py | *test_gpu_cache.py | *test_gpu_triton.py | *test_gpu_varlen.py) continue ;; esac
+    n=$(basename "$f" .py)
+    pytest_group 2 "${n#test_gpu_}" 500 "$f" &
+  done
+  wait
 ) &
 (
-  lane 3 bench timeout 380 python3 -m nsa_flex.bench --parts selected layer full --seq-lens 8192 16384 32768 65536 --out "$logs/bench"
-  lane 3 varlen timeout 150 python3 -m nsa_flex.bench --parts varlen --seq-lens 65536 --out "$logs/varlen"
+  lane 3 bench 330 python3 -m nsa_flex.bench --parts selected layer full --seq-lens 8192 16384 32768 65536 --out "$logs/bench"
+  lane 3 profile 200 python3 scripts/profile_selected.py 65536 --layer --sweep=dkdv
 ) &
 wait
-logs_json=()
-for r in train_nsa train_sdpa train_sg; do [[ -f $logs/$r/log.json ]] && logs_json+=("$logs/$r/log.json"); done
-((${#logs_json[@]})) && python3 examples/train_lm.py --plot "${logs_json[@]}" --out "$logs/train" > "$logs/train_merged.log" 2>&1
-grep -h -E "^\[|passed|failed" "$logs"/tests/gpu_tests_*.log | grep -E "passed|failed|error" | tail -12
-grep -h -E "final val loss" "$logs/train_merged.log"
+grep -h -E "^FAILED|^ERROR" "$logs"/tests/*.log | head -20
 [[ -n ${OUT:-} ]] && tar czf "$OUT/x4.tgz" "$logs"
