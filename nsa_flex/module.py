@@ -8,7 +8,6 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from ._validation import check_callable
 from .api import BACKENDS, NSAAux, attend
 from .buckets import bucket_length, check_length_buckets, pad_documents
 from .cache import NSACache, decode_step, prefill
@@ -35,32 +34,6 @@ def _first_tokens(x: Tensor, T, dim: int) -> Tensor:
     answer (``T != T_bucket``), which splits each bucket into two graphs.
     """
     return x.index_select(dim, torch.arange(T, device=x.device))
-
-
-def _mods_before(T, score_mod, mask_mod, device):
-    """The user's mods, shown no position past ``T - 1`` (a position past it is clamped to it).
-
-    Padded to its bucket, the sequence has positions ``T ..`` that the user's mods were not
-    written for (one indexing a ``(T,)`` tensor would read past its end). No output the layer
-    returns depends on what the mods say there: real queries see only keys at or before
-    them (every branch is causal), and the padded queries' outputs are dropped. ``T - 1`` is a
-    tensor, so that under ``torch.compile`` the mods capture data rather than a symbolic size.
-    """
-    if score_mod is None and mask_mod is None:
-        return None, None
-    last = torch.full((), T - 1, dtype=torch.int32, device=device)
-    clamped_score = clamped_mask = None
-    if score_mod is not None:
-
-        def clamped_score(score, b, h, q_idx, kv_idx):
-            return score_mod(score, b, h, torch.minimum(q_idx, last), torch.minimum(kv_idx, last))
-
-    if mask_mod is not None:
-
-        def clamped_mask(b, h, q_idx, kv_idx):
-            return mask_mod(b, h, torch.minimum(q_idx, last), torch.minimum(kv_idx, last))
-
-    return clamped_score, clamped_mask
 
 
 def _specialise_shape(x: Tensor, keep_length: bool) -> None:
@@ -235,9 +208,10 @@ class SparseAttention(nn.Module):
             back to ``T`` tokens too when ``length_buckets`` pads.
 
         With ``length_buckets``, ``x`` is padded with zeros to ``(B, T_bucket, dim)``, attended,
-        and the output cut back to ``(B, T, dim)``. ``score_mod``/``mask_mod`` are shown no
-        position past ``T - 1`` (the padded ones are clamped to it; nothing returned depends on
-        them there), so mods written for ``T`` tokens work unchanged.
+        and the output cut back to ``(B, T, dim)``. ``score_mod``/``mask_mod`` are then called at
+        the padded positions ``T .. T_bucket - 1`` too: a mod that indexes a per-token tensor
+        needs it ``T_bucket`` long (``nsa_flex.buckets.bucket_length(T, layer.length_buckets)``);
+        what it returns there reaches no returned output.
         """
         # Shape/dtype/device checks only: they are static under torch.compile, so forward
         # stays one graph.
@@ -254,8 +228,6 @@ class SparseAttention(nn.Module):
                 f"x is on {x.device} but the module's parameters are on {self.to_q.weight.device}"
             )
 
-        check_callable("score_mod", score_mod)
-        check_callable("mask_mod", mask_mod)
         bucketed = self.length_buckets is not None
         if torch.compiler.is_compiling():
             _specialise_shape(x, keep_length=bucketed)
@@ -264,7 +236,6 @@ class SparseAttention(nn.Module):
         bucketed = bucketed and T >= 1  # an empty x goes on to attend's error
         if bucketed:
             x, docs = self._pad_to_bucket(x, docs)
-            score_mod, mask_mod = _mods_before(T, score_mod, mask_mod, x.device)
         q = rearrange(self.to_q(x), "b t (h d) -> b h t d", h=self.heads)
         k = rearrange(self.to_k(x), "b t (h d) -> b h t d", h=self.kv_heads)
         v = rearrange(self.to_v(x), "b t (h d) -> b h t d", h=self.kv_heads)

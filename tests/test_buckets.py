@@ -160,11 +160,11 @@ def test_bucketed_equals_unpadded_flex_float32(tb, B):
 
 
 @pytest.mark.parametrize("backend, dtype", [("reference", torch.float64), ("flex", torch.float32)])
-def test_mods_written_for_T_tokens(backend, dtype):
-    """A mask_mod indexing a ``(T,)`` tensor works unchanged: the padded positions are not
-    shown to it."""
+def test_mods_see_the_padded_positions(backend, dtype):
+    """Mods are called at the padded positions too: a per-token tensor they index must reach
+    the bucket's length. What they say there changes no returned output."""
     T = 37
-    document = torch.arange(T) // 20  # tokens 0..19 and 20..36
+    document = torch.arange(64) // 20  # tokens 0..19, 20..36 (and the padding up to 64)
 
     def same_document(b, h, q_idx, kv_idx):
         return document[q_idx] == document[kv_idx]
@@ -173,11 +173,21 @@ def test_mods_written_for_T_tokens(backend, dtype):
         return 3.0 * torch.tanh(score / 3.0) + 0.01 * document[kv_idx]
 
     plain, bucketed = make_pair(backend, dtype, "pow2")
+    assert bucket_length(T, bucketed.length_buckets) == document.numel()
     x = torch.randn(2, T, 16, dtype=dtype)
     tol = 1e-10 if dtype == torch.float64 else 1e-5
+    seen = []
+
+    def spy(b, h, q_idx, kv_idx):
+        seen.append(int(q_idx.max()))
+        return same_document(b, h, q_idx, kv_idx)
+
     with torch.no_grad():
         for mods in (dict(mask_mod=same_document), dict(score_mod=soft_cap), dict(mask_mod=same_document, score_mod=soft_cap)):
             assert rel_err(bucketed(x, **mods), plain(x, **mods)) < tol
+        if backend == "reference":  # called eagerly on whole index tensors
+            bucketed(x, mask_mod=spy)
+            assert max(seen) == 63
 
 
 @pytest.mark.parametrize("backend, dtype", [("reference", torch.float64), ("flex", torch.float32)])
