@@ -3,7 +3,8 @@ backward, bf16) over lengths from 1024 to 8192, compiles one graph per bucket (p
 static, one under Dynamo's automatic dynamic shapes), within Dynamo's default recompile limit.
 
 Run with ``-s`` to see the counts: each case prints ``RECOMPILES ...`` and ``COMPILE_TIME ...``
-lines (docs/compile.md quotes them).
+lines (docs/compile.md quotes them). A third test checks user mods under the same compiled,
+changing lengths.
 """
 
 import time
@@ -82,3 +83,35 @@ def test_length_buckets_bound_the_recompiles_in_training(dynamic, capsys):
         )
         print("COMPILE_TIME " + " ".join(f"T={T}:{s:.1f}s" for T, s in zip(LENGTHS, seconds)))
     assert graphs <= bound
+
+
+def test_length_buckets_with_a_document_mask_in_training():
+    """A mask_mod and a score_mod capturing a per-token tensor of the largest bucket's length,
+    under torch.compile with changing lengths: outputs and input gradients equal the eager,
+    unpadded layer's (bf16 tolerance)."""
+    torch.manual_seed(0)
+    layer = SparseAttention(256, 4, 2, dim_head=64, length_buckets=(2048, 4096)).to("cuda", torch.bfloat16)
+    plain = SparseAttention(256, 4, 2, dim_head=64).to("cuda", torch.bfloat16)
+    plain.load_state_dict(layer.state_dict())
+    doc = torch.zeros(4096, dtype=torch.int32, device="cuda")
+
+    def same_document(b, h, q_idx, kv_idx):
+        return doc[q_idx] == doc[kv_idx]
+
+    def bias(score, b, h, q_idx, kv_idx):
+        return score + 0.1 * doc[kv_idx]
+
+    compiled = torch.compile(lambda x: layer(x, score_mod=bias, mask_mod=same_document), fullgraph=True)
+    for T in (1100, 1500, 3000):
+        doc.zero_()
+        doc[T // 3 : T] = 1  # two documents, then the padding
+        x = torch.randn(1, T, 256, device="cuda", dtype=torch.bfloat16, generator=torch.Generator("cuda").manual_seed(T))
+        results = []
+        for fn in (compiled, lambda x: plain(x, score_mod=bias, mask_mod=same_document)):
+            xi = x.clone().requires_grad_()
+            out = fn(xi)
+            out.float().square().mean().backward()
+            results.append((out.float(), xi.grad.float()))
+        (out, grad), (ref, ref_grad) = results
+        assert rel_err(out, ref) < 2e-2, T
+        assert rel_err(grad, ref_grad) < 5e-2, T
