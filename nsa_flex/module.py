@@ -8,12 +8,13 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from .api import BACKENDS, attend
+from .api import BACKENDS, NSAAux, attend
+from .buckets import bucket_length, check_length_buckets, pad_documents
 from .cache import NSACache, decode_step, prefill
 from .compression import BlockCompressor
 from .config import NSAConfig
 from .rotary import RotaryEmbedding
-from .varlen import resolve
+from .varlen import Documents, resolve
 
 __all__ = ["SparseAttention"]
 
@@ -23,6 +24,30 @@ def _check_positive_int(name: str, value) -> None:
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if value < 1:
         raise ValueError(f"{name} must be a positive int, got {value}")
+
+
+def _first_tokens(x: Tensor, T, dim: int) -> Tensor:
+    """The first ``T`` entries of ``x`` along ``dim``, as a new contiguous tensor.
+
+    A gather rather than the slice ``x[:, :T]``: whether that view is contiguous depends on
+    whether ``T`` is the whole padded length, and with a symbolic ``T`` Inductor guards on the
+    answer (``T != T_bucket``), which splits each bucket into two graphs.
+    """
+    return x.index_select(dim, torch.arange(T, device=x.device))
+
+
+def _specialise_shape(x: Tensor, keep_length: bool) -> None:
+    """While tracing, make ``x``'s sizes static, except ``T`` when ``keep_length``.
+
+    Under ``torch.compile(dynamic=True)`` (or automatic dynamic shapes) any size of ``x`` may
+    arrive symbolic. The attention below is written for static sizes: a symbolic batch size
+    reached Inductor's CPU FlexAttention lowering as a ``Min(...)`` expression and failed
+    (torch 2.13), and a symbolic ``T`` is specialised inside anyway. Guarding here, once,
+    gives one clean guard per size. With length buckets ``T`` stays symbolic: choosing the
+    bucket guards its range, and the attention sees the static padded length.
+    """
+    for d in (0, 2) if keep_length else (0, 1, 2):
+        torch._dynamo.mark_static(x, d)
 
 
 class SparseAttention(nn.Module):
@@ -50,6 +75,15 @@ class SparseAttention(nn.Module):
         selection_grad: straight-through gradients through the selection, so that the key
             compression also learns from what the selected branch needed (``attend``'s
             ``selection_grad``). A plain attribute, like ``backend``.
+        length_buckets: pad each sequence, at its end, to a few fixed lengths before attending,
+            so that a compiled model compiles once per bucket rather than once per length
+            (docs/compile.md). ``None`` (default): no padding. ``"pow2"``: the smallest power of
+            two ``>= T``. A strictly increasing tuple of ints: the smallest entry ``>= T``; a
+            longer sequence raises ``ValueError``. Outputs and gradients are those of the
+            unpadded layer (attention is causal: appended tokens change nothing before them);
+            the cost is the attention over up to the bucket's length. ``forward`` only
+            (``prefill``/``decode`` never pad). Checked when set; may be changed after
+            construction.
 
     Shapes:
         ``forward(x)``: ``x (B, T, dim) -> (B, T, dim)``.
@@ -74,6 +108,7 @@ class SparseAttention(nn.Module):
         backend: str = "flex",
         bias: bool = False,
         selection_grad: bool = False,
+        length_buckets: str | tuple[int, ...] | None = None,
     ) -> None:
         super().__init__()
         kv_heads = heads if kv_heads is None else kv_heads
@@ -116,6 +151,7 @@ class SparseAttention(nn.Module):
         if not isinstance(selection_grad, bool):
             raise TypeError(f"selection_grad must be a bool, got {type(selection_grad).__name__}")
         self.selection_grad = selection_grad
+        self.length_buckets = length_buckets
 
         self.to_q = nn.Linear(dim, heads * dim_head, bias=bias)
         self.to_k = nn.Linear(dim, kv_heads * dim_head, bias=bias)
@@ -127,10 +163,20 @@ class SparseAttention(nn.Module):
         self.compress_k = BlockCompressor(dim_head, config, hidden=compress_hidden, out_bias=False)
         self.compress_v = BlockCompressor(dim_head_v, config, hidden=compress_hidden)
 
+    @property
+    def length_buckets(self) -> str | tuple[int, ...] | None:
+        """``None``, ``"pow2"`` or an increasing tuple of lengths (see the class docstring)."""
+        return self._length_buckets
+
+    @length_buckets.setter
+    def length_buckets(self, value) -> None:
+        self._length_buckets = check_length_buckets(value)
+
     def extra_repr(self) -> str:
+        buckets = "" if self.length_buckets is None else f", length_buckets={self.length_buckets!r}"
         return (
             f"dim={self.dim}, heads={self.heads}, kv_heads={self.kv_heads}, "
-            f"dim_head={self.dim_head}, dim_head_v={self.dim_head_v}, backend={self.backend!r}, "
+            f"dim_head={self.dim_head}, dim_head_v={self.dim_head_v}, backend={self.backend!r}{buckets}, "
             f"config={self.config}"
         )
 
@@ -154,10 +200,18 @@ class SparseAttention(nn.Module):
             cu_seqlens: documents packed in one row (``B = 1``): ``(N+1,)`` offsets, as for
                 ``attend``, or a ``nsa_flex.varlen.Documents`` (read once per batch and shared by
                 the layers). Each document is attended alone, and RoPE positions restart at 0 at
-                each document's first token.
+                each document's first token. With ``length_buckets``, the padding is one more
+                document after the last.
 
         Returns:
-            ``(B, T, dim)``, or ``(out, aux)`` when ``return_aux``.
+            ``(B, T, dim)``, or ``(out, aux)`` when ``return_aux``; ``aux``'s tensors are cut
+            back to ``T`` tokens too when ``length_buckets`` pads.
+
+        With ``length_buckets``, ``x`` is padded with zeros to ``(B, T_bucket, dim)``, attended,
+        and the output cut back to ``(B, T, dim)``. ``score_mod``/``mask_mod`` are then called at
+        the padded positions ``T .. T_bucket - 1`` too: a mod that indexes a per-token tensor
+        needs it ``T_bucket`` long (``nsa_flex.buckets.bucket_length(T, layer.length_buckets)``);
+        what it returns there reaches no returned output.
         """
         # Shape/dtype/device checks only: they are static under torch.compile, so forward
         # stays one graph.
@@ -174,7 +228,14 @@ class SparseAttention(nn.Module):
                 f"x is on {x.device} but the module's parameters are on {self.to_q.weight.device}"
             )
 
-        docs = None if cu_seqlens is None else resolve(cu_seqlens, x.shape[1], x.device, x.shape[0])
+        bucketed = self.length_buckets is not None
+        if torch.compiler.is_compiling():
+            _specialise_shape(x, keep_length=bucketed)
+        T = x.shape[1]
+        docs = None if cu_seqlens is None else resolve(cu_seqlens, T, x.device, x.shape[0])
+        bucketed = bucketed and T >= 1  # an empty x goes on to attend's error
+        if bucketed:
+            x, docs = self._pad_to_bucket(x, docs)
         q = rearrange(self.to_q(x), "b t (h d) -> b h t d", h=self.heads)
         k = rearrange(self.to_k(x), "b t (h d) -> b h t d", h=self.kv_heads)
         v = rearrange(self.to_v(x), "b t (h d) -> b h t d", h=self.kv_heads)
@@ -200,7 +261,27 @@ class SparseAttention(nn.Module):
         )
         out, aux = result if return_aux else (result, None)
         out = self.to_out(rearrange(out, "b h t d -> b t (h d)"))
+        if bucketed:
+            # Back to T tokens: the padded queries' outputs are dropped, so nothing flows back
+            # into the padding.
+            out = _first_tokens(out, T, dim=1)
+            if return_aux:
+                aux = NSAAux(*(_first_tokens(a, T, dim=2) for a in aux))
         return (out, aux) if return_aux else out
+
+    def _pad_to_bucket(self, x: Tensor, docs: Documents | None) -> tuple[Tensor, Documents | None]:
+        """``x (B, T, dim) -> (B, T_bucket, dim)``, zeros appended; a packed row's padding
+        becomes one more document.
+
+        Under ``torch.compile`` with a symbolic ``T``, choosing the bucket guards the graph on
+        ``T``'s range, and the padded length is static. The pad is applied even when it is
+        empty, so that no ``T == T_bucket`` guard splits a bucket in two.
+        """
+        T = x.shape[1]
+        padded = bucket_length(T, self.length_buckets)
+        if docs is not None:
+            docs = pad_documents(docs, padded)
+        return torch.nn.functional.pad(x, (0, 0, 0, padded - T)), docs
 
     # ------------------------------------------------------------------------- inference
 

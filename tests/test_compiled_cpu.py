@@ -7,8 +7,10 @@ so these are the CPU tests in which a wrong tile list would show. Each shape com
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
-from nsa_flex import NSAConfig, attend
+from nsa_flex import NSAConfig, SparseAttention, attend
+from nsa_flex.buckets import bucket_length
 
 from strategies import Shape, make_qkv, rel_err
 
@@ -56,3 +58,62 @@ def test_compiled_flex_matches_reference(shape, config, mods):
     # the compiled selection is the eager one
     eager_idx = attend(q, k, v, gates, return_aux=True, **kw)[1].block_indices
     assert torch.equal(aux.block_indices, eager_idx)
+
+
+# ------------------------------------------------------------------------- length buckets
+
+
+class _Block(torch.nn.Module):
+    """A residual block around a bucketed SparseAttention: the parts outside the attention see
+    the symbolic length too."""
+
+    def __init__(self, buckets):
+        super().__init__()
+        config = NSAConfig(compress_block=16, compress_stride=8, select_block=32, num_selected=4, num_local=1, window=64)
+        self.norm = torch.nn.LayerNorm(32)
+        self.attn = SparseAttention(32, heads=4, kv_heads=2, dim_head=16, config=config, length_buckets=buckets)
+        self.out = torch.nn.Linear(32, 32)
+
+    def forward(self, x):
+        return self.out(x + self.attn(self.norm(x)))
+
+
+@pytest.mark.parametrize(
+    "dynamic, lengths",
+    [
+        # Dynamo's default: the first length compiles static, the next ones symbolic per bucket
+        (None, (100, 120, 128, 200, 129, 256, 300, 512)),
+        (True, (100, 128, 129, 256)),
+    ],
+)
+def test_length_buckets_bound_the_recompiles(dynamic, lengths):
+    """Lengths 100..512 over buckets 128/256/512 compile at most one graph per bucket (plus the
+    first, static, one under automatic dynamic shapes); each graph's output is the eager one."""
+    buckets = (128, 256, 512)
+    torch.manual_seed(0)
+    model = _Block(buckets)
+    compiled = torch.compile(model, fullgraph=True, dynamic=dynamic)
+    xs = [torch.randn(2, T, 32, generator=torch.Generator().manual_seed(T)) for T in lengths]
+    with torch.no_grad():
+        # eager first: on the CPU eager FlexAttention runs through Dynamo too, and would count
+        expected = [model(x) for x in xs]
+        before = counters["stats"]["unique_graphs"]
+        outs = [compiled(x) for x in xs]
+        graphs = counters["stats"]["unique_graphs"] - before
+    for T, out, ref in zip(lengths, outs, expected):
+        assert rel_err(out, ref) < 1e-5, T
+    touched = len({bucket_length(T, buckets) for T in lengths})
+    print(f"RECOMPILES dynamic={dynamic} lengths={','.join(map(str, lengths))} buckets={touched} graphs={graphs}")
+    assert graphs <= touched + (1 if dynamic is None else 0)
+
+
+def test_dynamic_true_without_buckets():
+    """``dynamic=True`` leaves every size of ``x`` symbolic; SparseAttention makes them static
+    at its entry (a symbolic batch size failed in Inductor's CPU FlexAttention lowering,
+    "'Min' object has no attribute 'get_name'", torch 2.13)."""
+    torch.manual_seed(0)
+    model = _Block(None)
+    compiled = torch.compile(model, fullgraph=True, dynamic=True)
+    x = torch.randn(2, 100, 32)
+    with torch.no_grad():
+        assert rel_err(compiled(x), model(x)) < 1e-5
