@@ -116,17 +116,20 @@ def _kernel_options(q: Tensor, v: Tensor, block_size: tuple[int, int]) -> dict |
 def _tile_options(element_size: int, head_dim: int, block_size: tuple[int, int] = (128, 128)) -> dict:
     """Kernel tiles that divide the BlockMask's ``(Q tile, KV tile)``, as FlexAttention needs.
 
-    The forward's options carry FlexAttention's ``fwd_`` prefix, so that the backward keeps
-    Inductor's own choice (on the H200, bf16, D=128: 8 warps and 3 stages; unprefixed options
-    would apply to both kernels, and 4 warps, 2 stages made the backward of the compressed and
-    window branches several times slower). For the selected branch's small tiles (one token's
-    16 rows by one 64-key block) the backward's tiles are given too, ``bwd_``-prefixed: its
-    defaults (64-128 rows) would not divide them.
+    The forward's warps and stages carry FlexAttention's ``fwd_`` prefix, so that the backward
+    keeps Inductor's own (on the H200, bf16, D=128: 8 warps and 3 stages; unprefixed, they
+    apply to both kernels, and 4 warps, 2 stages made the backward of the compressed and window
+    branches several times slower). ``BLOCK_M``/``BLOCK_N`` stay unprefixed: only the forward
+    reads them, and FlexAttention's decoding kernel (queries shorter than 128) checks an
+    unprefixed ``BLOCK_M`` before it strips prefixes (torch 2.11; without it, it derives a
+    ``BLOCK_M`` that need not divide the tiles and finds no kernel). For the selected branch's
+    small tiles (one token's 16 rows by one 64-key block) the backward's tiles are given too,
+    ``bwd_``-prefixed: its defaults (64-128 rows) would not divide them.
     """
     qb, kb = block_size
     wide = element_size >= 4 and head_dim > 128
     n = min(32 if wide else 64, kb)
-    options = {"fwd_BLOCK_M": min(64, qb), "fwd_BLOCK_N": n, "fwd_num_stages": 2, "fwd_num_warps": 4}
+    options = {"BLOCK_M": min(64, qb), "BLOCK_N": n, "fwd_num_stages": 2, "fwd_num_warps": 4}
     if qb < 128 or kb < 128:
         # dK/dV: BLOCK_N1 keys against BLOCK_M1 query rows at a time (N1 % M1 == 0);
         # dQ: BLOCK_M2 rows against BLOCK_N2 keys at a time (M2 % N2 == 0).

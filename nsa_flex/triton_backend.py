@@ -131,9 +131,15 @@ def _meta(G: int, Dk: int, Dv: int, select_block: int, dtype: torch.dtype, kerne
         else:
             block_n //= 2
     if kernel == "dkdv":
-        # 8 warps: at 4, the accumulators and score tiles spill registers (seen compiling for
-        # sm_90 at G=3, D=64 and G=16, D=128); 4 for tiles too small to share among 8
-        warps = 8 if block_n * d >= 64 * 64 else 4
+        if half:
+            # 4 warps, one stage: the fastest of 36 settings on the H200 at SPEC's shape
+            # (bf16, G=16, D=128, T=64k; scripts/profile_selected.py --sweep=dkdv): 16.1 ms
+            # against 24.5 ms at 8 warps and two stages, although 4 warps spill a few registers
+            warps, stages = 4, 1
+        else:
+            # float32: 8 warps, as at 4 the accumulators and score tiles spill registers (seen
+            # compiling for sm_90 at G=3, D=64 and G=16, D=128); 4 for tiles too small for 8
+            warps = 8 if block_n * d >= 64 * 64 else 4
     else:
         meta["BLOCK_G"] = block_g
     meta.update(BLOCK_N=block_n, num_warps=warps, num_stages=stages)

@@ -26,31 +26,26 @@ pytest_group() {  # pytest_group GPU NAME SECONDS ARGS...: a gpu-test group, its
   echo "[tests $name] $(grep -E "passed|failed|error" "$logs/tests/$name.log" | tail -1)"
 }
 (
-  pytest_group 0 flex_fp32 240 tests/test_gpu.py -k "flex_forward_backward and fp32"
-  pytest_group 0 gpu_rest 200 tests/test_gpu.py -k "not flex_forward_backward" &
-  pytest_group 0 cache 200 tests/test_gpu_cache.py &
-  wait
-  lane 0 decode 120 python3 -m nsa_flex.bench --parts decode --seq-lens 8192 65536 --out "$logs/decode"
-) &
-(
-  pytest_group 1 flex_bf16 200 tests/test_gpu.py -k "flex_forward_backward and bf16" &
-  pytest_group 1 triton 240 tests/test_gpu_triton.py &
-  pytest_group 1 varlen 500 tests/test_gpu_varlen.py &
+  lane 0 debug_compiled 200 python3 scripts/debug_compiled.py &
+  pytest_group 0 gpu_compile_model 200 tests/test_gpu.py -k "compile_fullgraph or users_compiled" &
+  pytest_group 0 varlen 400 tests/test_gpu_varlen.py &
   wait
 ) &
 (
-  pytest_group 2 compile 500 tests/test_gpu_compile.py &
-  for f in tests/test_gpu_*.py; do  # any other gpu test file
-    case $f in *test_gpu_compile.py | *test_gpu_cache.py | *test_gpu_triton.py | *test_gpu_varlen.py) continue ;; esac
-    n=$(basename "$f" .py)
-    pytest_group 2 "${n#test_gpu_}" 500 "$f" &
-  done
-  wait
+  lane 1 train_nsa 280 python3 examples/train_lm.py --attention nsa --time-limit 220 $TRAIN_COMMON --out "$logs/train_nsa"
+  lane 1 train_sdpa 100 python3 examples/train_lm.py --attention sdpa --time-limit 60 $TRAIN_COMMON --out "$logs/train_sdpa"
+  lane 1 bench_full 120 python3 -m nsa_flex.bench --parts full --seq-lens 65536 --out "$logs/bench_full"
 ) &
 (
-  lane 3 bench 330 python3 -m nsa_flex.bench --parts selected layer full --seq-lens 8192 16384 32768 65536 --out "$logs/bench"
-  lane 3 profile 200 python3 scripts/profile_selected.py 65536 --layer --sweep=dkdv
+  lane 2 varlen_bench 420 python3 -m nsa_flex.bench --parts varlen --seq-lens 65536 --out "$logs/varlen_bench"
+) &
+(
+  TORCH_LOGS=recompiles pytest_group 3 compile_lengths 500 -s tests/test_gpu_compile_lengths.py
 ) &
 wait
+logs_json=()
+for r in train_nsa train_sdpa train_sg; do [[ -f $logs/$r/log.json ]] && logs_json+=("$logs/$r/log.json"); done
+((${#logs_json[@]})) && python3 examples/train_lm.py --plot "${logs_json[@]}" --out "$logs/train" > "$logs/train_merged.log" 2>&1
+cat "$logs/train_merged.log" 2>/dev/null
 grep -h -E "^FAILED|^ERROR" "$logs"/tests/*.log | head -20
 [[ -n ${OUT:-} ]] && tar czf "$OUT/x4.tgz" "$logs"

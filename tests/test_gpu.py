@@ -160,7 +160,7 @@ def test_a_users_compiled_flex_attention_does_not_use_up_ours(monkeypatch):
         theirs(x, x, x)
     counters = torch._dynamo.utils.counters
     before = counters["stats"]["unique_graphs"]
-    config = NSAConfig(compress_block=16, compress_stride=16, select_block=16, num_selected=2, window=16)
+    config = NSAConfig(compress_block=16, compress_stride=16, select_block=16, num_selected=4, window=16)
     q, k, v = (torch.randn(1, h, 200, 16, device="cuda") for h in (2, 1, 1))
     with torch.no_grad():
         out = attend(q, k, v, config=config)
