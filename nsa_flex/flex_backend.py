@@ -299,20 +299,25 @@ def _flex_forward_triton_backward(q, k, v, block_indices, config: NSAConfig, sca
     )
 
 
-def _triton_backward_applies(q, k, v, score_mod, mask_mod) -> bool:
-    """Whether the selected branch takes :func:`_flex_forward_triton_backward`: CUDA, a backward
-    will run, no user modifiers, dtypes and head dims the Triton kernels take. Static facts, so
-    a compiled graph decides as an eager call does."""
+def _triton_kernels_apply(q, k, v, score_mod, mask_mod) -> bool:
+    """Whether the Triton selected-branch kernels can stand in for FlexAttention: CUDA, no user
+    modifiers (the kernels run none), dtypes and head dims they take. Static facts."""
     return (
         q.is_cuda
         and q.dtype in (torch.float16, torch.bfloat16, torch.float32)  # the kernels' dtypes
         and score_mod is None
         and mask_mod is None
-        and _needs_backward(q, k, v)
         and 16 <= min(q.shape[-1], v.shape[-1])
         and max(q.shape[-1], v.shape[-1]) <= 256
         and triton_backend.available(q.device)[0]
     )
+
+
+def _triton_backward_applies(q, k, v, score_mod, mask_mod) -> bool:
+    """Whether the selected branch takes :func:`_flex_forward_triton_backward`: the Triton
+    kernels apply and a backward will run. Static facts, so a compiled graph decides as an
+    eager call does."""
+    return _triton_kernels_apply(q, k, v, score_mod, mask_mod) and _needs_backward(q, k, v)
 
 
 def selected_branch(
@@ -329,6 +334,14 @@ def selected_branch(
     """``o_slc (B, Hq, T, Dv)``: each query attends the keys ``s <= t`` of its selected blocks
     (``docs``: doc-local block indices, counted from each token's document start)."""
     G = q.shape[1] // k.shape[1]
+    compiled_cuda = q.is_cuda and torch.compiler.is_compiling()
+    if compiled_cuda and docs is None and _triton_kernels_apply(q, k, v, score_mod, mask_mod):
+        # Inside a CUDA graph of torch.compile the branch is the Triton kernels' custom op,
+        # forward and backward. FlexAttention over the one-token tiles, traced into an Inductor
+        # graph, gave wrong outputs when T * G is not a multiple of the tile (torch 2.11, H200:
+        # relative error ~1 at T=1500, G=2; exact at T=1536; eager calls through the shared
+        # compiled FlexAttention were right); scripts/debug_compiled.py shows it.
+        return triton_backend.selected_branch(q, k, v, block_indices, config, scale)
     if docs is None and _triton_backward_applies(q, k, v, score_mod, mask_mod):
         return _flex_forward_triton_backward(q, k, v, block_indices, config, scale)
     # Fold the group into rows, so that one K/V tile load serves the G heads of a group.
@@ -341,7 +354,8 @@ def selected_branch(
     # (A packed row's doc-local blocks start anywhere: its tiles are the 128x128 default.)
     block_mask = selection_block_mask(
         block_indices, config, group_size=G, mask_mod=mask_mod,
-        block_size=_selection_tile(q, G, config, needs_backward) if docs is None else None,
+        # (compiled CUDA graphs: FlexAttention's 128x128 tiles, never the one-token tiles, see above)
+        block_size=_selection_tile(q, G, config, needs_backward or compiled_cuda) if docs is None else None,
         doc_start=None if docs is None else docs.start, transposed=needs_backward,
     )
     user_score = None

@@ -75,7 +75,11 @@ def test_length_buckets_bound_the_recompiles_in_training(dynamic, capsys):
             assert rel_err(out.float(), expected[T]) < 2e-2, T
     graphs = counters["stats"]["unique_graphs"] - before
     buckets = sorted({bucket_length(T, "pow2") for T in LENGTHS})
-    bound = len(buckets) + (1 if dynamic is None else 0)
+    # One graph per bucket, plus the first (static) graph under automatic dynamic shapes, plus
+    # one: Inductor itself may guard a bucket's graph on a narrower range of T (torch 2.11 on
+    # the H200: "4097 <= T <= 5119", from a fusion decision, splits the 8192 bucket in two; run
+    # with TORCH_LOGS=recompiles to see the guards).
+    bound = len(buckets) + 1 + (1 if dynamic is None else 0)
     with capsys.disabled():
         print(
             f"\nRECOMPILES dynamic={dynamic} lengths={','.join(map(str, LENGTHS))} "
