@@ -56,19 +56,27 @@ def _compiled_flex():
 
 
 def _room_to_recompile():
-    """Config patch under which the shared compiled flex_attention may hold many graphs.
+    """Config patch under which the shared compiled flex_attention (and the CPU gradient path)
+    may hold many graphs.
 
-    Each branch and each sequence length is its own graph (three per length), and Dynamo's
-    default limit of 8 per function is reached by the third length; past it Dynamo would run
-    FlexAttention unfused, materialising the scores, with only a warning.
+    Each branch and each shape is its own graph (three per length), and Dynamo's default limit
+    of 8 per function is reached by the third length; past it Dynamo would run FlexAttention
+    unfused, materialising the scores, with only a warning (or, for the CPU path, which traces
+    with ``fullgraph=True``, fail). The total over all functions (``accumulated_recompile_limit``,
+    256 by default) is raised with it: a long CPU test session reached it.
     """
     cfg = torch._dynamo.config
     name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
-    return cfg.patch(**{name: max(getattr(cfg, name), _MAX_EAGER_GRAPHS)})
+    limits = {name: max(getattr(cfg, name), _MAX_EAGER_GRAPHS)}
+    total = "accumulated_recompile_limit" if hasattr(cfg, "accumulated_recompile_limit") else "accumulated_cache_size_limit"
+    if hasattr(cfg, total):
+        limits[total] = max(getattr(cfg, total), 4 * _MAX_EAGER_GRAPHS)
+    return cfg.patch(**limits)
 
 
-# Enough for ~40 sequence lengths in one process; torch.compile'd models don't use this path.
-_MAX_EAGER_GRAPHS = 128
+# About 300 sequence lengths (or shapes) in one process; torch.compile'd models don't use this
+# path. An entry is one traced graph and, on CUDA, its compiled kernels.
+_MAX_EAGER_GRAPHS = 1024
 
 
 @functools.cache
