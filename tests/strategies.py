@@ -85,3 +85,22 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     if den == 0:
         return float(num)
     return float(num / den)
+
+
+def compile_counted(fn, backend: str):
+    """``fn`` under ``torch.compile(fullgraph=True)`` with ``backend``, and the counter that holds
+    the Dynamo graphs it made."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    counter = CompileCounterWithBackend(backend)
+    return torch.compile(fn, backend=counter, fullgraph=True), counter
+
+
+def ops_in(counter) -> set[str]:
+    """Names of the nsa_flex custom ops called in the counter's Dynamo graphs."""
+    return {
+        str(node.target).split(".")[1]
+        for graph in counter.graphs
+        for node in graph.graph.nodes
+        if node.op == "call_function" and str(node.target).startswith("nsa_flex.")
+    }

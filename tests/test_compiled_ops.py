@@ -14,13 +14,13 @@ import copy
 
 import pytest
 import torch
-from torch._dynamo.testing import CompileCounterWithBackend
 
 from nsa_flex import NSAConfig, SparseAttention, attend, flex_backend, mean_compress, ops, selection, select_blocks
 from nsa_flex import triton_backend
 from nsa_flex.varlen import documents
 
-from strategies import Shape, make_qkv, rel_err
+import strategies
+from strategies import Shape, make_qkv, ops_in, rel_err
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = [
@@ -39,20 +39,8 @@ def fresh_dynamo():
 
 
 def compile_counted(fn):
-    """``fn`` under torch.compile(fullgraph=True, backend="aot_eager"), and the counter that
-    holds the Dynamo graphs it made."""
-    counter = CompileCounterWithBackend("aot_eager")
-    return torch.compile(fn, backend=counter, fullgraph=True), counter
-
-
-def ops_in(counter) -> set[str]:
-    """Names of the nsa_flex custom ops called in the counter's graphs."""
-    return {
-        str(node.target).split(".")[1]
-        for graph in counter.graphs
-        for node in graph.graph.nodes
-        if node.op == "call_function" and str(node.target).startswith("nsa_flex.")
-    }
+    """On the CPU the graphs run through AOTAutograd only (see the module docstring)."""
+    return strategies.compile_counted(fn, "aot_eager")
 
 
 def inputs(shape, seed=0, requires_grad=True):
@@ -77,6 +65,18 @@ def assert_same(a, b):
     # SPEC's float32 tolerance: on the CPU both sides run the same kernels and agree to the
     # last bits; on a GPU eager FlexAttention is Inductor's kernel, aot_eager's the unfused one
     assert a.shape == b.shape and rel_err(a, b) < 1e-5
+
+
+def assert_compiles_like_eager(fn, q, k, v, idx, op):
+    """``fn(q, k, v, idx)`` compiled in one graph that calls the custom op ``op``, with the
+    output and the gradients of eager ``fn``."""
+    compiled, counter = compile_counted(fn)
+    out, grads = fwd_bwd(compiled, q, k, v, idx)
+    ref, ref_grads = fwd_bwd(fn, q, k, v, idx)
+    assert counter.frame_count == 1 and ops_in(counter) == {op}
+    assert_same(out, ref)
+    for a, b in zip(grads, ref_grads):
+        assert_same(a, b)
 
 
 # --------------------------------------------------------------------------------- opcheck
@@ -131,13 +131,7 @@ def test_triton_selected_attention_compiles():
     def selected(q, k, v, idx):
         return triton_backend.selected_attention(q, k, v, idx, 8, 0.3)[0]
 
-    compiled, counter = compile_counted(selected)
-    out, grads = fwd_bwd(compiled, q, k, v, idx)
-    ref, ref_grads = fwd_bwd(selected, q, k, v, idx)
-    assert counter.frame_count == 1 and ops_in(counter) == {"selected_attention"}
-    assert_same(out, ref)
-    for a, b in zip(grads, ref_grads):
-        assert_same(a, b)
+    assert_compiles_like_eager(selected, q, k, v, idx, "selected_attention")
 
 
 def _triton_backward_anywhere(q, k, v, score_mod, mask_mod):
@@ -156,13 +150,7 @@ def test_flex_selected_branch_with_triton_backward_compiles(monkeypatch):
     def selected(q, k, v, idx):
         return flex_backend.selected_branch(q, k, v, idx, CONFIG, 0.3)
 
-    compiled, counter = compile_counted(selected)
-    out, grads = fwd_bwd(compiled, q, k, v, idx)
-    ref, ref_grads = fwd_bwd(selected, q, k, v, idx)
-    assert counter.frame_count == 1 and ops_in(counter) == {"attach_selected_backward"}
-    assert_same(out, ref)
-    for a, b in zip(grads, ref_grads):
-        assert_same(a, b)
+    assert_compiles_like_eager(selected, q, k, v, idx, "attach_selected_backward")
 
 
 def _fused_anywhere(q, score_mod, mask_mod):

@@ -11,11 +11,11 @@ import copy
 
 import pytest
 import torch
-from torch._dynamo.testing import CompileCounterWithBackend
 
 from nsa_flex import NSAConfig, SparseAttention, attend, selection, triton_backend
 
-from strategies import Shape, rel_err
+import strategies
+from strategies import Shape, ops_in, rel_err
 
 pytestmark = pytest.mark.gpu
 
@@ -53,18 +53,7 @@ def launches(monkeypatch):
 
 
 def compile_counted(fn):
-    counter = CompileCounterWithBackend("inductor")
-    return torch.compile(fn, backend=counter, fullgraph=True), counter
-
-
-def ops_in(counter) -> set[str]:
-    """Names of the nsa_flex custom ops called in Dynamo's graphs."""
-    return {
-        str(node.target).split(".")[1]
-        for graph in counter.graphs
-        for node in graph.graph.nodes
-        if node.op == "call_function" and str(node.target).startswith("nsa_flex.")
-    }
+    return strategies.compile_counted(fn, "inductor")
 
 
 def layer_inputs(shape, config, dtype, seed):

@@ -209,22 +209,17 @@ def test_split_backward_is_deterministic(short_segments):
 def test_split_lists_packed_match_reference(short_segments, G):
     # a packed row: every document's block 0 chosen by all its queries, so the lists of the
     # documents' first blocks split; doc-local indices, blocks numbered across documents
+    from test_varlen import cu_of, packed_selected_and_reference
+
     lengths, ls = [13, 0, 1, 25, 9], 4
     T = sum(lengths)
-    cu = torch.tensor([0, *__import__("itertools").accumulate(lengths)], dtype=torch.int32)
+    cu = cu_of(lengths)
     docs = documents(cu)
     pos = docs.pos.long().view(1, 1, T, 1)
     g = torch.Generator().manual_seed(G)
     idx = torch.cat([torch.zeros_like(pos), pos // ls, (torch.rand(1, 1, T, 1, generator=g) * (pos // ls)).long()], -1)
     idx = idx.to(torch.int32)
-    q, k, v = (torch.randn(1, h, T, 16, generator=g).to(DEVICE).requires_grad_() for h in (G, 1, 1))
-    o, _ = selected_attention(q, k, v, idx.to(DEVICE), ls, 0.3, cu_seqlens=cu)
-    w = torch.randn(o.shape, generator=g).to(DEVICE)
-    grads = torch.autograd.grad((o * w).sum(), (q, k, v))
-    config = NSAConfig(compress_block=4, compress_stride=4, select_block=ls, num_selected=3, num_initial=0, num_local=0)
-    ref_in = [x.detach().double().cpu().requires_grad_() for x in (q, k, v)]
-    ref = R.attend(*ref_in, config=config, block_indices=idx, scale=0.3, cu_seqlens=cu).o_slc
-    ref_grads = torch.autograd.grad((ref * w.double().cpu()).sum(), ref_in)
+    o, grads, ref, ref_grads = packed_selected_and_reference(G, idx, ls, cu, g)
     assert rel_err(o, ref) < 1e-5
     for name, a, b in zip("qkv", grads, ref_grads):
         assert rel_err(a, b) < 1e-5, name

@@ -162,12 +162,30 @@ def test_packed_equals_separate_triton(lengths, G, seed):
     assert rel_err(out, ref) < 1e-5
 
 
+def packed_selected_and_reference(G, idx, select_block, cu, g):
+    """The triton backend's selected attention over a packed row (``G`` query heads, one KV
+    head, doc-local ``idx (1, 1, T, n)``, scale 0.3) and the float64 reference's ``o_slc``:
+    ``(o, grads, ref, ref_grads)``, the gradients those of one random weighting, in q, k, v.
+    ``q, k, v`` and the weighting are drawn from ``g``."""
+    from nsa_flex.triton_backend import selected_attention
+
+    T = idx.shape[2]
+    q, k, v = (torch.randn(1, h, T, 16, generator=g).to(DEVICE).requires_grad_() for h in (G, 1, 1))
+    o, _ = selected_attention(q, k, v, idx.to(DEVICE), select_block, 0.3, cu_seqlens=cu)
+    w = torch.randn(o.shape, generator=g).to(DEVICE)
+    grads = torch.autograd.grad((o * w).sum(), (q, k, v))
+    config = NSAConfig(compress_block=4, compress_stride=4, select_block=select_block, num_selected=3,
+                       num_initial=0, num_local=0)
+    ref_in = [x.detach().double().cpu().requires_grad_() for x in (q, k, v)]
+    ref = R.attend(*ref_in, config=config, block_indices=idx, scale=0.3, cu_seqlens=cu).o_slc
+    ref_grads = torch.autograd.grad((ref * w.double().cpu()).sum(), ref_in)
+    return o, grads, ref, ref_grads
+
+
 @needs_triton
 def test_triton_selected_attention_packed_matches_reference():
     # selected_attention alone, doc-local indices chosen at random, including ones past the
     # query's block (they select nothing) and -1
-    from nsa_flex.triton_backend import selected_attention
-
     lengths, ls = [13, 0, 1, 25], 4
     T = sum(lengths)
     cu = cu_of(lengths)
@@ -176,14 +194,7 @@ def test_triton_selected_attention_packed_matches_reference():
     idx = torch.randint(-1, 7, (1, 1, T, 3), generator=g, dtype=torch.int32)
     doc_blocks = torch.tensor([-(-n // ls) for n in lengths])[docs.doc_id.long()].view(1, 1, T, 1)
     idx = torch.where(idx < doc_blocks, idx, -1)
-    q, k, v = (torch.randn(1, h, T, 16, generator=g).to(DEVICE).requires_grad_() for h in (2, 1, 1))
-    o, _ = selected_attention(q, k, v, idx.to(DEVICE), ls, 0.3, cu_seqlens=cu)
-    w = torch.randn(o.shape, generator=g).to(DEVICE)
-    grads = torch.autograd.grad((o * w).sum(), (q, k, v))
-    config = NSAConfig(compress_block=4, compress_stride=4, select_block=ls, num_selected=3, num_initial=0, num_local=0)
-    ref_in = [x.detach().double().cpu().requires_grad_() for x in (q, k, v)]
-    ref = R.attend(*ref_in, config=config, block_indices=idx, scale=0.3, cu_seqlens=cu).o_slc
-    ref_grads = torch.autograd.grad((ref * w.double().cpu()).sum(), ref_in)
+    o, grads, ref, ref_grads = packed_selected_and_reference(2, idx, ls, cu, g)
     assert rel_err(o, ref) < 1e-5
     for a, b in zip(grads, ref_grads):
         assert close(a, b, 1e-5)
