@@ -183,7 +183,7 @@ def top_n(scores: Tensor, config: NSAConfig) -> Tensor:
     key = torch.where(forced, inf, torch.where(candidate, scores, -inf))
     out = torch.full((B, H, T, n), -1, dtype=torch.int32, device=scores.device)
     for t in range(T):
-        m = min(n, int(candidate[t].sum()))
+        m = min(n, Ns, t // ls + 1)  # candidates: blocks 0 .. t // ls (a host count, no device read)
         # equal scores: the lower block first, the library's rule (SPEC lets ties go either way)
         ranked = torch.sort(key[:, :, t], dim=-1, descending=True, stable=True).indices[..., :m]
         chosen = ranked.sort(dim=-1).values
