@@ -34,6 +34,7 @@ multiply natively with float32 accumulation. The importances are always float32 
 import triton
 import triton.language as tl
 
+from .selection_kernels import _ascending_rank, _top_n
 from .triton_kernels import _dot, _load_rows
 
 
@@ -224,53 +225,6 @@ def block_keys_kernel(
 
 
 @triton.jit
-def _packed(vals, j, ok, Ns):
-    """Keys as int64 that order like (value, then lower block first); the smallest int64 where
-    not ``ok``.
-
-    The float's bits are made monotonic as a signed int32 (negative floats flip their magnitude
-    bits) and fill the high half; the block index, reversed, fills the low half, so that one
-    integer maximum finds the best block and breaks an exact tie to the lower one.
-    """
-    bits = vals.to(tl.int32, bitcast=True)
-    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)
-    key = (ordered.to(tl.int64) << 32) | (Ns - 1 - j).to(tl.int64)
-    return tl.where(ok, key, -9223372036854775807 - 1)
-
-
-@triton.jit
-def _top_n(KEYS, cur, Ns, N_SEL: tl.constexpr, BLOCK_SEL: tl.constexpr, BLOCK_NS: tl.constexpr,
-           ONE_TILE: tl.constexpr):
-    """The ``N_SEL`` best of ``keys[0 .. cur]`` (distinct integers from :func:`_packed`) as
-    block indices, ``-1`` for empty slots: round ``r`` takes the largest key below round
-    ``r - 1``'s. With ``ONE_TILE`` the keys stay in registers; otherwise every round reads
-    them again."""
-    NONE: tl.constexpr = -9223372036854775807 - 1
-    slot = tl.arange(0, BLOCK_SEL)
-    chosen = tl.full([BLOCK_SEL], -1, tl.int32)
-    jn = tl.arange(0, BLOCK_NS)
-    below = tl.full([], 9223372036854775807, tl.int64)
-    if ONE_TILE:
-        key = _packed(tl.load(KEYS + jn, mask=jn <= cur, other=0.0), jn, jn <= cur, Ns)
-        for r in range(N_SEL):
-            best = tl.max(tl.where(key < below, key, NONE), 0)
-            j = tl.where(best > NONE, Ns - 1 - (best & 0xFFFFFFFF), -1).to(tl.int32)
-            chosen = tl.where(slot == r, j, chosen)
-            below = best
-    else:
-        for r in range(N_SEL):
-            best = tl.full([], NONE, tl.int64)
-            for j0 in range(0, cur + 1, BLOCK_NS):
-                jj = j0 + jn
-                key = _packed(tl.load(KEYS + jj, mask=jj <= cur, other=0.0), jj, jj <= cur, Ns)
-                best = tl.maximum(best, tl.max(tl.where(key < below, key, NONE), 0))
-            j = tl.where(best > NONE, Ns - 1 - (best & 0xFFFFFFFF), -1).to(tl.int32)
-            chosen = tl.where(slot == r, j, chosen)
-            below = best
-    return chosen
-
-
-@triton.jit
 def sparse_split_kernel(
     Q, K, V, LEN, KEYS, IDX, PM, PL, PACC,
     sqb, sqh, sqd,
@@ -294,11 +248,9 @@ def sparse_split_kernel(
     if r < N_SEL:
         cur = tl.minimum(t // SEL_BLOCK, Ns - 1)
         chosen = _top_n(KEYS + row.to(tl.int64) * Ns, cur, Ns, N_SEL, BLOCK_SEL, BLOCK_NS, ONE_TILE)
-        # ascending order: each block's rank among the chosen (empty slots last, in slot order)
+        # ascending order: each block's rank among the chosen
         slot = tl.arange(0, BLOCK_SEL)
-        order = tl.where(chosen >= 0, chosen, Ns + slot)
-        order = tl.where(slot < N_SEL, order, 2 * Ns + BLOCK_SEL + slot)
-        rank = tl.sum((order[None, :] < order[:, None]).to(tl.int32), 1)
+        rank = _ascending_rank(chosen, Ns, N_SEL, BLOCK_SEL)
         if r == 0:
             tl.store(IDX + row.to(tl.int64) * N_SEL + rank, chosen, mask=slot < N_SEL)
         j = tl.sum(tl.where(rank == r, chosen, 0), 0)

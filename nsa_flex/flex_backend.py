@@ -84,7 +84,7 @@ def _cpu_flex_op():
     from torch._higher_order_ops.flex_attention import flex_attention as flex_op
 
     def call(q, k, v, score_mod, block_mask, scale):
-        return flex_op(q, k, v, score_mod, block_mask, scale, {"OUTPUT_LOGSUMEXP": True})[0]
+        return flex_op(q, k, v, score_mod, block_mask, scale, {"OUTPUT_LOGSUMEXP": True})[:2]
 
     # Traced by Dynamo (eager backend), as the public flex_attention does: tensors that the
     # mods capture (a learned ALiBi slope, say) become inputs of the traced call and so get
@@ -92,7 +92,7 @@ def _cpu_flex_op():
     return torch.compile(call, backend="eager", fullgraph=True, dynamic=False)
 
 
-def _cpu_flex_with_grad(q, k, v, score_mod, block_mask, scale):
+def _cpu_flex_with_grad(q, k, v, score_mod, block_mask, scale, return_lse=False):
     # The public flex_attention refuses CPU inputs that require grad, although its eager
     # operator differentiates fine (FlexAttention's math path: materialised scores, autograd).
     if score_mod is None:
@@ -101,7 +101,8 @@ def _cpu_flex_with_grad(q, k, v, score_mod, block_mask, scale):
     if G > 1:  # the operator has no enable_gqa
         k, v = k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1)
     with _room_to_recompile():
-        return _cpu_flex_op()(q, k, v, score_mod, block_mask.as_tuple(), scale)
+        out, lse = _cpu_flex_op()(q, k, v, score_mod, block_mask.as_tuple(), scale)
+    return (out, lse) if return_lse else out
 
 
 def _identity_score(score, b, h, q_idx, kv_idx):
@@ -160,7 +161,7 @@ def _flex(q, k, v, score_mod, block_mask, scale, return_lse: bool = False):
             return _compiled_flex()(q, k, v, **kw)
     if q.requires_grad or k.requires_grad or v.requires_grad:
         if torch.is_grad_enabled():
-            return _cpu_flex_with_grad(q, k, v, score_mod, block_mask, scale)
+            return _cpu_flex_with_grad(q, k, v, score_mod, block_mask, scale, return_lse)
         # under no_grad nothing will differentiate, but the public call refuses such inputs
         q, k, v = q.detach(), k.detach(), v.detach()
     return flex_attention(q, k, v, **kw)
@@ -175,18 +176,22 @@ def compressed_branch(
     score_mod: Callable | None = None,
     mask_mod: Callable | None = None,
     docs: Documents | None = None,
-) -> Tensor:
+    return_lse: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
     """``o_cmp (B, Hq, T, Dv)``: attention over the compressed blocks visible to each query.
 
     ``docs``: a packed row's documents; ``k_cmp``/``v_cmp`` then hold each document's blocks
-    concatenated, and a query sees only its own document's blocks."""
+    concatenated, and a query sees only its own document's blocks. ``return_lse``: also the
+    ``(B, Hq, T)`` float32 natural log-sum-exp of each query's scores, ``-inf`` where it sees
+    no block (selection reuses it, :func:`nsa_flex.selection._select_fused`)."""
     B, Hq, T, _ = q.shape
     if k_cmp.shape[2] == 0:
         # No block is complete yet: the branch contributes exactly 0 (SPEC). Adding the empty
         # (hence zero) sums keeps k_cmp/v_cmp in the graph, so whatever produced them gets
         # zero gradients rather than none (DDP counts a parameter without a gradient as unused).
         zero = k_cmp.sum() + v_cmp.sum()
-        return q.new_zeros(B, Hq, T, v_cmp.shape[-1]) + zero
+        out = q.new_zeros(B, Hq, T, v_cmp.shape[-1]) + zero
+        return (out, q.new_full((B, Hq, T), float("-inf"), dtype=torch.float32)) if return_lse else out
     l, d = config.compress_block, config.compress_stride
     if docs is not None:
         # Padded to T // d blocks (at least the documents' total): the shapes, hence the
@@ -218,7 +223,7 @@ def compressed_branch(
         # copy of the keys per query head gives G times as many, G times shorter. The copies
         # are small (T/d rows) and autograd sums their gradients back over the group.
         k_cmp, v_cmp = k_cmp.repeat_interleave(G, dim=1), v_cmp.repeat_interleave(G, dim=1)
-    return _flex(q, k_cmp, v_cmp, user_score, block_mask, scale)
+    return _flex(q, k_cmp, v_cmp, user_score, block_mask, scale, return_lse)
 
 
 def window_branch(

@@ -188,10 +188,12 @@ def select_blocks_fused(
     num_local: int,
     scale: float,
     chunk_size: Optional[int] = None,
+    lse: Optional[Tensor] = None,
 ) -> Tensor:
     """``select_blocks(q (B, Hq, T, Dk), k_cmp (B, Hkv, Tc, Dk))`` with the Triton scoring
-    kernel (``selection._select_fused``), ``Tc >= 1``, no modifiers: ``(B, Hkv, T, n)`` int32.
-    The config travels as its fields (the window plays no part)."""
+    kernels (``selection._select_fused``), ``Tc >= 1``, no modifiers: ``(B, Hkv, T, n)`` int32.
+    The config travels as its fields (the window plays no part). ``lse``: the compressed
+    branch's ``(B, Hq, T)`` natural log-sum-exp, if the caller has it."""
     from .config import NSAConfig
     from .selection import _select_fused
 
@@ -199,10 +201,11 @@ def select_blocks_fused(
         compress_block=compress_block, compress_stride=compress_stride, select_block=select_block,
         num_selected=num_selected, num_initial=num_initial, num_local=num_local,
     )
-    return _select_fused(q, k_cmp, config, scale, chunk_size)
+    return _select_fused(q, k_cmp, config, scale, chunk_size, lse)
 
 
 @select_blocks_fused.register_fake
-def _(q, k_cmp, compress_block, compress_stride, select_block, num_selected, num_initial, num_local, scale, chunk_size=None):
+def _(q, k_cmp, compress_block, compress_stride, select_block, num_selected, num_initial, num_local, scale,
+      chunk_size=None, lse=None):
     B, _, T, _ = q.shape
     return q.new_empty(B, k_cmp.shape[1], T, num_selected, dtype=torch.int32)

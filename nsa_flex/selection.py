@@ -263,48 +263,77 @@ def _check_chunk_size(chunk_size) -> None:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
 
 
+# The top-n kernel holds up to this many block keys per query in registers (T = 128k with
+# l' = 64); more are read again from memory in each of its n rounds.
+_KEYS_IN_REGISTERS = 2048
+
+
 @torch.no_grad()
-def _select_fused(q, k_cmp, config, scale, chunk_size=None) -> Tensor:
-    """``select_blocks`` with the scores from ``selection_kernels.block_scores_kernel``: the
-    ``(B, Hkv, chunk, Ns)`` float32 block scores are the only large buffer. Called through the
-    custom op ``nsa_flex::select_blocks_fused`` (:mod:`nsa_flex.ops`), which ``torch.compile``
-    keeps opaque; returns contiguous ``(B, Hkv, T, n)`` int32."""
+def _select_fused(q, k_cmp, config, scale, chunk_size=None, lse=None) -> Tensor:
+    """``select_blocks`` with Triton kernels: ``selection_kernels.block_scores_kernel`` writes
+    the ``(B, Hkv, chunk, Ns)`` float32 block scores, the only large buffer, and
+    ``selection_kernels.top_n_kernel`` ranks them (the tie rule of :func:`top_n_blocks`).
+    ``lse``: the compressed branch's ``(B, Hq, T)`` log-sum-exp, when the caller has it, saves
+    the scoring kernel one of its two passes. Called through the custom op
+    ``nsa_flex::select_blocks_fused`` (:mod:`nsa_flex.ops`), which ``torch.compile`` keeps
+    opaque; returns contiguous ``(B, Hkv, T, n)`` int32."""
     from .selection_kernels import block_scores_kernel
 
     B, Hq, T, Dk = q.shape
     Hkv, tc = k_cmp.shape[1], k_cmp.shape[2]
-    G = Hq // Hkv
+    G, n = Hq // Hkv, config.num_selected
     ns = config.num_select_blocks(T)
     block_c, step = _score_tiles(config)
     block_g = _pow2(G, least=1)
     block_t = max(1, 64 // block_g)
     if chunk_size is None:
-        # float32 scores, then about three float64 tensors of the same shape for the tie rule
-        chunk_size = max(block_t, _CHUNK_BYTES // max(1, B * Hkv * ns * 4 * 7))
+        chunk_size = max(block_t, _CHUNK_BYTES // max(1, B * Hkv * ns * 4))
     q = q if q.stride(-1) == 1 else q.contiguous()
     k_cmp = k_cmp.to(q.dtype)
-    out = []
+    lse_strides = (0, 0, 0) if lse is None else lse.stride()
+    out = torch.empty(B, Hkv, T, n, device=q.device, dtype=torch.int32)
     for start in range(0, T, chunk_size):
         C = min(T, start + chunk_size) - start
-        scores = torch.full((B, Hkv, C, ns), float("-inf"), device=q.device, dtype=torch.float32)
+        # the kernel writes every block up to each query's own; the top-n reads no further
+        scores = torch.empty((B, Hkv, C, ns), device=q.device, dtype=torch.float32)
         block_scores_kernel[(-(-C // block_t), B * Hkv)](
-            q, k_cmp, scores, *q.stride(), *k_cmp.stride(), *scores.stride(),
+            q, k_cmp, scores, q if lse is None else lse,
+            *q.stride(), *k_cmp.stride(), *scores.stride(), *lse_strides,
             tc, ns, Hkv, start, C, scale * 1.4426950408889634,
             G=G, CMP_BLOCK=config.compress_block, CMP_STRIDE=config.compress_stride,
             SEL_BLOCK=config.select_block, N_INITIAL=config.num_initial, N_LOCAL=config.num_local,
             DK=Dk, BLOCK_DK=_pow2(Dk), BLOCK_T=block_t, BLOCK_G=block_g, BLOCK_C=block_c,
-            BLOCK_S=_pow2(step), SEL_STEP=step, IEEE=q.dtype == torch.float32,
+            BLOCK_S=_pow2(step), SEL_STEP=step, IEEE=q.dtype == torch.float32, HAS_LSE=lse is not None,
             num_warps=4, num_stages=2,
         )
-        # the kernel wrote +-inf for forced and non-candidate blocks; the rest get the tie rule
-        key, stable = _ranking_key(scores, torch.arange(ns, device=q.device), ns)
-        del scores
-        out.append(_top_n_of_keys(key, config.num_selected, stable))
-    return (torch.cat(out, dim=2) if len(out) > 1 else out[0]).contiguous()
+        _top_n_fused(scores, config, start, out=out[:, :, start : start + C])
+    return out
+
+
+def _top_n_fused(scores: Tensor, config: NSAConfig, q_start: int, out: Tensor | None = None) -> Tensor:
+    """:func:`top_n_blocks` of ``scores (B, Hkv, C, Ns)`` float32 (contiguous along the blocks,
+    ``-inf``/``+inf`` for non-candidates/forced blocks as the scoring kernel writes them, but
+    only blocks up to each query's own are read) by ``selection_kernels.top_n_kernel``, into
+    ``out (B, Hkv, C, n)`` int32."""
+    from .selection_kernels import top_n_kernel
+
+    B, Hkv, C, ns = scores.shape
+    n = config.num_selected
+    if out is None:
+        out = torch.empty(B, Hkv, C, n, device=scores.device, dtype=torch.int32)
+    block_ns = _pow2(min(ns, _KEYS_IN_REGISTERS))
+    top_n_kernel[(C, B * Hkv)](
+        scores, out, *scores.stride(), *out.stride(), ns, Hkv, q_start,
+        SEL_BLOCK=config.select_block, N_SEL=n, BLOCK_SEL=_pow2(n, 2), BLOCK_NS=block_ns,
+        ONE_TILE=ns <= block_ns, num_warps=max(1, min(4, block_ns // 512)),
+    )
+    return out
 
 
 @torch.no_grad()
-def _select(q, k_cmp, config, scale, score_mod, mask_mod, chunk_size) -> Tensor:
+def _select(q, k_cmp, config, scale, score_mod, mask_mod, chunk_size, lse=None) -> Tensor:
+    """``select_blocks`` after validation. ``lse``: the compressed branch's ``(B, Hq, T)``
+    log-sum-exp (``attend`` computes that branch first); only the fused path reads it."""
     B, _, T, _ = q.shape
     Hkv, tc = k_cmp.shape[1], k_cmp.shape[2]
     if tc == 0:
@@ -315,6 +344,7 @@ def _select(q, k_cmp, config, scale, score_mod, mask_mod, chunk_size) -> Tensor:
         return ops.select_blocks_fused(
             q, k_cmp, config.compress_block, config.compress_stride, config.select_block,
             config.num_selected, config.num_initial, config.num_local, scale, chunk_size,
+            None if lse is None else lse.detach().contiguous(),
         )
     out = []
     for start, p in _chunk_importance(q, k_cmp, config, scale, score_mod, mask_mod, chunk_size):

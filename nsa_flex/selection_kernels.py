@@ -23,16 +23,17 @@ def _qk(q, kc_ptr, skt, skd, i, dk, i_ok, dk_ok, IEEE: tl.constexpr):
 
 @triton.jit
 def block_scores_kernel(
-    Q, KC, S,
+    Q, KC, S, LSE,
     sqb, sqh, sqt, sqd,
     skb, skh, skt, skd,
     ssb, ssh, sst, ssn,
+    slb, slh, slt,
     Tc, Ns, Hkv, t_start, C, scale_log2,
     G: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, SEL_BLOCK: tl.constexpr,
     N_INITIAL: tl.constexpr, N_LOCAL: tl.constexpr,
     DK: tl.constexpr, BLOCK_DK: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
-    SEL_STEP: tl.constexpr, IEEE: tl.constexpr,
+    SEL_STEP: tl.constexpr, IEEE: tl.constexpr, HAS_LSE: tl.constexpr,
 ):
     """Scores of selection blocks for ``BLOCK_T`` queries of one KV head: ``-inf`` for blocks
     after the query's own, ``+inf`` for forced blocks, else the group's summed probability.
@@ -40,7 +41,9 @@ def block_scores_kernel(
     Two passes over the compressed keys: the first finds each row's log-sum-exp (base 2), the
     second turns scores into probabilities and maps them onto selection blocks with a small
     product against the overlap weights (compressed block ``i`` and selection block ``j`` share
-    ``|[i, i+r-1] & [j*l'/d, (j+1)*l'/d - 1]|`` stride-chunks of ``d`` tokens).
+    ``|[i, i+r-1] & [j*l'/d, (j+1)*l'/d - 1]|`` stride-chunks of ``d`` tokens). With
+    ``HAS_LSE`` the first pass is skipped: ``LSE (B, Hq, T)`` holds the compressed branch's
+    natural log-sum-exp (``-inf`` for a query that sees no block), as FlexAttention returns it.
     """
     pid = tl.program_id(0)
     bh = tl.program_id(1)
@@ -66,20 +69,24 @@ def block_scores_kernel(
     n_vis = tl.minimum(n_vis, Tc)
     c = tl.arange(0, BLOCK_C)
 
-    # pass 1: log-sum-exp of each row over its visible compressed blocks
-    m = tl.full([M], float("-inf"), tl.float32)
-    acc = tl.zeros([M], tl.float32)
-    for c0 in range(0, n_vis, BLOCK_C):
-        i = c0 + c
-        s = _qk(q, kc_ptr, skt, skd, i, dk, i < Tc, dk_ok, IEEE) * scale_log2
-        vis = ((i * CMP_STRIDE + CMP_BLOCK - 1)[None, :] <= tok[:, None]) & (i < Tc)[None, :]
-        s = tl.where(vis, s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        acc = acc * tl.exp2(m - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), 1)
-        m = m_new
-    # a row that sees nothing: +inf, so that every p below is 0
-    lse = tl.where(m == float("-inf"), float("inf"), m + tl.log2(tl.where(acc > 0, acc, 1.0)))
+    if HAS_LSE:
+        lse = tl.load(LSE + b * slb + (h * G + g) * slh + tok.to(tl.int64) * slt, mask=row_ok, other=float("inf"))
+        # natural log to base 2; a row that sees nothing: +inf, so that every p below is 0
+        lse = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    else:
+        # pass 1: log-sum-exp of each row over its visible compressed blocks
+        m = tl.full([M], float("-inf"), tl.float32)
+        acc = tl.zeros([M], tl.float32)
+        for c0 in range(0, n_vis, BLOCK_C):
+            i = c0 + c
+            s = _qk(q, kc_ptr, skt, skd, i, dk, i < Tc, dk_ok, IEEE) * scale_log2
+            vis = ((i * CMP_STRIDE + CMP_BLOCK - 1)[None, :] <= tok[:, None]) & (i < Tc)[None, :]
+            s = tl.where(vis, s, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            acc = acc * tl.exp2(m - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), 1)
+            m = m_new
+        lse = tl.where(m == float("-inf"), float("inf"), m + tl.log2(tl.where(acc > 0, acc, 1.0)))
 
     # pass 2: probabilities -> selection blocks j0 .. j0 + SEL_STEP - 1 per step
     tt = t_start + pid * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -105,3 +112,84 @@ def block_scores_kernel(
         forced = cand & ((j[None, :] < N_INITIAL) | (j[None, :] > cur[:, None] - N_LOCAL))
         val = tl.where(forced, float("inf"), tl.where(cand, imp, float("-inf")))
         tl.store(s_base + j[None, :] * ssn, val, mask=t_ok[:, None] & ((jb < SEL_STEP) & (j < Ns))[None, :])
+
+
+@triton.jit
+def _packed(vals, j, ok, Ns):
+    """Keys as int64 that order like (value, then lower block first); the smallest int64 where
+    not ``ok``.
+
+    The float's bits are made monotonic as a signed int32 (negative floats flip their magnitude
+    bits) and fill the high half; the block index, reversed, fills the low half, so that one
+    integer maximum finds the best block and breaks an exact tie to the lower one.
+    """
+    bits = vals.to(tl.int32, bitcast=True)
+    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    key = (ordered.to(tl.int64) << 32) | (Ns - 1 - j).to(tl.int64)
+    return tl.where(ok, key, -9223372036854775807 - 1)
+
+
+@triton.jit
+def _top_n(KEYS, cur, Ns, N_SEL: tl.constexpr, BLOCK_SEL: tl.constexpr, BLOCK_NS: tl.constexpr,
+           ONE_TILE: tl.constexpr):
+    """The ``N_SEL`` best of ``keys[0 .. cur]`` (distinct integers from :func:`_packed`) as
+    block indices, ``-1`` for empty slots: round ``r`` takes the largest key below round
+    ``r - 1``'s. With ``ONE_TILE`` the keys stay in registers; otherwise every round reads
+    them again."""
+    NONE: tl.constexpr = -9223372036854775807 - 1
+    slot = tl.arange(0, BLOCK_SEL)
+    chosen = tl.full([BLOCK_SEL], -1, tl.int32)
+    jn = tl.arange(0, BLOCK_NS)
+    below = tl.full([], 9223372036854775807, tl.int64)
+    if ONE_TILE:
+        key = _packed(tl.load(KEYS + jn, mask=jn <= cur, other=0.0), jn, jn <= cur, Ns)
+        for r in range(N_SEL):
+            best = tl.max(tl.where(key < below, key, NONE), 0)
+            j = tl.where(best > NONE, Ns - 1 - (best & 0xFFFFFFFF), -1).to(tl.int32)
+            chosen = tl.where(slot == r, j, chosen)
+            below = best
+    else:
+        for r in range(N_SEL):
+            best = tl.full([], NONE, tl.int64)
+            for j0 in range(0, cur + 1, BLOCK_NS):
+                jj = j0 + jn
+                key = _packed(tl.load(KEYS + jj, mask=jj <= cur, other=0.0), jj, jj <= cur, Ns)
+                best = tl.maximum(best, tl.max(tl.where(key < below, key, NONE), 0))
+            j = tl.where(best > NONE, Ns - 1 - (best & 0xFFFFFFFF), -1).to(tl.int32)
+            chosen = tl.where(slot == r, j, chosen)
+            below = best
+    return chosen
+
+
+@triton.jit
+def _ascending_rank(chosen, Ns, N_SEL: tl.constexpr, BLOCK_SEL: tl.constexpr):
+    """Each slot's place when ``chosen`` (block indices of ``_top_n``, ``-1`` for empty slots)
+    is put in ascending order with the empty slots last, in slot order."""
+    slot = tl.arange(0, BLOCK_SEL)
+    order = tl.where(chosen >= 0, chosen, Ns + slot)
+    order = tl.where(slot < N_SEL, order, 2 * Ns + BLOCK_SEL + slot)
+    return tl.sum((order[None, :] < order[:, None]).to(tl.int32), 1)
+
+
+@triton.jit
+def top_n_kernel(
+    S, IDX,
+    ssb, ssh, sst, ssn,
+    sib, sih, sit, sin,
+    Ns, Hkv, t_start, SEL_BLOCK: tl.constexpr, N_SEL: tl.constexpr, BLOCK_SEL: tl.constexpr,
+    BLOCK_NS: tl.constexpr, ONE_TILE: tl.constexpr,
+):
+    """Top-n of the scores of :func:`block_scores_kernel`: program ``(c, b*Hkv + h)`` ranks the
+    candidate blocks ``0 .. t // l'`` of query ``t = t_start + c`` (an exact tie to the lower
+    block, ``+inf`` forced blocks first) and writes the chosen ones to ``IDX[b, h, c]``,
+    ascending, then ``-1``. ``S`` must be ``ssn``-contiguous along the blocks (``ssn == 1``)."""
+    c = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // Hkv).to(tl.int64)
+    h = (bh % Hkv).to(tl.int64)
+    cur = tl.minimum((t_start + c) // SEL_BLOCK, Ns - 1)
+    row = S + b * ssb + h * ssh + c.to(tl.int64) * sst
+    chosen = _top_n(row, cur, Ns, N_SEL, BLOCK_SEL, BLOCK_NS, ONE_TILE)
+    slot = tl.arange(0, BLOCK_SEL)
+    rank = _ascending_rank(chosen, Ns, N_SEL, BLOCK_SEL)
+    tl.store(IDX + b * sib + h * sih + c.to(tl.int64) * sit + rank * sin, chosen, mask=slot < N_SEL)

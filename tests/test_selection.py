@@ -1,10 +1,12 @@
 """select_blocks (the chunked selection every backend shares) against the reference."""
 
+from unittest import mock
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
-from hypothesis import given, strategies as st
+from hypothesis import given, settings, strategies as st
 
 from nsa_flex import NSAConfig, mean_compress, reference as R, select_blocks
 from nsa_flex.selection import block_importance
@@ -139,6 +141,57 @@ def test_fused_scores_kernel_matches_reference(G, config, T, Hkv, seed):
     ref_idx, ref_scores = R.select_blocks(q.double(), k_cmp.double(), config, 0.3)
     idx = _select_fused(q, k_cmp, config, 0.3, chunk_size=128)  # T > 128: chunks meet too
     assert idx.shape == ref_idx.shape and idx.dtype == torch.int32
+    assert torch.equal((idx >= 0).sum(-1), (ref_idx >= 0).sum(-1))
+    torch.testing.assert_close(chosen_scores(idx, ref_scores), chosen_scores(ref_idx, ref_scores), rtol=1e-5, atol=1e-6)
+    assert_ascending_then_padding(idx)
+
+
+@pytest.mark.parametrize("keys_in_registers", [2048, 16])  # one tile; tiles re-read each round
+@settings(max_examples=15)
+@given(configs(), st.integers(1, 700), st.integers(1, 24), st.integers(0, 2**31 - 1))
+def test_top_n_kernel_is_top_n_blocks_exactly(keys_in_registers, config, T, C, seed):
+    # The Triton top-n (CUDA's default, here under the interpreter) against top_n_blocks on
+    # scores with many exact ties, zeros and neighbours a float32 step apart: the tie rule
+    # (equal scores: the lower block first) fixes one answer, so the indices must be equal.
+    from nsa_flex import selection
+    from nsa_flex.selection import _top_n_fused, top_n_blocks
+
+    gen = torch.Generator().manual_seed(seed)
+    ns = config.num_select_blocks(T)
+    C = min(C, T)  # the last C queries (few programs: the interpreter is slow)
+    start = T - C
+    levels = torch.tensor([0.0, 0.25, 0.5, 0.5 + 2**-24, 1.0, 3.0])
+    scores = levels[torch.randint(0, len(levels), (1, 2, C, ns), generator=gen)]
+    expected = top_n_blocks(scores, config, start)
+    # as the scoring kernel writes them: forced blocks +inf (non-candidates are never read)
+    pos = torch.arange(start, T)[:, None] // config.select_block
+    j = torch.arange(ns)
+    forced = (j <= pos) & ((j < config.num_initial) | (j > pos - config.num_local))
+    with mock.patch.object(selection, "_KEYS_IN_REGISTERS", keys_in_registers):
+        got = _top_n_fused(scores.masked_fill(forced, float("inf")), config, start)
+    assert torch.equal(got, expected)
+
+
+@settings(max_examples=10)
+@given(configs(), st.integers(1, 200), st.integers(0, 2**31 - 1))
+def test_fused_scores_from_the_compressed_branch_lse(config, T, seed):
+    # attend() on CUDA hands the scoring kernel the compressed branch's log-sum-exp (one pass
+    # instead of two): FlexAttention's, as compressed_branch returns it.
+    from nsa_flex import flex_backend
+    from nsa_flex.selection import _select_fused
+
+    q, k, v = make_qkv(Shape(1, 2, 3, T, 32, 16), seed)
+    q, k_cmp, v_cmp = q.float(), mean_compress(k, config).float(), mean_compress(v, config).float()
+    ref_idx, ref_scores = R.select_blocks(q.double(), k_cmp.double(), config, 0.3)
+    if k_cmp.shape[2] == 0:
+        return  # nothing compressed: select_blocks never calls the kernel
+    _, lse = flex_backend.compressed_branch(q, k_cmp, v_cmp, config, 0.3, return_lse=True)
+    # natural log, -inf for a query that sees no block
+    s = (q.double() @ k_cmp.double().repeat_interleave(3, dim=1).transpose(-1, -2)) * 0.3
+    last = torch.arange(k_cmp.shape[2]) * config.compress_stride + config.compress_block - 1
+    s = s.masked_fill(last > torch.arange(T)[:, None], float("-inf"))
+    torch.testing.assert_close(lse.double(), torch.logsumexp(s, dim=-1), rtol=1e-5, atol=1e-5)
+    idx = _select_fused(q, k_cmp, config, 0.3, chunk_size=128, lse=lse)
     assert torch.equal((idx >= 0).sum(-1), (ref_idx >= 0).sum(-1))
     torch.testing.assert_close(chosen_scores(idx, ref_scores), chosen_scores(ref_idx, ref_scores), rtol=1e-5, atol=1e-6)
     assert_ascending_then_padding(idx)
