@@ -7,7 +7,7 @@ from typing import Callable, NamedTuple
 import torch
 from torch import Tensor
 
-from . import flex_backend, reference, triton_backend, varlen
+from . import flex_backend, reference, selection, triton_backend, varlen
 from ._validation import (
     check_block_indices,
     check_callable,
@@ -28,16 +28,24 @@ BACKENDS = ("flex", "triton", "reference")
 
 
 def _gate(o_cmp: Tensor, o_slc: Tensor, o_swa: Tensor, gates: Tensor | None) -> Tensor:
-    """``sum_i g[..., i] * o_i`` (eq. 5), as a reduction over a stacked last axis.
+    """``g[..., 0] * o_cmp + g[..., 1] * o_slc + g[..., 2] * o_swa`` (eq. 5).
 
-    Written as stack-and-sum rather than ``g0*o_cmp + g1*o_slc + g2*o_swa`` because Inductor
-    would fuse that elementwise sum into the CPU FlexAttention template as an epilogue, which
-    the template then refuses (torch 2.13, "Unsupported for `epilogue_nodes`").
+    Eagerly, one product and two in-place ``addcmul_``: no temporary beyond the output, and
+    autograd keeps nothing new (the branch outputs it needs are already saved by the branches'
+    own backward). Under ``torch.compile`` the same sum is written as a reduction over a stacked
+    last axis, which Inductor fuses without materialising the stack: the plain elementwise sum
+    would be fused into the CPU FlexAttention template as an epilogue, which the template then
+    refuses (torch 2.13, "Unsupported for `epilogue_nodes`").
     """
-    branches = torch.stack((o_cmp, o_slc, o_swa), dim=-1)  # (B, Hq, T, Dv, 3)
+    if torch.compiler.is_compiling():
+        branches = torch.stack((o_cmp, o_slc, o_swa), dim=-1)  # (B, Hq, T, Dv, 3)
+        if gates is None:
+            return branches.sum(dim=-1)
+        return (branches * gates.to(branches.dtype)[..., None, :]).sum(dim=-1)
     if gates is None:
-        return branches.sum(dim=-1)
-    return (branches * gates.to(branches.dtype)[..., None, :]).sum(dim=-1)
+        return (o_cmp + o_slc).add_(o_swa)
+    g = gates.to(o_cmp.dtype).unsqueeze(-2)  # (B, Hq, T, 1, 3)
+    return (o_cmp * g[..., 0]).addcmul_(o_slc, g[..., 1]).addcmul_(o_swa, g[..., 2])
 
 
 def _check_triton(q: Tensor, score_mod, mask_mod) -> None:
@@ -189,11 +197,16 @@ def attend(
     else:
         k_cmp = mean_compress(k, config, docs) if k_cmp is None else k_cmp
         v_cmp = mean_compress(v, config, docs) if v_cmp is None else v_cmp
-        if block_indices is None:
-            block_indices = select_blocks(
-                q, k_cmp, config=config, scale=scale, score_mod=score_mod, mask_mod=mask_mod, cu_seqlens=docs
-            )
-        o_cmp = flex_backend.compressed_branch(q, k_cmp, v_cmp, config, scale, score_mod, mask_mod, docs=docs)
+        if block_indices is None and docs is None and selection._fused_ok(q, score_mod, mask_mod):
+            # the compressed branch first: its log-sum-exp saves the scoring kernel a pass
+            o_cmp, lse = flex_backend.compressed_branch(q, k_cmp, v_cmp, config, scale, return_lse=True)
+            block_indices = selection._select(q, k_cmp, config, scale, None, None, None, lse)
+        else:
+            if block_indices is None:
+                block_indices = select_blocks(
+                    q, k_cmp, config=config, scale=scale, score_mod=score_mod, mask_mod=mask_mod, cu_seqlens=docs
+                )
+            o_cmp = flex_backend.compressed_branch(q, k_cmp, v_cmp, config, scale, score_mod, mask_mod, docs=docs)
         if backend == "triton":
             o_slc = triton_backend.selected_branch(q, k, v, block_indices, config, scale, docs=docs)
         else:
