@@ -26,21 +26,20 @@ pytest_group() {  # pytest_group GPU NAME SECONDS ARGS...: a gpu-test group, its
   echo "[tests $name] $(grep -E "passed|failed|error" "$logs/tests/$name.log" | tail -1)"
 }
 (
-  lane 0 debug_compiled 200 python3 scripts/debug_compiled.py &
-  pytest_group 0 gpu_compile_model 200 tests/test_gpu.py -k "compile_fullgraph or users_compiled" &
-  pytest_group 0 varlen 400 tests/test_gpu_varlen.py &
+  pytest_group 0 gpu 450 tests/test_gpu.py &
+  pytest_group 0 cache 300 tests/test_gpu_cache.py &
   wait
 ) &
 (
-  lane 1 train_nsa 280 python3 examples/train_lm.py --attention nsa --time-limit 220 $TRAIN_COMMON --out "$logs/train_nsa"
-  lane 1 train_sdpa 100 python3 examples/train_lm.py --attention sdpa --time-limit 60 $TRAIN_COMMON --out "$logs/train_sdpa"
-  lane 1 bench_full 120 python3 -m nsa_flex.bench --parts full --seq-lens 65536 --out "$logs/bench_full"
+  lane 1 profile_scoring 200 python3 scripts/profile_scoring.py 65536 --sweep
+  lane 1 profile_layer 300 python3 scripts/profile_selected.py 65536 --layer
 ) &
 (
-  lane 2 varlen_bench 420 python3 -m nsa_flex.bench --parts varlen --seq-lens 65536 --out "$logs/varlen_bench"
+  lane 2 bench_64k 540 python3 -m nsa_flex.bench --parts layer selected full --seq-lens 65536 --out "$logs/bench_64k"
 ) &
 (
-  TORCH_LOGS=recompiles pytest_group 3 compile_lengths 500 -s tests/test_gpu_compile_lengths.py
+  pytest_group 3 triton 250 tests/test_gpu_triton.py
+  pytest_group 3 compile 200 tests/test_gpu_compile.py
 ) &
 wait
 logs_json=()

@@ -102,15 +102,27 @@ if "--layer" in sys.argv:
     gates = torch.rand(B, Hq, T, 3, device="cuda", generator=gen, dtype=torch.bfloat16)
     leaves = [x.clone().requires_grad_() for x in (q, k, v, gates)]
     for backend in ("flex", "triton"):
+        def forward(backend=backend):
+            with torch.no_grad():
+                return attend(*leaves, config=config, backend=backend)
+
         step = lambda: torch.autograd.grad(attend(*leaves, config=config, backend=backend).float().sum(), leaves)  # noqa: E731
-        for _ in range(3):
-            step()
-        torch.cuda.synchronize()
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            step()
+        for what, fn in (("forward (no_grad)", forward), ("fwd+bwd", step)):
+            for _ in range(3):
+                fn()
             torch.cuda.synchronize()
-        print(f"--- layer fwd+bwd, backend={backend}: {med(step):.2f} ms (do_bench median)", flush=True)
-        print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=12, max_name_column_width=60), flush=True)
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                fn()
+                torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base_mem = torch.cuda.memory_allocated()
+            fn()
+            torch.cuda.synchronize()
+            peak = (torch.cuda.max_memory_allocated() - base_mem) / 2**20
+            print(f"--- layer {what}, backend={backend}: {med(fn):.2f} ms (do_bench median), peak {peak:.0f} MiB "
+                  "above the inputs", flush=True)
+            print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=16, max_name_column_width=60),
+                  flush=True)
 
 sweep = next((a for a in sys.argv if a.startswith("--sweep")), None)
 if sweep:
