@@ -28,13 +28,14 @@ The step, four launches:
    three with the gates, writes the output in ``q``'s dtype and advances ``lengths``.
 
 Products: float32 inputs multiply in float32 (``input_precision="ieee"``); float16/bfloat16
-multiply natively with float32 accumulation. The importances are always float32 products.
+multiply natively with float32 accumulation. The importances keep float32's precision
+(``selection_kernels._split_dot``).
 """
 
 import triton
 import triton.language as tl
 
-from .selection_kernels import _ascending_rank, _top_n
+from .selection_kernels import _ascending_rank, _split_dot, _top_n
 from .triton_kernels import _dot, _load_rows
 
 
@@ -217,8 +218,7 @@ def block_keys_kernel(
         first = tl.maximum(i[:, None], (j * PER_SEL)[None, :])
         last = tl.minimum(i[:, None] + R - 1, (j * PER_SEL + PER_SEL - 1)[None, :])
         w = tl.where((jb < SEL_STEP)[None, :], tl.maximum(last - first + 1, 0).to(tl.float32), 0.0)
-        # exact float32 products: TF32 would round the probabilities the top-n compares
-        imp = tl.sum(tl.dot(p, w, input_precision="ieee"), 0)  # (BLOCK_S,)
+        imp = tl.sum(_split_dot(p, w), 0)  # (BLOCK_S,), as the full forward's scoring kernel
         forced = (j < N_INITIAL) | (j > cur - N_LOCAL)
         tl.store(KEYS + row.to(tl.int64) * Ns + j, tl.where(forced, float("inf"), imp),
                  mask=(jb < SEL_STEP) & (j < hi))

@@ -208,11 +208,11 @@ def selected_backward(q, k, v, idx, o, lse, do, select_block: int, scale: float,
     do = do.to(q.dtype).contiguous()
     # the kernels read lse and delta at the same offsets: both contiguous (B, Hq, T)
     lse = lse.float().contiguous()
-    delta = _row_dot(do, o)
+    delta = torch.empty_like(lse)  # rowsum(dO * O), written by the dQ kernel
     dq = torch.empty_like(q)
     selected_dq_kernel[(T, B * Hkv)](
-        q, k, v, idx, idx if packed is None else packed.doc_start, do, lse, delta, dq,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(idx), *_strides(do), *_strides(lse),
+        q, k, v, idx, idx if packed is None else packed.doc_start, do, o, lse, delta, dq,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(idx), *_strides(do), *_strides(o), *_strides(lse),
         T, Hkv, scale, N_SEL=idx.shape[-1], VARLEN=packed is not None, **meta,
     )
     qlist, qstart = _inverted(idx, select_block, T, packed)
@@ -261,23 +261,6 @@ def _segments(qstart: Tensor, list_len: int, segment: int) -> tuple[Tensor, Tens
     each = torch.arange(list_len // segment, device=qstart.device).expand(B, H, -1).contiguous()
     slot_block = torch.searchsorted(slots[..., 1:].contiguous(), each, right=True, out_int32=True)
     return slots.to(torch.int32), slot_block
-
-
-_ROW_DOT_BYTES = 256 * 2**20
-
-
-def _row_dot(do: Tensor, o: Tensor) -> Tensor:
-    """``delta = rowsum(dO * O)`` in float32, ``(B, Hq, T)`` contiguous, a slice of rows at a
-    time: whole, the float32 copies of ``dO`` and ``O`` and their product took 6 GiB above the
-    inputs at 64k and SPEC's shape (scripts/profile_selected.py); a slice's stay near
-    ``_ROW_DOT_BYTES``."""
-    B, H, T, D = o.shape
-    delta = torch.empty(B, H, T, device=o.device, dtype=torch.float32)
-    rows = max(1, _ROW_DOT_BYTES // max(1, B * H * D * 4 * 3))
-    for start in range(0, T, rows):
-        end = min(T, start + rows)
-        torch.linalg.vecdot(do[:, :, start:end].float(), o[:, :, start:end].float(), out=delta[:, :, start:end])
-    return delta
 
 
 def _dkdv(q, k, v, do, lse, delta, qlist, qstart, select_block: int, scale: float, packed=None,

@@ -125,12 +125,13 @@ def selected_fwd_kernel(
 
 @triton.jit
 def selected_dq_kernel(
-    Q, K, V, IDX, DOC_START, DO, LSE, DELTA, DQ,
+    Q, K, V, IDX, DOC_START, DO, O, LSE, DELTA, DQ,
     sqb, sqh, sqt, sqd,
     skb, skh, skt, skd,
     svb, svh, svt, svd,
     sib, sih, sit, sin,
     sdb, sdh, sdt, sdd,
+    sob, soh, sot, sod,
     slb, slh, slt,
     T, Hkv, scale,
     G: tl.constexpr, N_SEL: tl.constexpr, SEL_BLOCK: tl.constexpr,
@@ -138,8 +139,9 @@ def selected_dq_kernel(
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
     IEEE: tl.constexpr, VARLEN: tl.constexpr,
 ):
-    """dQ of one query position for the G heads of a group; ``DO``/``DQ`` share ``sd*`` strides
-    with ``q``'s layout (``DQ`` is written with ``q``'s strides)."""
+    """dQ of one query position for the G heads of a group (``DQ`` is written with ``q``'s
+    strides). Also writes ``DELTA = rowsum(dO * O)`` of its rows (float32, at ``LSE``'s offsets),
+    which the dK/dV kernels read after it: no separate pass over ``dO`` and ``O``."""
     t = tl.program_id(0)
     bh = tl.program_id(1)
     # 64-bit offsets: B * Hq * T * D passes 2**31 at the reference shape once B >= 4
@@ -153,7 +155,12 @@ def selected_dq_kernel(
 
     q = _load_rows(Q + b * sqb + h * G * sqh + t * sqt, sqh, sqd, g, dk, g_ok, dk_ok)
     do = _load_rows(DO + b * sdb + h * G * sdh + t * sdt, sdh, sdd, g, dv, g_ok, dv_ok)
-    lse, delta = _row_stats(LSE, DELTA, b * slb + (h * G + g) * slh + t * slt, g_ok)
+    o = _load_rows(O + b * sob + h * G * soh + t * sot, soh, sod, g, dv, g_ok, dv_ok)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+    stat = b * slb + (h * G + g) * slh + t * slt
+    tl.store(DELTA + stat, delta, mask=g_ok)
+    lse = tl.load(LSE + stat, mask=g_ok, other=float("inf"))
+    lse = tl.where(lse == float("-inf"), float("inf"), lse)  # an empty row: p = 0
     dq = tl.zeros([BLOCK_G, BLOCK_DK], tl.float32)
     k_base = K + b * skb + h * skh
     v_base = V + b * svb + h * svh

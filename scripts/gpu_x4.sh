@@ -29,12 +29,13 @@ pytest_group() {  # pytest_group GPU NAME SECONDS ARGS...: a gpu-test group, its
   pytest_group 0 gpu 380 tests/test_gpu.py &
   pytest_group 0 cache 300 tests/test_gpu_cache.py &
   pytest_group 0 triton 250 tests/test_gpu_triton.py &
+  pytest_group 0 compile 250 tests/test_gpu_compile.py &
   wait
-  lane 0 bench_64k 180 python3 -m nsa_flex.bench --parts layer selected --seq-lens 65536 --out "$logs/bench_64k"
 ) &
 (
-  lane 1 profile_scoring 220 python3 scripts/profile_scoring.py 65536 --sweep
-  lane 1 profile_layer 300 python3 scripts/profile_selected.py 65536 --layer
+  lane 1 profile_layer 80 python3 scripts/profile_selected.py 65536 --layer
+  lane 1 flex_tiles 130 python3 scripts/flex_tiles.py 65536
+  lane 1 bench_64k 200 python3 -m nsa_flex.bench --parts layer selected --seq-lens 65536 --out "$logs/bench_64k"
 ) &
 wait
 logs_json=()

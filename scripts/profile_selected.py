@@ -5,7 +5,8 @@
 SPEC's reference shape (B=1, Hq=64, Hkv=4, D=128, bf16), one selection from ``select_blocks``
 on random inputs. Prints, as do_bench medians:
 
-- each step of the Triton selected branch apart: forward kernel, ``delta``, dQ kernel, the
+- each step of the Triton selected branch apart: forward kernel, dQ kernel (which also writes
+  ``delta = rowsum(dO * O)``), the
   inversion of the selection, the dK/dV kernels (``triton_backend._dkdv``: segment tables,
   partial sums of long lists, per-block sums);
 - how unevenly the queries spread over the blocks, and how the dK/dV pass cuts the lists
@@ -59,8 +60,9 @@ delta = (do.float() * o.float()).sum(-1).contiguous()
 
 def dq(meta):
     out = torch.empty_like(q)
-    selected_dq_kernel[(T, B * Hkv)](q, k, v, idx, idx, do, lse, delta, out, *S(q), *S(k), *S(v), *S(idx), *S(do),
-                                     *S(lse), T, Hkv, scale, N_SEL=idx.shape[-1], VARLEN=False, **meta)
+    selected_dq_kernel[(T, B * Hkv)](q, k, v, idx, idx, do, o, lse, torch.empty_like(delta), out, *S(q), *S(k), *S(v),
+                                     *S(idx), *S(do), *S(o), *S(lse), T, Hkv, scale, N_SEL=idx.shape[-1], VARLEN=False,
+                                     **meta)
     return out
 
 
@@ -82,8 +84,7 @@ print(f"dK/dV segments of {segment} queries: scratch slots used {slots[..., -1].
       f"per head, scratch {scratch / 2**20:.0f} MiB", flush=True)
 rows = [
     ("forward kernel", lambda: fwd(base["fwd"])),
-    ("delta rowsum(dO*O)", lambda: (do.float() * o.float()).sum(-1)),
-    ("dq kernel", lambda: dq(base["dq"])),
+    ("dq kernel (and delta)", lambda: dq(base["dq"])),
     ("invert_selection", lambda: triton_backend.invert_selection(idx, ns)),
     ("dkdv (tables + kernels)", lambda: dkdv(base["dkdv"])),
     ("selected_backward (all)", lambda: triton_backend.selected_backward(q, k, v, idx, o, lse, do, 64, scale)),

@@ -290,16 +290,3 @@ def test_flex_forward_with_triton_backward(shape, select_block):
     assert rel_err(out, ref) < 1e-5
     for name, a, b in zip("qkv", grads, ref_grads):
         assert rel_err(a, b) < 1e-5, name
-
-
-def test_row_dot_in_slices(monkeypatch):
-    """delta = rowsum(dO * O) in float32, computed a slice of rows at a time (the slices' float32
-    copies bound the backward's memory): equal to the whole computation, every row written."""
-    gen = torch.Generator().manual_seed(7)
-    do, o = (torch.randn(2, 3, 50, 16, generator=gen).to(torch.bfloat16) for _ in range(2))
-    ref = (do.float() * o.float()).sum(-1)
-    for rows in (1, 7, 50, 64):
-        monkeypatch.setattr(triton_backend, "_ROW_DOT_BYTES", 2 * 3 * 16 * 4 * 3 * rows)
-        out = triton_backend._row_dot(do, o)
-        assert out.dtype == torch.float32 and out.is_contiguous() and out.shape == (2, 3, 50)
-        torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
