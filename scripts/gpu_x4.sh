@@ -26,16 +26,21 @@ pytest_group() {  # pytest_group GPU NAME SECONDS ARGS...: a gpu-test group, its
   echo "[tests $name] $(grep -E "passed|failed|error" "$logs/tests/$name.log" | tail -1)"
 }
 (
-  pytest_group 0 gpu 380 tests/test_gpu.py &
+  # the whole GPU suite, in groups side by side on one GPU; then two benchmark lengths
+  pytest_group 0 gpu 400 tests/test_gpu.py &
   pytest_group 0 cache 300 tests/test_gpu_cache.py &
-  pytest_group 0 triton 250 tests/test_gpu_triton.py &
-  pytest_group 0 compile 250 tests/test_gpu_compile.py &
+  pytest_group 0 triton 300 tests/test_gpu_triton.py &
+  pytest_group 0 compile 300 tests/test_gpu_compile.py &
+  pytest_group 0 varlen 400 tests/test_gpu_varlen.py &
+  TORCH_LOGS=recompiles pytest_group 0 compile_lengths 400 -s tests/test_gpu_compile_lengths.py &
   wait
+  lane 0 bench_8k 90 python3 -m nsa_flex.bench --seq-lens 8192 --out "$logs/bench_8k"
+  lane 0 bench_16k 90 python3 -m nsa_flex.bench --seq-lens 16384 --out "$logs/bench_16k"
 ) &
 (
-  lane 1 profile_layer 80 python3 scripts/profile_selected.py 65536 --layer
-  lane 1 flex_tiles 130 python3 scripts/flex_tiles.py 65536
-  lane 1 bench_64k 200 python3 -m nsa_flex.bench --parts layer selected --seq-lens 65536 --out "$logs/bench_64k"
+  # benchmarks alone on their GPU: each length is one process timing every contender
+  lane 1 bench_64k 320 python3 -m nsa_flex.bench --seq-lens 65536 --out "$logs/bench_64k"
+  lane 1 bench_32k 200 python3 -m nsa_flex.bench --seq-lens 32768 --out "$logs/bench_32k"
 ) &
 wait
 logs_json=()
