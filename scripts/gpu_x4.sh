@@ -34,8 +34,8 @@ pytest_group() {  # pytest_group GPU NAME SECONDS ARGS...: a gpu-test group, its
   pytest_group 0 varlen 400 tests/test_gpu_varlen.py &
   TORCH_LOGS=recompiles pytest_group 0 compile_lengths 400 -s tests/test_gpu_compile_lengths.py &
   wait
-  lane 0 bench_8k 90 python3 -m nsa_flex.bench --seq-lens 8192 --out "$logs/bench_8k"
-  lane 0 bench_16k 90 python3 -m nsa_flex.bench --seq-lens 16384 --out "$logs/bench_16k"
+  lane 0 bench_8k 120 python3 -m nsa_flex.bench --seq-lens 8192 --out "$logs/bench_8k"
+  lane 0 bench_16k 120 python3 -m nsa_flex.bench --seq-lens 16384 --out "$logs/bench_16k"
 ) &
 (
   # benchmarks alone on their GPU: each length is one process timing every contender
