@@ -27,7 +27,8 @@ Every contender runs in this one process on the same inputs, at SPEC.md's refere
 Times are ``triton.testing.do_bench`` medians on CUDA (forward, and forward+backward), peak
 memory is measured around one forward+backward. ``--quick`` runs tiny sizes, and on the CPU skips
 what needs CUDA and says so. Results: a table on stdout, ``results.json`` and ``times.png`` (with
-matplotlib) under ``--out``.
+matplotlib) under ``--out``. ``--merge A/results.json B/results.json ...`` joins the rows of
+separate runs (one length each, on separate GPUs, say) into one table and plot.
 """
 
 from __future__ import annotations
@@ -470,6 +471,23 @@ def _plot(rows: list[Row], path: Path) -> str:
     return f"plot: {path}"
 
 
+def _merge(paths: list[Path], out: Path) -> int:
+    """The rows of several runs' ``results.json`` as one table and plot (each row keeps the
+    ratios of its own run: they are taken per length against that run's cuDNN row)."""
+    rows, metas = [], []
+    for path in paths:
+        data = json.loads(Path(path).read_text())
+        metas.append(dict(data["meta"], source=str(path)))
+        rows += [Row(**r) for r in data["rows"]]
+    rows.sort(key=lambda r: r.T)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(dict(meta=dict(merged=metas), rows=[asdict(r) for r in rows]), indent=1))
+    print(_table(rows))
+    print(f"results: {out / 'results.json'}")
+    print(_plot(rows, out / "times.png"))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m nsa_flex.bench", description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny sizes (runs on the CPU)")
@@ -478,7 +496,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--parts", nargs="+", choices=sorted(PARTS), default=["selected", "layer", "full"])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--reps", type=int, default=3, help="timed repetitions on the CPU (CUDA uses do_bench)")
+    ap.add_argument("--merge", type=Path, nargs="+", metavar="JSON",
+                    help="measure nothing: join the rows of these results.json files (runs of other lengths, "
+                         "say) into one table, results.json and plot under --out")
     args = ap.parse_args(argv)
+    if args.merge:
+        return _merge(args.merge, args.out)
 
     device = torch.device(args.device)
     # `kill -USR1` (or `timeout -s USR1`) prints where a long run is, and it carries on

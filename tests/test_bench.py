@@ -67,3 +67,24 @@ def test_quick_decode_part(tmp_path):
     if not torch.cuda.is_available():
         graphed = [r for r in rows if r["name"].endswith("graph")]
         assert all(r["fwd_ms"] is None and r["note"].startswith("skipped") for r in graphed)
+
+
+def test_merge_joins_runs_of_other_lengths(tmp_path):
+    # runs of one length each (one per GPU, say) become one table, results.json and plot
+    from nsa_flex import bench
+
+    for T in (64, 128):
+        row = bench.Row("full", "SDPA cuDNN", T, fwd_ms=2.0 * T, fwd_bwd_ms=6.0 * T)
+        mine = bench.Row("layer", "nsa_flex flex", T, fwd_ms=1.0 * T, fwd_bwd_ms=2.0 * T)
+        (tmp_path / f"r{T}").mkdir()
+        data = dict(meta=dict(T=T), rows=[vars(row), vars(mine)])
+        (tmp_path / f"r{T}" / "results.json").write_text(json.dumps(data))
+    out = tmp_path / "merged"
+    assert bench.main(["--merge", str(tmp_path / "r128" / "results.json"), str(tmp_path / "r64" / "results.json"),
+                       "--out", str(out)]) == 0
+    merged = json.loads((out / "results.json").read_text())
+    assert [(r["T"], r["name"]) for r in merged["rows"]] == [
+        (64, "SDPA cuDNN"), (64, "nsa_flex flex"), (128, "SDPA cuDNN"), (128, "nsa_flex flex")]
+    assert [m["T"] for m in merged["meta"]["merged"]] == [128, 64]
+    table = bench._table([bench.Row(**r) for r in merged["rows"]])
+    assert table.count("cuDNN/this: fwd 2.00x, fwd+bwd 3.00x") == 2  # each length against its own cuDNN row
