@@ -197,8 +197,11 @@ def attend(
     else:
         k_cmp = mean_compress(k, config, docs) if k_cmp is None else k_cmp
         v_cmp = mean_compress(v, config, docs) if v_cmp is None else v_cmp
-        if block_indices is None and docs is None and selection._fused_ok(q, score_mod, mask_mod):
-            # the compressed branch first: its log-sum-exp saves the scoring kernel a pass
+        if (block_indices is None and docs is None and q.dtype in (torch.float16, torch.bfloat16)
+                and selection._fused_ok(q, score_mod, mask_mod)):
+            # The compressed branch first: its log-sum-exp saves the scoring kernel a pass.
+            # (float32 keeps the kernel's own: FlexAttention's float32 products follow the
+            # global TF32 setting, the kernel's are exact, and p = exp(s - lse) mixes the two.)
             o_cmp, lse = flex_backend.compressed_branch(q, k_cmp, v_cmp, config, scale, return_lse=True)
             block_indices = selection._select(q, k_cmp, config, scale, None, None, None, lse)
         else:

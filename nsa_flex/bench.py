@@ -479,6 +479,12 @@ def _merge(paths: list[Path], out: Path) -> int:
         data = json.loads(Path(path).read_text())
         metas.append(dict(data["meta"], source=str(path)))
         rows += [Row(**r) for r in data["rows"]]
+    seen = set()
+    for r in rows:
+        if (r.part, r.name, r.T) in seen:
+            raise ValueError(f"--merge: {r.part} / {r.name} at T={r.T} is in more than one file; "
+                             "each length's ratios need its own run's rows alone")
+        seen.add((r.part, r.name, r.T))
     rows.sort(key=lambda r: r.T)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(dict(meta=dict(merged=metas), rows=[asdict(r) for r in rows]), indent=1))

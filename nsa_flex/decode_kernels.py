@@ -175,7 +175,8 @@ def block_keys_kernel(
     mapped by token overlap, ``+inf`` for forced blocks. Program ``s`` takes the ``s``-th equal
     slice of the candidates, ``SEL_STEP`` blocks (``BLOCK_C`` compressed logits) at a time:
     compressed block ``i`` and selection block ``j`` share ``|[i, i+r-1] & [j*l'/d,
-    (j+1)*l'/d - 1]|`` stride-chunks of ``d`` tokens, a small float32 product."""
+    (j+1)*l'/d - 1]|`` stride-chunks of ``d`` tokens, a small product at float32's precision
+    (``selection_kernels._split_dot``)."""
     row = tl.program_id(0)
     split = tl.program_id(1)
     n_split = tl.num_programs(1)

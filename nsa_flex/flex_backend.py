@@ -20,6 +20,7 @@ call that needs gradients runs the same eager FlexAttention operator directly (s
 from __future__ import annotations
 
 import functools
+import math
 from typing import Callable
 
 import torch
@@ -102,7 +103,8 @@ def _cpu_flex_with_grad(q, k, v, score_mod, block_mask, scale, return_lse=False)
         k, v = k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1)
     with _room_to_recompile():
         out, lse = _cpu_flex_op()(q, k, v, score_mod, block_mask.as_tuple(), scale)
-    return (out, lse) if return_lse else out
+    # the operator's log-sum-exp is base 2; the public flex_attention returns the natural one
+    return (out, lse * math.log(2.0)) if return_lse else out
 
 
 def _identity_score(score, b, h, q_idx, kv_idx):

@@ -24,9 +24,10 @@ def _qk(q, kc_ptr, skt, skd, i, dk, i_ok, dk_ok, IEEE: tl.constexpr):
 @triton.jit
 def _split_dot(p, w):
     """``p @ w`` for float32 ``p`` and small whole-number weights ``w``, on tensor cores with
-    float32's precision: ``p`` is split into three parts of at most 8 significant bits each (24
-    in all, float32's count) whose sum is exactly ``p``; TF32 holds such parts, and ``w``,
-    exactly, so every product is exact and only the float32 accumulation rounds. A plain TF32
+    about float32's precision: ``p`` is split into three parts of at most 8 significant bits
+    each (24 in all, float32's count) whose sum is exactly ``p``; TF32 holds such parts, and
+    ``w``, exactly, so every product is exact and only the accumulation, in float32 (on tensor
+    cores, not necessarily rounded as IEEE adds would be), loses precision. A plain TF32
     product would round ``p`` to 11 bits before the top-n compares it; a float32 ("ieee")
     product runs on the CUDA cores and took about half the scoring kernel's time (H200,
     T=65536). (The parts stay float32: Triton's interpreter multiplies bfloat16 tensors made in

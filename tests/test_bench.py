@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -88,3 +89,7 @@ def test_merge_joins_runs_of_other_lengths(tmp_path):
     assert [m["T"] for m in merged["meta"]["merged"]] == [128, 64]
     table = bench._table([bench.Row(**r) for r in merged["rows"]])
     assert table.count("cuDNN/this: fwd 2.00x, fwd+bwd 3.00x") == 2  # each length against its own cuDNN row
+    # one length in two files would mix two runs' rows under one cuDNN row
+    with pytest.raises(ValueError, match="SDPA cuDNN at T=64 is in more than one file"):
+        bench.main(["--merge", str(tmp_path / "r64" / "results.json"), str(tmp_path / "r64" / "results.json"),
+                    "--out", str(out)])

@@ -105,13 +105,16 @@ def _opcheck_cases():
             ops.attach_selected_backward, (q, k, v, idx, o.view(1, 1, T * Hq, D), lse, 8, 0.3)
         ),
         "select_blocks_fused": (ops.select_blocks_fused, (frozen[0], k_cmp, 8, 4, 8, 3, 1, 1, 0.3, None)),
+        "select_blocks_fused_lse": (
+            ops.select_blocks_fused, (frozen[0], k_cmp, 8, 4, 8, 3, 1, 1, 0.3, None, torch.randn_like(lse))
+        ),
     }
 
 
 @pytest.mark.parametrize(
     "case",
     ["selected_attention", "selected_attention_packed", "selected_attention_backward", "attach_selected_backward",
-     "select_blocks_fused"],
+     "select_blocks_fused", "select_blocks_fused_lse"],
 )
 def test_opcheck(case):
     # schema, fake implementation against the real one, autograd registration, and an

@@ -174,19 +174,22 @@ def test_top_n_kernel_is_top_n_blocks_exactly(keys_in_registers, config, T, C, s
 
 
 @settings(max_examples=10)
-@given(configs(), st.integers(1, 200), st.integers(0, 2**31 - 1))
-def test_fused_scores_from_the_compressed_branch_lse(config, T, seed):
+@given(configs(), st.integers(1, 200), st.booleans(), st.integers(0, 2**31 - 1))
+def test_fused_scores_from_the_compressed_branch_lse(config, T, grad, seed):
     # attend() on CUDA hands the scoring kernel the compressed branch's log-sum-exp (one pass
-    # instead of two): FlexAttention's, as compressed_branch returns it.
+    # instead of two): FlexAttention's, as compressed_branch returns it, with or without
+    # autograd (on the CPU those are different FlexAttention paths).
     from nsa_flex import flex_backend
     from nsa_flex.selection import _select_fused
 
-    q, k, v = make_qkv(Shape(1, 2, 3, T, 32, 16), seed)
+    q, k, v = make_qkv(Shape(2, 2, 3, T, 32, 16), seed)
     q, k_cmp, v_cmp = q.float(), mean_compress(k, config).float(), mean_compress(v, config).float()
     ref_idx, ref_scores = R.select_blocks(q.double(), k_cmp.double(), config, 0.3)
     if k_cmp.shape[2] == 0:
         return  # nothing compressed: select_blocks never calls the kernel
-    _, lse = flex_backend.compressed_branch(q, k_cmp, v_cmp, config, 0.3, return_lse=True)
+    with torch.set_grad_enabled(grad):
+        _, lse = flex_backend.compressed_branch(q.requires_grad_(grad), k_cmp, v_cmp, config, 0.3, return_lse=True)
+    q, lse = q.detach(), lse.detach()
     # natural log, -inf for a query that sees no block
     s = (q.double() @ k_cmp.double().repeat_interleave(3, dim=1).transpose(-1, -2)) * 0.3
     last = torch.arange(k_cmp.shape[2]) * config.compress_stride + config.compress_block - 1
@@ -196,3 +199,26 @@ def test_fused_scores_from_the_compressed_branch_lse(config, T, seed):
     assert torch.equal((idx >= 0).sum(-1), (ref_idx >= 0).sum(-1))
     torch.testing.assert_close(chosen_scores(idx, ref_scores), chosen_scores(ref_idx, ref_scores), rtol=1e-5, atol=1e-6)
     assert_ascending_then_padding(idx)
+
+
+def test_fused_scores_read_the_given_lse():
+    # The kernel really reads the lse it is given (per batch row and head): lowering one head's
+    # log-sum-exp by 30 weighs that head e^30 times more in the group's sum, so the selection
+    # becomes that head's own; what the unchanged lse gives differs from it.
+    from nsa_flex import flex_backend
+    from nsa_flex.selection import _select_fused
+
+    config = NSAConfig(compress_block=8, compress_stride=4, select_block=8, num_selected=4, num_initial=1,
+                       num_local=1, window=16)
+    q, k, v = make_qkv(Shape(2, 1, 3, 160, 32, 16), 3)
+    q, k_cmp, v_cmp = q.float(), mean_compress(k, config).float(), mean_compress(v, config).float()
+    _, lse = flex_backend.compressed_branch(q, k_cmp, v_cmp, config, 0.3, return_lse=True)
+    shifted = lse.clone()
+    shifted[1, 2] -= 30.0  # batch row 1, head 2
+    idx = _select_fused(q, k_cmp, config, 0.3, lse=lse)
+    head_2 = _select_fused(q, k_cmp, config, 0.3, lse=shifted)
+    alone_idx, alone_scores = R.select_blocks(q[1:, 2:].double(), k_cmp[1:].double(), config, 0.3)
+    torch.testing.assert_close(chosen_scores(head_2[1:], alone_scores), chosen_scores(alone_idx, alone_scores),
+                               rtol=1e-4, atol=1e-6)
+    assert torch.equal(head_2[:1], idx[:1])  # the other batch row is untouched
+    assert not torch.equal(head_2[1:], idx[1:])
