@@ -129,7 +129,7 @@ def test_steps_reject_bad_input():
         top_n_blocks(torch.rand(5), config)
 
 
-@pytest.mark.parametrize("G", [1, 3, 4, 16])
+@pytest.mark.parametrize("G", [1, 3, 16])
 @settings(max_examples=10)  # the interpreter is slow
 @given(configs(), st.integers(1, 300), st.integers(1, 2), st.integers(0, 2**31 - 1))
 def test_fused_scores_kernel_matches_reference(G, config, T, Hkv, seed):
