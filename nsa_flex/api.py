@@ -33,9 +33,9 @@ def _gate(o_cmp: Tensor, o_slc: Tensor, o_swa: Tensor, gates: Tensor | None) -> 
     Eagerly, one product and two in-place ``addcmul_``: no temporary beyond the output, and
     autograd keeps nothing new (the branch outputs it needs are already saved by the branches'
     own backward). Under ``torch.compile`` the same sum is written as a reduction over a stacked
-    last axis, which Inductor fuses without materialising the stack: the plain elementwise sum
-    would be fused into the CPU FlexAttention template as an epilogue, which the template then
-    refuses (torch 2.13, "Unsupported for `epilogue_nodes`").
+    last axis, for Inductor to fuse: the plain elementwise sum would be fused into the CPU
+    FlexAttention template as an epilogue, which the template then refuses (torch 2.13,
+    "Unsupported for `epilogue_nodes`").
     """
     if torch.compiler.is_compiling():
         branches = torch.stack((o_cmp, o_slc, o_swa), dim=-1)  # (B, Hq, T, Dv, 3)
