@@ -43,7 +43,7 @@ from ._validation import check_gates, check_qkv, resolve_config, resolve_scale
 from .api import BACKENDS, _gate, attend
 from .compression import mean_compress
 from .config import NSAConfig
-from .selection import _pow2, _score_tiles, block_importance, top_n_blocks
+from .selection import _KEYS_IN_REGISTERS, _pow2, _score_tiles, block_importance, top_n_blocks
 
 __all__ = ["NSACache", "prefill", "decode_step"]
 
@@ -595,10 +595,6 @@ def _fused_runnable(q: Tensor, v: Tensor) -> str:
         return "fused decoding takes head sizes up to 256"
     return ""
 
-
-# The top-n holds up to this many block keys in registers (max_len = 128k with l' = 64); more
-# are read again from memory in each of its n rounds.
-_KEYS_IN_REGISTERS = 2048
 
 
 @functools.lru_cache(maxsize=None)

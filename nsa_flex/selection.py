@@ -263,8 +263,9 @@ def _check_chunk_size(chunk_size) -> None:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
 
 
-# The top-n kernel holds up to this many block keys per query in registers (T = 128k with
-# l' = 64); more are read again from memory in each of its n rounds.
+# The top-n kernels (this module's and the decode step's, cache.py) hold up to this many block
+# keys per query in registers (T = 128k with l' = 64); more are read again from memory in each
+# of their n rounds.
 _KEYS_IN_REGISTERS = 2048
 
 

@@ -57,13 +57,17 @@ def _doc_start(DOC_START, t, VARLEN: tl.constexpr):
 
 
 @triton.jit
-def _row_stats(LSE, DELTA, row, g_ok):
-    """The forward's log-sum-exp and ``rowsum(dO * O)`` of the group's rows, for recomputing
-    ``p = exp(s - lse)``. An empty row (``lse = -inf``) reads as ``+inf``, so its ``p`` is 0."""
+def _row_lse(LSE, row, g_ok):
+    """The forward's log-sum-exp of the group's rows, for recomputing ``p = exp(s - lse)``. An
+    empty row (``lse = -inf``) reads as ``+inf``, so its ``p`` is 0."""
     lse = tl.load(LSE + row, mask=g_ok, other=float("inf"))
-    lse = tl.where(lse == float("-inf"), float("inf"), lse)
-    delta = tl.load(DELTA + row, mask=g_ok, other=0.0)
-    return lse, delta
+    return tl.where(lse == float("-inf"), float("inf"), lse)
+
+
+@triton.jit
+def _row_stats(LSE, DELTA, row, g_ok):
+    """:func:`_row_lse` and ``rowsum(dO * O)`` of the group's rows."""
+    return _row_lse(LSE, row, g_ok), tl.load(DELTA + row, mask=g_ok, other=0.0)
 
 
 @triton.jit
@@ -159,8 +163,7 @@ def selected_dq_kernel(
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
     stat = b * slb + (h * G + g) * slh + t * slt
     tl.store(DELTA + stat, delta, mask=g_ok)
-    lse = tl.load(LSE + stat, mask=g_ok, other=float("inf"))
-    lse = tl.where(lse == float("-inf"), float("inf"), lse)  # an empty row: p = 0
+    lse = _row_lse(LSE, stat, g_ok)
     dq = tl.zeros([BLOCK_G, BLOCK_DK], tl.float32)
     k_base = K + b * skb + h * skh
     v_base = V + b * svb + h * svh
