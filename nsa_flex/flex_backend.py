@@ -67,11 +67,15 @@ def _room_to_recompile():
     256 by default) is raised with it: a long CPU test session reached it.
     """
     cfg = torch._dynamo.config
-    name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
-    limits = {name: max(getattr(cfg, name), _MAX_EAGER_GRAPHS)}
-    total = "accumulated_recompile_limit" if hasattr(cfg, "accumulated_recompile_limit") else "accumulated_cache_size_limit"
-    if hasattr(cfg, total):
-        limits[total] = max(getattr(cfg, total), 4 * _MAX_EAGER_GRAPHS)
+    limits = {}
+    # Newer names first (torch renamed them); a name the module lacks is left alone, never assumed.
+    for names, floor in ((("recompile_limit", "cache_size_limit"), _MAX_EAGER_GRAPHS),
+                         (("accumulated_recompile_limit", "accumulated_cache_size_limit"), 4 * _MAX_EAGER_GRAPHS)):
+        for name in names:
+            value = getattr(cfg, name, None)
+            if isinstance(value, int):
+                limits[name] = max(value, floor)
+                break
     return cfg.patch(**limits)
 
 

@@ -9,6 +9,7 @@ import torch
 
 from nsa_flex import NSAConfig, attend, mean_compress, reference as R, select_blocks
 
+from conftest import dynamo_limits
 from strategies import Shape, rel_err
 
 pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("gpu_numerics")]
@@ -144,20 +145,18 @@ def test_compile_fullgraph_no_graph_breaks(dtype):
     assert rel_err(out, eager) < TOL[dtype]
 
 
-def test_a_users_compiled_flex_attention_does_not_use_up_ours(monkeypatch):
+def test_a_users_compiled_flex_attention_does_not_use_up_ours():
     """Dynamo's recompile limit counts per function: a user's torch.compile(flex_attention) that
     reaches it (each length is a graph) must leave the flex backend compiling its own."""
     from torch.nn.attention.flex_attention import flex_attention
 
     from nsa_flex import flex_backend
 
-    dynamo = torch._dynamo.config
-    monkeypatch.setattr(dynamo, "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit", 8)
-
     theirs = torch.compile(flex_attention, backend="eager", dynamic=False)
-    for T in range(16, 16 * 11, 16):  # more lengths than the default limit of 8
-        x = torch.randn(1, 1, T, 16, device="cuda")
-        theirs(x, x, x)
+    with dynamo_limits(8, 4096):
+        for T in range(16, 16 * 11, 16):  # more lengths than the limit of 8
+            x = torch.randn(1, 1, T, 16, device="cuda")
+            theirs(x, x, x)
     counters = torch._dynamo.utils.counters
     before = counters["stats"]["unique_graphs"]
     config = NSAConfig(compress_block=16, compress_stride=16, select_block=16, num_selected=4, window=16)

@@ -19,9 +19,8 @@ DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=[
 
 
 @pytest.fixture(autouse=True)
-def no_tf32_and_room_to_recompile(monkeypatch):
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    monkeypatch.setattr(torch._dynamo.config, "cache_size_limit", 256)
+def no_tf32_and_room_to_recompile(gpu_numerics):
+    yield
 
 
 def inputs(shape, dtype, seed):

@@ -22,6 +22,7 @@ from nsa_flex.masks import (
 from nsa_flex.triton_backend import available
 from nsa_flex.varlen import Documents, compressed_cu_seqlens, documents
 
+from conftest import dynamo_limits
 from strategies import configs, rel_err
 from test_masks import block_sizes, check_block_mask
 
@@ -31,17 +32,11 @@ needs_triton = pytest.mark.skipif(not available(torch.device(DEVICE))[0], reason
 
 
 @pytest.fixture(autouse=True)
-def room_to_recompile(monkeypatch):
+def room_to_recompile():
     # On the CPU, flex gradients go through a Dynamo-traced call with one graph per shape (and
     # these tests try many lengths); drop the graphs afterwards so later tests start afresh.
-    cfg = torch._dynamo.config
-    for name in ("recompile_limit", "cache_size_limit"):
-        if hasattr(cfg, name):
-            monkeypatch.setattr(cfg, name, 4096)
-    for name in ("accumulated_recompile_limit", "accumulated_cache_size_limit"):
-        if hasattr(cfg, name):
-            monkeypatch.setattr(cfg, name, 1 << 16)
-    yield
+    with dynamo_limits(4096, 1 << 16):
+        yield
     torch._dynamo.reset()
 
 
