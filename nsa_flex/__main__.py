@@ -27,8 +27,8 @@ DTYPES = {
     "float16": torch.float16,
     "float64": torch.float64,
 }
-# Relative error allowed against the float64 reference (SPEC: 1e-5 in float32 without TF32,
-# 2e-2 in bf16).
+# Relative error allowed against the float64 reference (the tests' bounds, docs/semantics.md:
+# 1e-5 in float32 without TF32, 2e-2 in bf16).
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 2e-2}
 # The float64 reference materialises T x T scores per head; past this length on the GPU it
 # checks a prefix, which causality makes independent of later tokens.

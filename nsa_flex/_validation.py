@@ -93,7 +93,8 @@ def check_qkv(q, k, v) -> None:
 
 
 def check_kernel_head_dims(q: Tensor, v: Tensor, backend: str) -> None:
-    """The kernels take head dims from 16 (FlexAttention's CUDA floor) to 256 (SPEC's range)."""
+    """The kernels take head dims from 16 (FlexAttention's CUDA floor) to 256 (the range
+    docs/semantics.md states)."""
     Dk, Dv = q.shape[-1], v.shape[-1]
     if max(Dk, Dv) > 256:
         raise ValueError(f"the {backend} backend takes head dims up to 256; got Dk={Dk}, Dv={Dv}")

@@ -92,7 +92,7 @@ def attend(
     """Native Sparse Attention: compressed, selected and sliding-window attention, gated.
 
     ``o = g[..., 0] * o_cmp + g[..., 1] * o_slc + g[..., 2] * o_swa`` (paper eq. 5), causal,
-    with the semantics fixed in SPEC.md.
+    as defined in docs/semantics.md.
 
     Args:
         q: ``(B, Hq, T, Dk)`` queries.

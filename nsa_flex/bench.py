@@ -1,7 +1,7 @@
 """``python -m nsa_flex.bench``: time nsa_flex against full attention and the peer NSA kernel.
 
-Every contender runs in this one process on the same inputs, at SPEC.md's reference shape
-(``B=1, Hq=64, Hkv=4, Dk=Dv=128``, bf16, default config) and ``T`` in 8k..64k:
+Every contender runs in this one process on the same inputs, at the reference shape of
+docs/semantics.md (``B=1, Hq=64, Hkv=4, Dk=Dv=128``, bf16, default config) and ``T`` in 8k..64k:
 
 - ``selected``: the selected branch alone on one set of ``block_indices``: the flex backend, the
   triton backend, and flash-linear-attention's ``parallel_nsa`` selection kernel when ``fla`` is

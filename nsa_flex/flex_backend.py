@@ -192,8 +192,8 @@ def compressed_branch(
     no block (selection reuses it, :func:`nsa_flex.selection._select_fused`)."""
     B, Hq, T, _ = q.shape
     if k_cmp.shape[2] == 0:
-        # No block is complete yet: the branch contributes exactly 0 (SPEC). Adding the empty
-        # (hence zero) sums keeps k_cmp/v_cmp in the graph, so whatever produced them gets
+        # No block is complete yet: the branch contributes exactly 0 (docs/semantics.md). Adding the
+        # empty (hence zero) sums keeps k_cmp/v_cmp in the graph, so whatever produced them gets
         # zero gradients rather than none (DDP counts a parameter without a gradient as unused).
         zero = k_cmp.sum() + v_cmp.sum()
         out = q.new_zeros(B, Hq, T, v_cmp.shape[-1]) + zero
@@ -223,11 +223,11 @@ def compressed_branch(
 
     G = Hq // k_cmp.shape[1]
     if G > 1 and q.is_cuda and _needs_backward(q, k_cmp, v_cmp):
-        # FlexAttention's dK/dV kernel gives each KV tile one program, which walks the queries
-        # of all G heads of its group in turn. With ~T/d compressed keys that is few programs
-        # with long walks (at 64k and SPEC's shape, 32 tiles x 4 KV heads for 132 SMs); one
-        # copy of the keys per query head gives G times as many, G times shorter. The copies
-        # are small (T/d rows) and autograd sums their gradients back over the group.
+        # FlexAttention's dK/dV kernel gives each KV tile one program, which walks the queries of
+        # all G heads of its group in turn. With ~T/d compressed keys that is few programs with long
+        # walks (at 64k and the reference shape, 32 tiles x 4 KV heads for 132 SMs); one copy of the
+        # keys per query head gives G times as many, G times shorter. The copies are small (T/d
+        # rows) and autograd sums their gradients back over the group.
         k_cmp, v_cmp = k_cmp.repeat_interleave(G, dim=1), v_cmp.repeat_interleave(G, dim=1)
     return _flex(q, k_cmp, v_cmp, user_score, block_mask, scale, return_lse)
 

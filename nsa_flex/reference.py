@@ -4,7 +4,7 @@ Everything here materialises full ``T x T`` (or ``T x Tc``) score matrices, so i
 small shapes; run it in float64 to check a backend. It shares no code with the backends beyond
 the config, so a bug in one does not hide in the other.
 
-Shapes follow SPEC.md: ``q (B, Hq, T, Dk)``, ``k (B, Hkv, T, Dk)``, ``v (B, Hkv, T, Dv)``,
+Shapes as in docs/semantics.md: ``q (B, Hq, T, Dk)``, ``k (B, Hkv, T, Dk)``, ``v (B, Hkv, T, Dv)``,
 ``G = Hq // Hkv``; query head ``h`` reads KV head ``h // G``.
 
 ``score_mod(score, b, h, q_idx, kv_idx)`` and ``mask_mod(b, h, q_idx, kv_idx)`` are FlexAttention
@@ -165,7 +165,7 @@ def selection_scores(p_cmp: Tensor, config: NSAConfig, num_kv_heads: int) -> Ten
 
 
 def top_n(scores: Tensor, config: NSAConfig) -> Tensor:
-    """Top-n selection with forced initial and local blocks (SPEC step 4-5).
+    """Top-n selection with forced initial and local blocks (docs/semantics.md, "Selection").
 
     Args:
         scores: ``(B, Hkv, T, Ns)``.
@@ -184,7 +184,7 @@ def top_n(scores: Tensor, config: NSAConfig) -> Tensor:
     out = torch.full((B, H, T, n), -1, dtype=torch.int32, device=scores.device)
     for t in range(T):
         m = min(n, Ns, t // ls + 1)  # candidates: blocks 0 .. t // ls (a host count, no device read)
-        # equal scores: the lower block first, the library's rule (SPEC lets ties go either way)
+        # equal scores: the lower block first, the library's rule (docs/semantics.md)
         ranked = torch.sort(key[:, :, t], dim=-1, descending=True, stable=True).indices[..., :m]
         chosen = ranked.sort(dim=-1).values
         out[:, :, t, :m] = chosen.to(torch.int32)
@@ -297,7 +297,7 @@ def attend(
     v_cmp = mean_compress(v, config) if v_cmp is None else v_cmp
     o_cmp, p_cmp = compressed_attention(q, k_cmp, v_cmp, config, scale, score_mod, mask_mod)
     if block_indices is None:
-        # Selection is not differentiable (SPEC): scores are computed without a graph.
+        # Selection is not differentiable (docs/semantics.md): scores are computed without a graph.
         scores = selection_scores(p_cmp.detach(), config, k.shape[1])
         block_indices = top_n(scores, config)
     slc_score_mod = score_mod

@@ -1,9 +1,9 @@
 """Block selection shared by every backend: importance scores and top-n (paper eqs. 8-12).
 
 The scores come from the compressed branch's softmax over compressed blocks. Materialising them
-for the whole sequence costs ``B * Hq * T * Tc`` floats (64 GiB at T=65536 with SPEC's reference
-shape), so ``select_blocks`` walks the queries in chunks sized to a fixed memory budget and keeps
-only the ``(B, Hkv, T, n)`` indices.
+for the whole sequence costs ``B * Hq * T * Tc`` floats (64 GiB at T=65536 with the reference
+shape of docs/semantics.md), so ``select_blocks`` walks the queries in chunks sized to a fixed
+memory budget and keeps only the ``(B, Hkv, T, n)`` indices.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ __all__ = ["select_blocks", "block_scores", "top_n_blocks", "block_importance", 
 
 # Bytes one chunk's (B, Hq, chunk, Tc) score tensor may take. The softmax output is a second
 # such tensor and the mask and the mapping add smaller ones, so selection's extra memory is
-# about two to three times this (the GPU test checks < 2 GiB at T=65536, SPEC's shape).
+# about two to three times this (the GPU test checks < 2 GiB at T=65536, the reference shape).
 _CHUNK_BYTES = 512 * 2**20
 
 
@@ -420,7 +420,7 @@ def block_scores(
         ``(B, Hkv, T, Ns)`` float32 (float64 for float64 inputs), ``0`` where a block has no
         visible compressed block. Autograd keeps one chunk of ``(B, Hq, chunk, Tc)`` scores at a
         time (the chunks are recomputed in the backward, ``torch.utils.checkpoint``), but the
-        result itself is ``T x Ns``: 1 GiB at T=65536 with SPEC's shape.
+        result itself is ``T x Ns``: 1 GiB at T=65536 with the reference shape.
     """
     config = resolve_config(config)
     check_qk_cmp(q, k_cmp, config)
@@ -468,7 +468,7 @@ def select_blocks(
 
     Importance is the compressed branch's attention probability, moved onto selection blocks
     by token overlap and summed over the heads of a GQA group; blocks ``0 .. num_initial-1``
-    and the ``num_local`` most recent are always taken (SPEC.md, "Selection").
+    and the ``num_local`` most recent are always taken (docs/semantics.md, "Selection").
 
     Args:
         q: ``(B, Hq, T, Dk)`` queries.

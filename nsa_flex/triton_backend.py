@@ -132,7 +132,7 @@ def _meta(G: int, Dk: int, Dv: int, select_block: int, dtype: torch.dtype, kerne
             block_n //= 2
     if kernel == "dkdv":
         if half:
-            # 4 warps, one stage: the fastest of 36 settings on the H200 at SPEC's shape
+            # 4 warps, one stage: the fastest of 36 settings on the H200 at the reference shape
             # (bf16, G=16, D=128, T=64k; scripts/profile_selected.py --sweep=dkdv): 16.1 ms
             # against 24.5 ms at 8 warps and two stages, although 4 warps spill a few registers
             warps, stages = 4, 1

@@ -3,10 +3,10 @@
 
     PYTHONPATH=. python scripts/flex_tiles.py [T]
 
-SPEC's reference shape (B=1, Hq=64, Hkv=4, D=128, bf16, default config). Each branch's
-forward (no_grad, as the benchmark times it) through ``torch.compile(flex_attention)`` with
-the BlockMask the flex backend builds, under ``flex_backend._tile_options`` (the default) and
-under other tiles / warps / stages; do_bench medians and the relative error against the
+The reference shape of docs/semantics.md (B=1, Hq=64, Hkv=4, D=128, bf16, default config). Each
+branch's forward (no_grad, as the benchmark times it) through ``torch.compile(flex_attention)``
+with the BlockMask the flex backend builds, under ``flex_backend._tile_options`` (the default)
+and under other tiles / warps / stages; do_bench medians and the relative error against the
 default's output.
 """
 

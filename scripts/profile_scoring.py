@@ -2,11 +2,11 @@
 
     PYTHONPATH=. python scripts/profile_scoring.py [T] [--sweep]
 
-SPEC's reference shape (B=1, Hq=64, Hkv=4, D=128, bf16). Prints do_bench medians of
-``select_blocks`` (scoring kernel with its own log-sum-exp pass), of the same with the compressed
-branch's log-sum-exp handed in (as ``attend`` does), of each kernel alone, of the PyTorch top-n
-it replaced, and with ``--sweep`` the scoring kernel at other row tiles / warps / stages and the
-top-n kernel at other warps, each checked to pick blocks of the same scores.
+The reference shape of docs/semantics.md (B=1, Hq=64, Hkv=4, D=128, bf16). Prints do_bench medians
+of ``select_blocks`` (scoring kernel with its own log-sum-exp pass), of the same with the
+compressed branch's log-sum-exp handed in (as ``attend`` does), of each kernel alone, of the
+PyTorch top-n it replaced, and with ``--sweep`` the scoring kernel at other row tiles / warps /
+stages and the top-n kernel at other warps, each checked to pick blocks of the same scores.
 """
 
 import sys

@@ -2,8 +2,8 @@
 
     PYTHONPATH=. python scripts/profile_selected.py [T] [--sweep[=fwd,dq,dkdv]] [--layer]
 
-SPEC's reference shape (B=1, Hq=64, Hkv=4, D=128, bf16), one selection from ``select_blocks``
-on random inputs. Prints, as do_bench medians:
+The reference shape of docs/semantics.md (B=1, Hq=64, Hkv=4, D=128, bf16), one selection from
+``select_blocks`` on random inputs. Prints, as do_bench medians:
 
 - each step of the Triton selected branch apart: forward kernel, dQ kernel (which also writes
   ``delta = rowsum(dO * O)``), the

@@ -2,11 +2,11 @@
 
     PYTHONPATH=. python scripts/selected_tiles.py [T]
 
-SPEC's reference shape (B=1, Hq=64, Hkv=4, D=128, bf16), one selection from select_blocks on
-random inputs. For each (Q tile, KV tile): the BlockMask build time, the relative error of the
-output against the triton backend, forward and forward+backward (do_bench medians, mask build
-included, as attend() pays it). Forward+backward runs once, at the default path (for bf16
-training: FlexAttention's forward over one-token tiles, the Triton backward).
+The reference shape of docs/semantics.md (B=1, Hq=64, Hkv=4, D=128, bf16), one selection from
+select_blocks on random inputs. For each (Q tile, KV tile): the BlockMask build time, the
+relative error of the output against the triton backend, forward and forward+backward (do_bench
+medians, mask build included, as attend() pays it). Forward+backward runs once, at the default
+path (for bf16 training: FlexAttention's forward over one-token tiles, the Triton backward).
 """
 
 import sys

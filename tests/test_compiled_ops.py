@@ -62,8 +62,9 @@ def fwd_bwd(fn, q, k, v, *rest):
 
 
 def assert_same(a, b):
-    # SPEC's float32 tolerance: on the CPU both sides run the same kernels and agree to the
-    # last bits; on a GPU eager FlexAttention is Inductor's kernel, aot_eager's the unfused one
+    # the float32 tolerance (docs/semantics.md): on the CPU both sides run the same kernels and
+    # agree to the last bits; on a GPU eager FlexAttention is Inductor's kernel, aot_eager's the
+    # unfused one
     assert a.shape == b.shape and rel_err(a, b) < 1e-5
 
 

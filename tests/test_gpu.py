@@ -1,7 +1,7 @@
 """On a CUDA device: the flex backend (compiled FlexAttention kernels) against the float64
 reference, forward and backward, and torch.compile(fullgraph=True) without graph breaks.
 
-SPEC tolerances: relative error below 1e-5 in float32 (TF32 off), below 2e-2 in bf16.
+Tolerances (docs/semantics.md): relative error below 1e-5 in float32 (TF32 off), below 2e-2 in bf16.
 """
 
 import pytest
@@ -98,7 +98,7 @@ def test_fused_selection_kernel_matches_reference(dtype):
 
 
 def test_selection_memory_at_64k():
-    # SPEC's reference shape at T=65536: extra memory of select_blocks under ~2 GiB
+    # the reference shape (docs/semantics.md) at T=65536: extra memory of select_blocks under ~2 GiB
     config = NSAConfig()
     T = 65536
     q = torch.randn(1, 64, T, 128, device="cuda", dtype=torch.bfloat16)

@@ -209,7 +209,7 @@ def _chosen_importance(cache, q, idx, scale):
 @pytest.mark.parametrize("B", [1, 8])
 @pytest.mark.parametrize("T", [8192, 65536])
 def test_fused_decode_at_the_reference_shape_in_a_cuda_graph(B, T):
-    """The split kernels against the PyTorch step, both captured in CUDA graphs, SPEC's shape
+    """The split kernels against the PyTorch step, both captured in CUDA graphs, the reference shape
     in bf16, rows of different lengths; 4 steps cross compression and selection boundaries.
 
     The chosen blocks must be equal, except where two blocks' importances tie to float32

@@ -1,6 +1,6 @@
 """The triton backend on a GPU: large shapes, determinism, contention, CUDA graphs.
 
-SPEC tolerances: relative error below 1e-5 in float32, below 2e-2 in bf16.
+Tolerances (docs/semantics.md): relative error below 1e-5 in float32, below 2e-2 in bf16.
 """
 
 import pytest

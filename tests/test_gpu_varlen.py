@@ -2,11 +2,11 @@
 flex and triton backends, in float32 and bf16, forward and gradients, at a moderate size
 (8k tokens in documents of 1, 64, 777 and 7350 tokens).
 
-Each side is also checked against the float64 reference with SPEC's tolerances (1e-5 in float32
-with TF32 off, 2e-2 in bf16); packed and separate runs round differently, so they are compared
-with twice that. The separate runs reuse the packed run's (doc-local) selection, so that a
-near-tie in bf16 scores cannot pick different blocks on the two sides; a float32 test checks the
-selection itself.
+Each side is also checked against the float64 reference with the tolerances of docs/semantics.md
+(1e-5 in float32 with TF32 off, 2e-2 in bf16); packed and separate runs round differently, so they
+are compared with twice that. The separate runs reuse the packed run's (doc-local) selection, so
+that a near-tie in bf16 scores cannot pick different blocks on the two sides; a float32 test
+checks the selection itself.
 """
 
 import itertools

@@ -1,4 +1,4 @@
-"""The oracle itself: checked against hand-derived facts of the paper and SPEC.md."""
+"""The oracle itself: checked against hand-derived facts of the paper and docs/semantics.md."""
 
 import torch
 from hypothesis import given, strategies as st
