@@ -17,12 +17,69 @@ from torch import Tensor
 from .config import NSAConfig
 
 
+def check_config(config, name: str = "config") -> NSAConfig:
+    """``config`` itself: an :class:`NSAConfig` (where one is required; see :func:`resolve_config`)."""
+    if not isinstance(config, NSAConfig):
+        raise TypeError(f"{name} must be an NSAConfig, got {type(config).__name__}")
+    return config
+
+
 def resolve_config(config) -> NSAConfig:
+    """An optional ``config``: ``None`` is ``NSAConfig()``."""
     if config is None:
         return NSAConfig()
-    if not isinstance(config, NSAConfig):
-        raise TypeError(f"config must be an NSAConfig, got {type(config).__name__}")
-    return config
+    return check_config(config)
+
+
+def check_int(name: str, value, minimum: int | None = None) -> None:
+    """An ``int`` (a ``bool`` is refused) of at least ``minimum``.
+
+    A symbolic int (a size while tracing under ``torch.compile``) passes unchecked: it comes
+    from a tensor's shape, and comparing it would add a guard to the graph.
+    """
+    if isinstance(value, torch.SymInt):
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+def check_positive_int(name: str, value) -> None:
+    """An ``int`` ``>= 1`` (a ``bool`` is refused; a symbolic int passes, as in :func:`check_int`)."""
+    if isinstance(value, torch.SymInt):
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
+    if value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def check_bool(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+
+
+def check_block_size(block_size, name: str = "block_size") -> tuple[int, int]:
+    """A BlockMask tile ``(Q tile, KV tile)``: two positive ints; returned as a tuple."""
+    if not isinstance(block_size, (tuple, list)) or len(block_size) != 2:
+        raise TypeError(f"{name} must be a pair of ints (Q tile, KV tile), got {block_size!r}")
+    for i, size in enumerate(block_size):
+        check_positive_int(f"{name}[{i}]", size)
+    return tuple(block_size)
+
+
+def resolve_device(device, name: str = "device") -> torch.device:
+    """``device`` as a ``torch.device``: a ``torch.device``, a string such as ``"cuda:0"``, or
+    a CUDA index."""
+    if isinstance(device, torch.device):
+        return device
+    if isinstance(device, bool) or not isinstance(device, (str, int)):
+        raise TypeError(f"{name} must be a torch.device, a string or an int, got {type(device).__name__}")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"{name} {device!r} is not a device torch knows") from None
 
 
 def resolve_scale(scale, q: Tensor) -> float:
@@ -44,19 +101,40 @@ def check_callable(name: str, fn) -> None:
         raise TypeError(f"{name} must be callable or None, got {type(fn).__name__}")
 
 
-def _tensor(name: str, x, ndim: int, floating: bool = True) -> Tensor:
+def _tensor(name: str, x, ndim: int | None, floating: bool = True) -> Tensor:
+    """A tensor of ``ndim`` dimensions (any when ``None``), of a floating dtype if ``floating``."""
     if not isinstance(x, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() != ndim:
-        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(x.shape)}")
+    if ndim is not None and x.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimension{'s' * (ndim != 1)}, got shape {tuple(x.shape)}")
     if floating and not x.is_floating_point():
         raise TypeError(f"{name} must have a floating dtype, got {x.dtype}")
     return x
 
 
-def _same_device(name: str, x: Tensor, q: Tensor) -> None:
+def check_index_tensor(name: str, x, ndim: int | None) -> Tensor:
+    """An int32 or int64 tensor of ``ndim`` dimensions (any when ``None``)."""
+    _tensor(name, x, ndim, floating=False)
+    if x.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{name} must be int32 or int64, got {x.dtype}")
+    return x
+
+
+def check_index_range(name: str, x: Tensor, low: int, high: int, seq_len=None) -> None:
+    """Every value of ``x`` in ``[low, high)``; ``seq_len``, when given, is named in the message
+    (``high`` being its ``Ns`` selection blocks). Reads the device once; skipped while tracing
+    or capturing (:func:`_can_read_values`)."""
+    if x.numel() == 0 or not _can_read_values(x):
+        return
+    lo, hi = (int(v) for v in torch.aminmax(x))  # one read of the device
+    if lo < low or hi >= high:
+        where = "" if seq_len is None else f" for T = {seq_len} (Ns blocks)"
+        raise ValueError(f"{name} must lie in [{low}, {high}){where}; found values in [{lo}, {hi}]")
+
+
+def _same_device(name: str, x: Tensor, q: Tensor, q_name: str = "q") -> None:
     if x.device != q.device:
-        raise ValueError(f"{name} is on {x.device} but q is on {q.device}")
+        raise ValueError(f"{name} is on {x.device} but {q_name} is on {q.device}")
 
 
 def _same_dtype(name: str, x: Tensor, q: Tensor) -> None:
@@ -156,19 +234,11 @@ def check_block_indices(
     block_indices, q: Tensor, num_kv_heads: int, num_blocks: int, num_selected: int | None = None
 ) -> None:
     """``(B, Hkv, T, n)`` integers in ``[-1, num_blocks)``; ``n`` is ``num_selected`` if given."""
-    _tensor("block_indices", block_indices, 4, floating=False)
+    check_index_tensor("block_indices", block_indices, 4)
     _same_device("block_indices", block_indices, q)
-    if block_indices.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"block_indices must be int32 or int64, got {block_indices.dtype}")
     B, _, T, _ = q.shape
     n = block_indices.shape[-1] if num_selected is None else num_selected
     expected = (B, num_kv_heads, T, n)
     if tuple(block_indices.shape) != expected or n < 1:
         raise ValueError(f"block_indices must have shape (B, Hkv, T, n) = {expected}, got {tuple(block_indices.shape)}")
-    if _can_read_values(block_indices):
-        lo, hi = (int(x) for x in torch.aminmax(block_indices))  # one read of the device
-        if lo < -1 or hi >= num_blocks:
-            raise ValueError(
-                f"block_indices must lie in [-1, {num_blocks}) for T = {T} (Ns blocks); "
-                f"found values in [{lo}, {hi}]"
-            )
+    check_index_range("block_indices", block_indices, -1, num_blocks, seq_len=T)

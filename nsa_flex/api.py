@@ -139,6 +139,12 @@ def attend(
     Raises:
         TypeError, ValueError: naming the argument, before any kernel runs.
 
+    The layout is heads first, ``(B, H, T, D)``, as ``F.scaled_dot_product_attention`` takes it;
+    transpose sequence-first tensors ``(B, T, H, D)`` (FlashAttention's layout) before calling.
+    The checks cannot always catch the wrong layout: when ``Hq != Hkv``, sequence-first tensors
+    disagree in their third dimension and raise, but when ``Hq == Hkv`` they are also valid
+    heads-first shapes (``T`` heads of ``H`` tokens) and are attended as such, without an error.
+
     Gradients flow to ``q, k, v, gates, k_cmp, v_cmp`` through the attention; the selection
     itself is not differentiable, unless ``selection_grad=True`` adds its straight-through path.
     With the flex or triton backend, under ``torch.compile(fullgraph=True)`` this traces without

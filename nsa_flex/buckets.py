@@ -20,11 +20,12 @@ import itertools
 import torch
 from torch import Tensor
 
-from .varlen import Documents, documents
+from ._validation import check_int
+from .varlen import Documents, check_documents, documents
 
 __all__ = ["check_length_buckets", "bucket_length", "pad_documents"]
 
-def check_length_buckets(value) -> str | tuple[int, ...] | None:
+def check_length_buckets(value, name: str = "length_buckets") -> str | tuple[int, ...] | None:
     """``length_buckets`` checked and normalised: ``None``, ``"pow2"``, or a tuple of
     increasing positive ints (a list or other sequence of ints is accepted and made a tuple).
 
@@ -37,23 +38,23 @@ def check_length_buckets(value) -> str | tuple[int, ...] | None:
         return None
     if isinstance(value, str):
         if value != "pow2":
-            raise ValueError(f"length_buckets must be None, 'pow2' or a tuple of lengths, got {value!r}")
+            raise ValueError(f"{name} must be None, 'pow2' or a tuple of lengths, got {value!r}")
         return value
     if isinstance(value, Tensor) or not isinstance(value, (tuple, list, range)):
         raise TypeError(
-            f"length_buckets must be None, 'pow2' or a tuple of ints, got {type(value).__name__}"
+            f"{name} must be None, 'pow2' or a tuple of ints, got {type(value).__name__}"
         )
     buckets = tuple(value)
     if not buckets:
-        raise ValueError("length_buckets must hold at least one length, got an empty sequence")
+        raise ValueError(f"{name} must hold at least one length, got an empty sequence")
     for b in buckets:
         if isinstance(b, bool) or not isinstance(b, int):
-            raise TypeError(f"length_buckets must hold ints, got {type(b).__name__} ({b!r})")
+            raise TypeError(f"{name} must hold ints, got {type(b).__name__} ({b!r})")
         if b < 1:
-            raise ValueError(f"length_buckets must hold positive lengths, got {b}")
+            raise ValueError(f"{name} must hold positive lengths, got {b}")
     for a, b in zip(buckets, buckets[1:]):
         if b <= a:
-            raise ValueError(f"length_buckets must be strictly increasing, got {a} then {b}")
+            raise ValueError(f"{name} must be strictly increasing, got {a} then {b}")
     return buckets
 
 
@@ -67,7 +68,13 @@ def bucket_length(seq_len, buckets: str | tuple[int, ...]) -> int:
 
     Raises:
         ValueError: ``T`` is above the largest bucket of a tuple (naming ``length_buckets``).
+        TypeError, ValueError: ``seq_len`` not an int ``>= 1``; ``buckets`` not ``"pow2"`` or a
+            strictly increasing sequence of positive ints (:func:`check_length_buckets`).
     """
+    check_int("seq_len", seq_len, minimum=1)
+    if buckets is None:
+        raise TypeError("buckets must be 'pow2' or a tuple of lengths, got None")
+    buckets = check_length_buckets(buckets, "buckets")
     if buckets == "pow2":
         b = 1
         while b < seq_len:
@@ -85,7 +92,14 @@ def bucket_length(seq_len, buckets: str | tuple[int, ...]) -> int:
 def pad_documents(docs: Documents, padded_len: int) -> Documents:
     """``docs`` with the tokens ``docs.seq_len .. padded_len - 1`` as one more document (none
     when there are no such tokens), so that the padding is attended apart from every real
-    document and the real ones are unchanged."""
+    document and the real ones are unchanged.
+
+    Raises:
+        TypeError: ``docs`` not a :class:`~nsa_flex.varlen.Documents`, ``padded_len`` not an int.
+        ValueError: ``padded_len`` shorter than ``docs.seq_len``.
+    """
+    check_documents(docs)
+    check_int("padded_len", padded_len)
     pad = padded_len - docs.seq_len
     if pad < 0:
         raise ValueError(f"padded_len ({padded_len}) is shorter than the packed row ({docs.seq_len})")

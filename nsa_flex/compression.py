@@ -12,6 +12,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from ._validation import _tensor, check_bool, check_config, check_positive_int
 from .config import NSAConfig
 from .varlen import resolve
 
@@ -31,9 +32,14 @@ def block_view(x: Tensor, config: NSAConfig, cu_seqlens=None) -> Tensor:
         ``(B, H, Tc, l, D)``: entry ``[:, :, i, j]`` is token ``i*d + j`` (with ``cu_seqlens``,
         ``Tc`` is the documents' total and block ``i`` starts at its document's start plus
         ``d`` times its doc-local index).
+
+    Raises:
+        TypeError: ``x`` is not a tensor, ``config`` not an :class:`NSAConfig`.
+        ValueError: ``x`` is not 4-D; ``cu_seqlens`` as for ``attend`` (one batch row,
+            ending at ``T``).
     """
-    if x.dim() != 4:
-        raise ValueError(f"x must be (B, H, T, D), got shape {tuple(x.shape)}")
+    _check_x(x, floating=False)
+    check_config(config)
     B, H, T, D = x.shape
     l, d = config.compress_block, config.compress_stride
     if cu_seqlens is not None:
@@ -47,12 +53,23 @@ def block_view(x: Tensor, config: NSAConfig, cu_seqlens=None) -> Tensor:
     return x.unfold(2, l, d).transpose(-1, -2)
 
 
+def _check_x(x, floating: bool = True) -> None:
+    _tensor("x", x, None, floating)
+    if x.dim() != 4:
+        raise ValueError(f"x must be (B, H, T, D), got shape {tuple(x.shape)}")
+
+
 def mean_compress(x: Tensor, config: NSAConfig, cu_seqlens=None) -> Tensor:
     """The mean over each compressed block: ``(B, H, T, D) -> (B, H, Tc, D)``.
 
     This is what ``attend()`` uses when no ``k_cmp``/``v_cmp`` are given. ``cu_seqlens``: as
     in :func:`block_view` (each document's blocks, concatenated).
+
+    Raises:
+        TypeError, ValueError: as :func:`block_view`, and ``TypeError`` if ``x`` is not
+            floating point.
     """
+    _check_x(x)
     return block_view(x, config, cu_seqlens).mean(dim=-2)
 
 
@@ -79,13 +96,10 @@ class BlockCompressor(nn.Module):
     ) -> None:
         super().__init__()
         hidden = dim_head if hidden is None else hidden
-        for name, value in (("dim_head", dim_head), ("hidden", hidden)):
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-            if value < 1:
-                raise ValueError(f"{name} must be positive, got {value}")
-        if not isinstance(config, NSAConfig):
-            raise TypeError(f"config must be an NSAConfig, got {type(config).__name__}")
+        check_positive_int("dim_head", dim_head)
+        check_positive_int("hidden", hidden)
+        check_config(config)
+        check_bool("out_bias", out_bias)
         self.config = config
         self.dim_head = dim_head
         l = config.compress_block
@@ -95,9 +109,21 @@ class BlockCompressor(nn.Module):
         )
 
     def forward(self, x: Tensor, *, cu_seqlens=None) -> Tensor:
-        """``(B, H, T, D) -> (B, H, Tc, D)``; ``cu_seqlens`` as in :func:`block_view`."""
-        if x.dim() == 4 and x.shape[-1] != self.dim_head:
+        """``(B, H, T, D) -> (B, H, Tc, D)``; ``cu_seqlens`` as in :func:`block_view`.
+
+        Raises:
+            TypeError: ``x`` is not a floating tensor, or (outside autocast) not of the
+                parameters' dtype.
+            ValueError: ``x`` is not 4-D, its head dim is not ``dim_head``, or it is on another
+                device than the parameters; ``cu_seqlens`` as for :func:`block_view`.
+        """
+        _check_x(x)
+        if x.shape[-1] != self.dim_head:
             raise ValueError(f"x must have head dim {self.dim_head}, got {x.shape[-1]}")
+        if x.device != self.pos.device:
+            raise ValueError(f"x is on {x.device} but the module's parameters are on {self.pos.device}")
+        if x.dtype != self.pos.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(f"x has dtype {x.dtype} but the module's parameters are {self.pos.dtype}")
         blocks = block_view(x, self.config, cu_seqlens)  # (B, H, Tc, l, D)
         mixed = self.mlp((blocks + self.pos.to(blocks.dtype)).flatten(-2))
         return blocks.mean(dim=-2) + mixed

@@ -33,8 +33,8 @@ from .masks import (
     KV_BLOCK,
     Q_BLOCK,
     compressed_block_mask,
+    _selection_block_mask,
     compressed_varlen_block_mask,
-    selection_block_mask,
     selection_tile,
     sliding_window_block_mask,
     sliding_window_varlen_block_mask,
@@ -306,7 +306,7 @@ def _flex_forward_triton_backward(q, k, v, block_indices, config: NSAConfig, sca
     # no_grad: as an inference call (one compiled entry for both); detach: the public
     # flex_attention refuses CPU inputs that require grad, even under no_grad
     with torch.no_grad():
-        block_mask = selection_block_mask(
+        block_mask = _selection_block_mask(  # attend has checked the selection
             block_indices, config, group_size=G, block_size=selection_tile(G, config), transposed=False
         )
         out, lse = _flex(_fold(q.detach(), G), k.detach(), v.detach(), None, block_mask, scale, return_lse=True)
@@ -371,7 +371,7 @@ def selected_branch(
     # learned bias) when q, k and v need none.
     needs_backward = _needs_backward(q, k, v) or (torch.is_grad_enabled() and score_mod is not None)
     # (A packed row's doc-local blocks start anywhere: its tiles are the 128x128 default.)
-    block_mask = selection_block_mask(
+    block_mask = _selection_block_mask(  # attend has checked the selection
         block_indices, config, group_size=G, mask_mod=mask_mod,
         # (compiled CUDA graphs: FlexAttention's 128x128 tiles, never the one-token tiles, see above)
         block_size=_selection_tile(q, G, config, needs_backward or compiled_cuda) if docs is None else None,

@@ -9,6 +9,11 @@ every pair is visible are listed as *full* (FlexAttention skips the mask_mod the
 partial, where the mask_mod decides each pair.
 
 Print a BlockMask (``print(block_mask)``) to see its tiles.
+
+Every factory and builder checks its arguments when called (``TypeError``/``ValueError`` naming
+the argument), never inside a ``mask_mod``: those bodies are traced by FlexAttention and
+``torch.compile``. Checks that read tensor values (index ranges) are skipped while tracing or
+capturing a CUDA graph.
 """
 
 from __future__ import annotations
@@ -20,8 +25,21 @@ import torch
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, and_masks
 
+from ._validation import (
+    _same_device,
+    check_block_size,
+    check_bool,
+    check_callable,
+    check_config,
+    check_index_range,
+    check_index_tensor,
+    check_int,
+    check_positive_int,
+    resolve_device,
+)
 from .config import NSAConfig
-from .selection import sort_unique_blocks
+from .selection import _sort_unique_blocks
+from .varlen import check_documents
 
 __all__ = [
     "causal_mask",
@@ -58,7 +76,12 @@ def causal_mask(b, h, q_idx, kv_idx):
 
 def compressed_mask(config: NSAConfig) -> MaskMod:
     """Compressed branch: query ``q_idx`` sees compressed block ``kv_idx`` once the block's last
-    token ``kv_idx*d + l - 1`` is at or before it."""
+    token ``kv_idx*d + l - 1`` is at or before it.
+
+    Raises:
+        TypeError: ``config`` is not an :class:`NSAConfig`.
+    """
+    check_config(config)
     l, d = config.compress_block, config.compress_stride
 
     def compressed(b, h, q_idx, kv_idx):
@@ -68,7 +91,12 @@ def compressed_mask(config: NSAConfig) -> MaskMod:
 
 
 def sliding_window_mask(window: int) -> MaskMod:
-    """Sliding window of ``window`` keys ending at the query: ``q_idx - window < kv_idx <= q_idx``."""
+    """Sliding window of ``window`` keys ending at the query: ``q_idx - window < kv_idx <= q_idx``.
+
+    Raises:
+        TypeError, ValueError: ``window`` is not a positive int.
+    """
+    check_positive_int("window", window)
 
     def sliding_window(b, h, q_idx, kv_idx):
         return (kv_idx <= q_idx) & (q_idx - kv_idx < window)
@@ -81,11 +109,32 @@ def selection_bits(block_indices: Tensor, config: NSAConfig) -> Tensor:
     int32, bit ``j % 32`` of word ``j // 32`` set iff block ``j`` is selected.
 
     ``-1`` entries select nothing; a block listed twice counts once.
+
+    Raises:
+        TypeError: ``block_indices`` is not an int32/int64 tensor, ``config`` not an
+            :class:`NSAConfig`.
+        ValueError: ``block_indices`` is not 4-D, or holds a value outside ``[-1, Ns)`` (a
+            device read, skipped while tracing or capturing).
     """
+    check_config(config)
+    _check_selection(block_indices, config)
+    return _selection_bits(block_indices, config)
+
+
+def _check_selection(block_indices, config: NSAConfig) -> None:
+    """``block_indices (B, Hkv, T, n)`` int32/int64 in ``[-1, Ns)``."""
+    check_index_tensor("block_indices", block_indices, 4)
+    T = block_indices.shape[2]
+    ns = config.num_select_blocks(T)
+    check_index_range("block_indices", block_indices, -1, ns, seq_len=T)
+
+
+def _selection_bits(block_indices: Tensor, config: NSAConfig) -> Tensor:
+    """:func:`selection_bits` after validation."""
     B, H, T, n = block_indices.shape
     ns = config.num_select_blocks(T)
     words = -(-ns // 32)
-    idx, valid = sort_unique_blocks(block_indices, ns)  # unique, so the sum below is a bitwise OR
+    idx, valid = _sort_unique_blocks(block_indices, ns)  # unique, so the sum below is a bitwise OR
     # What is dropped adds 0 to word 0. (Writing it to a spare word sliced off afterwards
     # would leave a view, which the CPU FlexAttention template cannot take as a mask buffer.)
     word = torch.where(valid, idx // 32, 0)
@@ -109,7 +158,16 @@ def selection_mask(bits: Tensor, select_block: int, group_size: int = 1, doc_sta
         doc_start: for a packed row, ``(T,)`` the packed position of each token's document
             start: block indices are then doc-local (block ``j`` of token ``t`` is keys
             ``doc_start[t] + j*l' ..``), and keys before the document are masked.
+
+    Raises:
+        TypeError, ValueError: naming the argument: ``bits`` not a 4-D int32/int64 tensor,
+            ``select_block`` or ``group_size`` not a positive int, ``doc_start`` not an integer
+            ``(T,)`` tensor on ``bits``' device.
     """
+    check_index_tensor("bits", bits, 4)
+    check_positive_int("select_block", select_block)
+    check_positive_int("group_size", group_size)
+    _check_doc_start(doc_start, bits, "bits")
 
     _, H, T, W = bits.shape
     # Index a flat view: Inductor's CPU FlexAttention template misreads multi-dimensional
@@ -135,12 +193,18 @@ def selection_mask(bits: Tensor, select_block: int, group_size: int = 1, doc_sta
     return selected
 
 
+def _check_doc_start(doc_start, like: Tensor, like_name: str) -> None:
+    """``doc_start``: ``None`` or ``(T,)`` int32/int64 on ``like``'s device, ``T = like.shape[2]``."""
+    if doc_start is None:
+        return
+    T = like.shape[2]
+    check_index_tensor("doc_start", doc_start, 1)
+    _same_device("doc_start", doc_start, like, like_name)
+    if doc_start.shape[0] != T:
+        raise ValueError(f"doc_start must have shape (T,) = ({T},), got {tuple(doc_start.shape)}")
+
+
 # ----------------------------------------------------------------- tiles -> BlockMask
-
-
-def _positive(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
 def _tile_lists(tiles: Tensor) -> tuple[Tensor, Tensor]:
@@ -164,9 +228,48 @@ def block_mask_from_tiles(
         full_tiles: same shape, true where every pair of the tile is visible (``mask_mod``
             is then skipped there), or ``None``.
         seq_lengths: ``(q_len, kv_len)``.
-        mask_mod: decides each pair in partial tiles.
+        mask_mod: decides each pair in partial tiles (``None``: every pair of a listed tile).
         block_size: ``(Q tile, KV tile)``.
+
+    Raises:
+        TypeError, ValueError: naming the argument: tiles that are not 4-D bool tensors of
+            ``(ceil(q_len / Q tile), ceil(kv_len / KV tile))`` tiles on one device, lengths that
+            are not non-negative ints, a ``mask_mod`` that is not callable, a bad ``block_size``.
     """
+    block_size = check_block_size(block_size)
+    if not isinstance(seq_lengths, (tuple, list)) or len(seq_lengths) != 2:
+        raise TypeError(f"seq_lengths must be a pair of ints (q_len, kv_len), got {seq_lengths!r}")
+    for i, n in enumerate(seq_lengths):
+        check_int(f"seq_lengths[{i}]", n, minimum=0)
+    check_callable("mask_mod", mask_mod)
+    _check_tiles("any_tiles", any_tiles, seq_lengths, block_size)
+    if full_tiles is not None:
+        _check_tiles("full_tiles", full_tiles, seq_lengths, block_size)
+        _same_device("full_tiles", full_tiles, any_tiles, "any_tiles")
+        if full_tiles.shape != any_tiles.shape:
+            raise ValueError(f"full_tiles has shape {tuple(full_tiles.shape)} but any_tiles {tuple(any_tiles.shape)}")
+    return _from_tiles(any_tiles, full_tiles, tuple(seq_lengths), mask_mod, block_size)
+
+
+def _check_tiles(name: str, tiles, seq_lengths, block_size) -> None:
+    if not isinstance(tiles, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(tiles).__name__}")
+    if tiles.dtype != torch.bool:
+        raise TypeError(f"{name} must be a bool tensor, got {tiles.dtype}")
+    if tiles.dim() != 4:
+        raise ValueError(f"{name} must be (B, H, nQ, nKV), got shape {tuple(tiles.shape)}")
+    sizes = (*seq_lengths, *block_size)
+    if all(isinstance(x, int) for x in sizes):  # (not symbolic sizes, which would add guards)
+        expected = tuple(-(-n // b) for n, b in zip(seq_lengths, block_size))
+        if tuple(tiles.shape[-2:]) != expected:
+            raise ValueError(
+                f"{name} must hold (nQ, nKV) = {expected} tiles for seq_lengths {tuple(seq_lengths)} and "
+                f"block_size {tuple(block_size)}, got {tuple(tiles.shape[-2:])}"
+            )
+
+
+def _from_tiles(any_tiles, full_tiles, seq_lengths, mask_mod, block_size) -> BlockMask:
+    """:func:`block_mask_from_tiles` after validation."""
     partial = any_tiles if full_tiles is None else any_tiles & ~full_tiles
     kv_num, kv_idx = _tile_lists(partial)
     full_num = full_idx = None
@@ -232,7 +335,7 @@ def _build_compressed_block_mask(seq_len, config, device, user_mask, block_size)
             return user_mask(b, h, q_idx, kv_idx * d + (l - 1))
 
     mask_mod, full_t = _with_user_mask(compressed_mask(config), user, full_t)
-    return block_mask_from_tiles(any_t, full_t, (seq_len, tc), mask_mod, block_size)
+    return _from_tiles(any_t, full_t, (seq_len, tc), mask_mod, block_size)
 
 
 def compressed_block_mask(
@@ -252,13 +355,22 @@ def compressed_block_mask(
 
     Without a user mask the result is cached per (length, config, device, tile size) outside
     ``torch.compile``; inside a compiled graph it is rebuilt, from a handful of fused ops.
+
+    Raises:
+        TypeError, ValueError: naming the argument: ``seq_len`` not a positive int or shorter
+            than ``compress_block``, ``config`` not an :class:`NSAConfig`, a ``device`` torch
+            does not know, a ``mask_mod`` that is not callable, a bad ``block_size``.
     """
-    device = torch.device(device)
+    check_positive_int("seq_len", seq_len)
+    check_config(config)
+    device = resolve_device(device)
+    check_callable("mask_mod", mask_mod)
+    block_size = check_block_size(block_size)
     if config.num_compressed(seq_len) < 1:
         raise ValueError(f"seq_len {seq_len} is shorter than compress_block {config.compress_block}")
     if mask_mod is None and not torch.compiler.is_compiling():
-        return _compressed_block_mask_cached(seq_len, config, device, tuple(block_size))
-    return _build_compressed_block_mask(seq_len, config, device, mask_mod, tuple(block_size))
+        return _compressed_block_mask_cached(seq_len, config, device, block_size)
+    return _build_compressed_block_mask(seq_len, config, device, mask_mod, block_size)
 
 
 @functools.lru_cache(maxsize=64)
@@ -276,7 +388,7 @@ def _build_window_block_mask(seq_len, window, device, user_mask, block_size):
         device=device,
     )
     mask_mod, full_t = _with_user_mask(sliding_window_mask(window), user_mask, full_t)
-    return block_mask_from_tiles(any_t, full_t, (seq_len, seq_len), mask_mod, block_size)
+    return _from_tiles(any_t, full_t, (seq_len, seq_len), mask_mod, block_size)
 
 
 def sliding_window_block_mask(
@@ -288,12 +400,20 @@ def sliding_window_block_mask(
     block_size: tuple[int, int] = (Q_BLOCK, KV_BLOCK),
 ) -> BlockMask:
     """BlockMask of the sliding-window branch (``T x T``), with the user's ``mask_mod`` ANDed in.
-    Cached like :func:`compressed_block_mask`."""
-    device = torch.device(device)
-    _positive("window", window)
+    Cached like :func:`compressed_block_mask`.
+
+    Raises:
+        TypeError, ValueError: naming the argument: ``seq_len`` or ``window`` not a positive
+            int, and the other arguments as for :func:`compressed_block_mask`.
+    """
+    check_positive_int("seq_len", seq_len)
+    check_positive_int("window", window)
+    device = resolve_device(device)
+    check_callable("mask_mod", mask_mod)
+    block_size = check_block_size(block_size)
     if mask_mod is None and not torch.compiler.is_compiling():
-        return _window_block_mask_cached(seq_len, window, device, tuple(block_size))
-    return _build_window_block_mask(seq_len, window, device, mask_mod, tuple(block_size))
+        return _window_block_mask_cached(seq_len, window, device, block_size)
+    return _build_window_block_mask(seq_len, window, device, mask_mod, block_size)
 
 
 def selection_tile(group_size: int, config: NSAConfig) -> tuple[int, int]:
@@ -304,7 +424,13 @@ def selection_tile(group_size: int, config: NSAConfig) -> tuple[int, int]:
     chose). A Q tile holds the ``G`` rows of one token, padded to 16 (the smallest matrix
     product tile): a tile of several tokens would list the union of their selections, and with
     ``n = 16`` blocks per token that union is mostly blocks each token does not use.
+
+    Raises:
+        TypeError, ValueError: ``group_size`` not a positive int, ``config`` not an
+            :class:`NSAConfig`.
     """
+    check_positive_int("group_size", group_size)
+    check_config(config)
     ls = config.select_block
     if ls & (ls - 1) or not 16 <= ls <= 128:
         return Q_BLOCK, KV_BLOCK
@@ -340,24 +466,44 @@ def selection_block_mask(
 
     A KV tile is listed for a Q tile when a token of the tile selected a block that overlaps
     the KV tile at or before the token; it is full when every token of the tile selected all of
-    it and the tile lies wholly before the first token. Nothing here is ``T x T`` and nothing
-    syncs with the host.
+    it and the tile lies wholly before the first token. Nothing here is ``T x T``, and nothing
+    but the range check of ``block_indices`` (one read, skipped while tracing or capturing a
+    CUDA graph) syncs with the host.
 
     When the KV tile is ``l'`` (the default for power-of-two ``l'``), the lists are built from
     the selections directly: the KV lists are only as wide as the candidates of one Q tile
     (``tokens per tile * n``), not ``ceil(T / l')``, so ``BlockMask.to_dense()`` and printing,
     which assume full width, do not apply to them. The transposed (Q) lists that the backward
     pass reads are ``(B, Hkv, ceil(T/l'), Q tiles)`` int32, as in every BlockMask.
+
+    Raises:
+        TypeError, ValueError: naming the argument: ``block_indices`` as for
+            :func:`selection_bits` (values outside ``[-1, Ns)``), ``config`` not an
+            :class:`NSAConfig`, ``group_size`` not a positive int, a ``mask_mod`` that is not
+            callable, a bad ``block_size``, ``doc_start`` not an integer ``(T,)`` tensor on
+            ``block_indices``' device, ``transposed`` not a bool.
     """
-    _positive("group_size", group_size)
+    check_config(config)
+    _check_selection(block_indices, config)
+    check_positive_int("group_size", group_size)
+    check_callable("mask_mod", mask_mod)
+    if block_size is not None:
+        block_size = check_block_size(block_size)
+    _check_doc_start(doc_start, block_indices, "block_indices")
+    check_bool("transposed", transposed)
+    return _selection_block_mask(block_indices, config, group_size, mask_mod, block_size, doc_start, transposed)
+
+
+def _selection_block_mask(block_indices, config, group_size=1, mask_mod=None, block_size=None, doc_start=None,
+                          transposed=True) -> BlockMask:
+    """:func:`selection_block_mask` after validation (the flex backend's, whose ``attend`` has
+    checked the selection)."""
     G = group_size
     if block_size is None:
         # doc-local blocks of a packed row start anywhere, so no KV tile is one block
         block_size = selection_tile(G, config) if doc_start is None else (Q_BLOCK, KV_BLOCK)
     qb, kb = block_size
-    _positive("block_size[0]", qb)
-    _positive("block_size[1]", kb)
-    bits = selection_bits(block_indices, config)
+    bits = _selection_bits(block_indices, config)
     selected = selection_mask(bits, config.select_block, G, doc_start)
     if mask_mod is not None:
 
@@ -378,7 +524,7 @@ def _block_tiles(block_indices, config, G, block_size, mask_mod, full_allowed, t
     dev = block_indices.device
     rows = T * G
     nq, ns = -(-rows // qb), config.num_select_blocks(T)
-    idx, valid = sort_unique_blocks(block_indices, ns)  # (B, H, T, n)
+    idx, valid = _sort_unique_blocks(block_indices, ns)  # (B, H, T, n)
 
     # The tokens of each Q tile: at most P, the first tok0, the last tok1.
     P = qb // G if qb % G == 0 else (qb - 1) // G + 2
@@ -477,7 +623,7 @@ def _spanning_tiles(block_indices, config, G, block_size, mask_mod, full_allowed
     nq, nk = -(-rows // qb), -(-T // kb)
 
     # Repeats count once: the full-tile test below counts (token, block) pairs.
-    idx, valid = sort_unique_blocks(block_indices, config.num_select_blocks(T))  # (B, H, T, n)
+    idx, valid = _sort_unique_blocks(block_indices, config.num_select_blocks(T))  # (B, H, T, n)
     t = torch.arange(T, device=dev)
     # KV tiles a block touches, clipped to the tile holding the query (causality).
     span = (ls - 1) // kb + 2
@@ -515,7 +661,7 @@ def _spanning_tiles(block_indices, config, G, block_size, mask_mod, full_allowed
         whole = ((q0 + qb <= rows)[:, None]) & (c0 + kb <= T)
         before = (c0 + kb - 1) <= tok0[:, None]
         full_tiles = (counts == ntok * per_tile) & whole & before
-    return block_mask_from_tiles(any_tiles, full_tiles, (rows, T), mask_mod, block_size)
+    return _from_tiles(any_tiles, full_tiles, (rows, T), mask_mod, block_size)
 
 
 # ------------------------------------------------------------- packed documents (varlen)
@@ -525,9 +671,13 @@ def document_mask(doc_id: Tensor) -> MaskMod:
     """Packed documents: query ``q_idx`` sees key ``kv_idx`` only in its own document.
 
     Args:
-        doc_id: ``(T,)`` integer, the document of each packed token
+        doc_id: ``(T,)`` int32/int64, the document of each packed token
             (``nsa_flex.varlen.documents(cu_seqlens).doc_id``).
+
+    Raises:
+        TypeError, ValueError: ``doc_id`` is not a 1-D int32/int64 tensor.
     """
+    check_index_tensor("doc_id", doc_id, 1)
 
     def same_document(b, h, q_idx, kv_idx):
         return doc_id[q_idx] == doc_id[kv_idx]
@@ -551,7 +701,19 @@ def compressed_varlen_block_mask(docs, config: NSAConfig, *, mask_mod: MaskMod |
         num_blocks: the key length, ``Tc`` or more: blocks past ``Tc`` are padding that no query
             sees (the flex backend pads to ``T // d``, so that the shapes, and so the compiled
             kernels, depend on ``T`` only, not on the document lengths).
+
+    Raises:
+        TypeError, ValueError: naming the argument: ``docs`` not a ``Documents``, ``config``
+            not an :class:`NSAConfig`, no document as long as ``compress_block``, a
+            ``num_blocks`` that is not an int or is below ``Tc``, and ``mask_mod`` and
+            ``block_size`` as for :func:`compressed_block_mask`.
     """
+    check_documents(docs)
+    check_config(config)
+    check_callable("mask_mod", mask_mod)
+    block_size = check_block_size(block_size)
+    if num_blocks is not None:
+        check_int("num_blocks", num_blocks)
     l, d = config.compress_block, config.compress_stride
     first, cdoc = docs.compressed_blocks(config)
     tc, T, dev = first.numel(), docs.seq_len, docs.device
@@ -583,17 +745,26 @@ def compressed_varlen_block_mask(docs, config: NSAConfig, *, mask_mod: MaskMod |
             return mask_mod(b, h, q_idx, last[kv_idx])
 
     mask, full_t = _with_user_mask(compressed_in_document, user, full_t)
-    return block_mask_from_tiles(any_t, full_t, (T, tc), mask, tuple(block_size))
+    return _from_tiles(any_t, full_t, (T, tc), mask, block_size)
 
 
 def sliding_window_varlen_block_mask(docs, window: int, *, mask_mod: MaskMod | None = None,
                                      block_size: tuple[int, int] = (Q_BLOCK, KV_BLOCK)) -> BlockMask:
     """BlockMask of the sliding-window branch over a packed row (``(1, 1, T, T)``): the window
-    of :func:`sliding_window_mask`, cut at the query's document start (:func:`document_mask`)."""
-    _positive("window", window)
+    of :func:`sliding_window_mask`, cut at the query's document start (:func:`document_mask`).
+
+    Raises:
+        TypeError, ValueError: naming the argument: ``docs`` not a ``Documents``, ``window``
+            not a positive int, and ``mask_mod`` and ``block_size`` as for
+            :func:`sliding_window_block_mask`.
+    """
+    check_documents(docs)
+    check_positive_int("window", window)
+    check_callable("mask_mod", mask_mod)
+    block_size = check_block_size(block_size)
     T, dev = docs.seq_len, docs.device
     lo_t = torch.maximum(torch.arange(T, device=dev) - (window - 1), docs.start.long())
     any_t, full_t = _interval_tiles(T, T, lo=lambda r: lo_t[r], hi=lambda r: r, block_size=block_size, device=dev)
     mask = and_masks(sliding_window_mask(window), document_mask(docs.doc_id))
     mask, full_t = _with_user_mask(mask, mask_mod, full_t)
-    return block_mask_from_tiles(any_t, full_t, (T, T), mask, tuple(block_size))
+    return _from_tiles(any_t, full_t, (T, T), mask, block_size)

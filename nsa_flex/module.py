@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
 from einops import rearrange
 from torch import Tensor, nn
 
+from ._validation import _tensor, check_positive_int
 from .api import BACKENDS, NSAAux, attend
 from .buckets import bucket_length, check_length_buckets, pad_documents
 from .cache import NSACache, decode_step, prefill
@@ -17,13 +19,6 @@ from .rotary import RotaryEmbedding
 from .varlen import Documents, resolve
 
 __all__ = ["SparseAttention"]
-
-
-def _check_positive_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value}")
 
 
 def _first_tokens(x: Tensor, T, dim: int) -> Tensor:
@@ -120,9 +115,9 @@ class SparseAttention(nn.Module):
             ("dim_head", dim_head),
             ("dim_head_v", dim_head_v),
         ]:
-            _check_positive_int(name, value)
+            check_positive_int(name, value)
         if compress_hidden is not None:
-            _check_positive_int("compress_hidden", compress_hidden)
+            check_positive_int("compress_hidden", compress_hidden)
         if heads % kv_heads:
             raise ValueError(f"heads ({heads}) must be divisible by kv_heads ({kv_heads})")
         config = NSAConfig() if config is None else config
@@ -134,8 +129,8 @@ class SparseAttention(nn.Module):
             raise ValueError(f"dim_head must be even when rotary=True, got {dim_head}")
         if isinstance(rotary_base, bool) or not isinstance(rotary_base, (int, float)):
             raise TypeError(f"rotary_base must be a number, got {type(rotary_base).__name__}")
-        if not rotary_base > 1.0:
-            raise ValueError(f"rotary_base must be > 1, got {rotary_base}")
+        if not (rotary_base > 1.0 and math.isfinite(rotary_base)):
+            raise ValueError(f"rotary_base must be finite and > 1, got {rotary_base}")
         if not isinstance(bias, bool):
             raise TypeError(f"bias must be a bool, got {type(bias).__name__}")
         if backend not in BACKENDS:
@@ -215,6 +210,7 @@ class SparseAttention(nn.Module):
         """
         # Shape/dtype/device checks only: they are static under torch.compile, so forward
         # stays one graph.
+        _tensor("x", x, None, floating=False)
         if x.dim() != 3:
             raise ValueError(f"x must be (B, T, dim), got shape {tuple(x.shape)}")
         if x.shape[-1] != self.dim:

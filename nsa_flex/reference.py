@@ -12,6 +12,11 @@ modifiers; here they are called once on broadcastable index tensors ``(B,1,1,1)`
 ``(1,H,1,1)``, ``(1,1,T,1)``, ``(1,1,1,S)``, so they must be written with elementwise tensor
 ops (as FlexAttention modifiers are). ``kv_idx`` is a token position in every branch: in the
 compressed branch, block ``i`` is seen at its last token ``i*d + l - 1``.
+
+Nothing here validates its input, unlike the rest of the public API: kept free of checks so it
+reads as the definition, the oracle is meant to be called through
+``nsa_flex.attend(..., backend="reference")``, which checks every argument first. Called
+directly with bad input, these functions raise whatever torch raises, or return nonsense.
 """
 
 from __future__ import annotations

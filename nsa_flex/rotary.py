@@ -6,14 +6,27 @@ rotating pair, turned by the angle ``pos * base ** (-2i / D)``.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
+
+from ._validation import _same_device, _tensor, check_int
 
 __all__ = ["RotaryEmbedding", "rotate_half"]
 
 
 def rotate_half(x: Tensor) -> Tensor:
-    """``[x1, x2] -> [-x2, x1]`` over the last dimension, split into halves."""
+    """``[x1, x2] -> [-x2, x1]`` over the last dimension, split into halves: ``(..., D) -> (..., D)``,
+    ``D`` even.
+
+    Raises:
+        TypeError: ``x`` is not a tensor.
+        ValueError: ``x`` is 0-d or its last dimension is odd.
+    """
+    _tensor("x", x, None, floating=False)
+    if x.dim() < 1 or x.shape[-1] % 2:
+        raise ValueError(f"x's last dimension must be even (two halves), got shape {tuple(x.shape)}")
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
 
@@ -44,8 +57,8 @@ class RotaryEmbedding(nn.Module):
             raise ValueError(f"dim must be a positive even int, got {dim}")
         if isinstance(base, bool) or not isinstance(base, (int, float)):
             raise TypeError(f"base must be a number, got {type(base).__name__}")
-        if not base > 1.0:
-            raise ValueError(f"base must be > 1, got {base}")
+        if not (base > 1.0 and math.isfinite(base)):
+            raise ValueError(f"base must be finite and > 1, got {base}")
         self.dim = dim
         self.base = float(base)
 
@@ -56,7 +69,17 @@ class RotaryEmbedding(nn.Module):
         self, seq_len: int, *, offset: int = 0, device=None, dtype=torch.float32, positions: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
         """The rotation angles' ``(cos, sin)``, each ``(seq_len, D)``, for positions
-        ``offset .. offset + seq_len - 1``, or for ``positions (seq_len,)`` when given."""
+        ``offset .. offset + seq_len - 1``, or for ``positions (seq_len,)`` when given.
+
+        Raises:
+            TypeError: ``seq_len`` or ``offset`` not an int, ``positions`` not an integer
+                tensor.
+            ValueError: ``seq_len`` or ``offset`` negative, ``positions`` not ``(seq_len,)``.
+        """
+        check_int("seq_len", seq_len, minimum=0)
+        check_int("offset", offset, minimum=0)
+        if positions is not None:
+            _check_positions(positions, (seq_len,), "(T,)")
         exponent = torch.arange(0, self.dim, 2, device=device, dtype=dtype) / self.dim
         inv_freq = self.base**-exponent  # (D/2,)
         if positions is not None:
@@ -80,19 +103,16 @@ class RotaryEmbedding(nn.Module):
         Returns:
             ``(B, H, T, D)``, same dtype as ``x``.
         """
+        _tensor("x", x, None, floating=False)
         if x.dim() != 4:
             raise ValueError(f"x must be (B, H, T, D), got shape {tuple(x.shape)}")
         if x.shape[-1] != self.dim:
             raise ValueError(f"x's last dimension must be dim={self.dim}, got {x.shape[-1]}")
         if not x.is_floating_point():
             raise TypeError(f"x must be floating point, got {x.dtype}")
-        if isinstance(offset, bool) or not isinstance(offset, int):
-            raise TypeError(f"offset must be an int, got {type(offset).__name__}")
-        if offset < 0:
-            raise ValueError(f"offset must be >= 0, got {offset}")
+        check_int("offset", offset, minimum=0)
         if positions is not None:
-            if not isinstance(positions, Tensor) or positions.is_floating_point() or positions.shape != (x.shape[2],):
-                raise ValueError(f"positions must be an integer tensor of shape (T,) = ({x.shape[2]},)")
+            _check_positions(positions, (x.shape[2],), "(T,)")
         compute = torch.promote_types(x.dtype, torch.float32)
         cos, sin = self.cos_sin(x.shape[2], offset=offset, device=x.device, dtype=compute, positions=positions)
         xc = x.to(compute)
@@ -110,14 +130,13 @@ class RotaryEmbedding(nn.Module):
             ``(B, H, T, D)``, same dtype as ``x``; bitwise what :meth:`forward` gives at those
             positions.
         """
+        _tensor("x", x, None, floating=False)
         if x.dim() != 4 or x.shape[-1] != self.dim:
             raise ValueError(f"x must be (B, H, T, {self.dim}), got shape {tuple(x.shape)}")
         if not x.is_floating_point():
             raise TypeError(f"x must be floating point, got {x.dtype}")
-        if not isinstance(positions, Tensor) or positions.is_floating_point() or positions.dtype == torch.bool:
-            raise TypeError("positions must be an integer tensor")
-        if tuple(positions.shape) != (x.shape[0], x.shape[2]):
-            raise ValueError(f"positions must be (B, T) = {(x.shape[0], x.shape[2])}, got {tuple(positions.shape)}")
+        _check_positions(positions, (x.shape[0], x.shape[2]), "(B, T)")
+        _same_device("positions", positions, x, "x")
         compute = torch.promote_types(x.dtype, torch.float32)
         # the same operations as cos_sin, so that decoding rotates exactly as the full forward
         exponent = torch.arange(0, self.dim, 2, device=x.device, dtype=compute) / self.dim
@@ -126,3 +145,12 @@ class RotaryEmbedding(nn.Module):
         angles = torch.cat((angles, angles), dim=-1)[:, None]  # (B, 1, T, D)
         xc = x.to(compute)
         return (xc * angles.cos() + rotate_half(xc) * angles.sin()).to(x.dtype)
+
+
+def _check_positions(positions, shape: tuple, layout: str) -> None:
+    if not isinstance(positions, Tensor):
+        raise TypeError(f"positions must be an integer tensor, got {type(positions).__name__}")
+    if positions.is_floating_point() or positions.is_complex() or positions.dtype == torch.bool:
+        raise TypeError(f"positions must be an integer tensor, got {positions.dtype}")
+    if tuple(positions.shape) != tuple(shape):
+        raise ValueError(f"positions must be {layout} = {tuple(shape)}, got {tuple(positions.shape)}")

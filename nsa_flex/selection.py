@@ -15,7 +15,17 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from . import ops
-from ._validation import check_qk_cmp, resolve_config, resolve_scale
+from ._validation import (
+    _tensor,
+    check_callable,
+    check_index_range,
+    check_index_tensor,
+    check_int,
+    check_positive_int,
+    check_qk_cmp,
+    resolve_config,
+    resolve_scale,
+)
 from .config import NSAConfig
 from .varlen import Documents, resolve, shift_mask_mod, shift_score_mod
 
@@ -29,13 +39,6 @@ _CHUNK_BYTES = 512 * 2**20
 
 def _index(n: int, device, shape) -> Tensor:
     return torch.arange(n, device=device, dtype=torch.int32).view(shape)
-
-
-def _check_length(name: str, value, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
 
 
 def _check_floating(name: str, x, min_dim: int = 1) -> None:
@@ -66,7 +69,7 @@ def block_importance(p_cmp: Tensor, config: NSAConfig, seq_len: int) -> Tensor:
         TypeError, ValueError: if ``p_cmp`` does not end in ``config.num_compressed(seq_len)``.
     """
     config = resolve_config(config)
-    _check_length("seq_len", seq_len, minimum=1)
+    check_int("seq_len", seq_len, minimum=1)
     _check_floating("p_cmp", p_cmp)
     tc = config.num_compressed(seq_len)
     if p_cmp.shape[-1] != tc:
@@ -133,7 +136,7 @@ def top_n_blocks(
             device.
     """
     config = resolve_config(config)
-    _check_length("q_start", q_start, minimum=0)
+    check_int("q_start", q_start, minimum=0)
     _check_floating("scores", scores, min_dim=2)
     *lead, C, ns = scores.shape
     n, ls = config.num_selected, config.select_block
@@ -194,10 +197,27 @@ def straight_through_score_mod(
     chose it (``q`` and ``k_cmp``), which the top-n alone would cut.
 
     Args:
-        importance: ``(B, Hkv, T, Ns)`` from :func:`block_scores` (differentiable).
+        importance: ``(B, Hkv, T, Ns)`` from :func:`block_scores` (differentiable),
+            ``Ns = ceil(T / select_block)``.
+        select_block: ``l'``.
         group_size: ``G``; query head ``h`` reads row ``h // G``.
+        score_mod: the user's, applied after the weight, or ``None``.
+
+    Raises:
+        TypeError, ValueError: naming the argument: ``importance`` not a 4-D floating tensor
+            of ``ceil(T / select_block)`` blocks, ``select_block`` or ``group_size`` not a
+            positive int, ``score_mod`` not callable.
     """
+    _tensor("importance", importance, 4)
+    check_positive_int("select_block", select_block)
+    check_positive_int("group_size", group_size)
+    check_callable("score_mod", score_mod)
     B, H, T, Ns = importance.shape
+    if isinstance(T, int) and isinstance(Ns, int) and Ns != -(-T // select_block):
+        raise ValueError(
+            f"importance must hold Ns = ceil(T / select_block) = {-(-T // select_block)} blocks for "
+            f"T = {T}, got {Ns}"
+        )
     # flat, as selection_mask reads its bits (an Inductor CPU workaround, docs/design.md)
     weights = (importance - importance.detach() + 1).reshape(-1)
 
@@ -221,7 +241,23 @@ def sort_unique_blocks(block_indices: Tensor, num_blocks: int) -> tuple[Tensor, 
     Returns:
         ``(idx, valid)``, both ``(B, Hkv, T, n)``: ``idx`` int64 ascending, padding sorted last
         as ``num_blocks``; ``valid`` bool.
+
+    Raises:
+        TypeError, ValueError: ``block_indices`` not an int32/int64 tensor of at least one
+            dimension, or holding a value outside ``[-1, num_blocks)`` (a device read, skipped
+            while tracing or capturing); ``num_blocks`` not an int ``>= 0``.
     """
+    check_index_tensor("block_indices", block_indices, None)
+    if block_indices.dim() < 1:
+        raise ValueError("block_indices must have at least 1 dimension, got a 0-d tensor")
+    check_int("num_blocks", num_blocks, minimum=0)
+    check_index_range("block_indices", block_indices, -1, num_blocks)
+    return _sort_unique_blocks(block_indices, num_blocks)
+
+
+def _sort_unique_blocks(block_indices: Tensor, num_blocks: int) -> tuple[Tensor, Tensor]:
+    """:func:`sort_unique_blocks` after validation: the backends' (``attend`` has checked the
+    selection, and a second range check would read the device again)."""
     idx = block_indices.long()
     idx = torch.sort(torch.where(idx >= 0, idx, num_blocks), dim=-1).values
     valid = idx < num_blocks
@@ -259,8 +295,8 @@ def _score_tiles(config: NSAConfig) -> tuple[int, int]:
 
 
 def _check_chunk_size(chunk_size) -> None:
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    if chunk_size is not None:
+        check_positive_int("chunk_size", chunk_size)
 
 
 # The top-n kernels (this module's and the decode step's, cache.py) hold up to this many block
@@ -426,6 +462,8 @@ def block_scores(
     check_qk_cmp(q, k_cmp, config)
     scale = resolve_scale(scale, q)
     _check_chunk_size(chunk_size)
+    check_callable("score_mod", score_mod)
+    check_callable("mask_mod", mask_mod)
     B, Hq, T, _ = q.shape
     if k_cmp.shape[2] == 0:
         dtype = torch.promote_types(q.dtype, torch.float32)
@@ -495,6 +533,8 @@ def select_blocks(
     check_qk_cmp(q, k_cmp, config, num_blocks=None if docs is None else docs.num_compressed(config))
     scale = resolve_scale(scale, q)
     _check_chunk_size(chunk_size)
+    check_callable("score_mod", score_mod)
+    check_callable("mask_mod", mask_mod)
     if docs is not None:
         return _select_documents(q, k_cmp, config, scale, score_mod, mask_mod, chunk_size, docs)
     return _select(q, k_cmp, config, scale, score_mod, mask_mod, chunk_size)

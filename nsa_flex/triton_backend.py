@@ -26,9 +26,19 @@ import torch
 from torch import Tensor
 
 from . import ops
-from ._validation import check_block_indices, check_kernel_head_dims, check_qkv, resolve_scale
+from ._validation import (
+    check_block_indices,
+    check_index_range,
+    check_index_tensor,
+    check_int,
+    check_kernel_head_dims,
+    check_positive_int,
+    check_qkv,
+    resolve_device,
+    resolve_scale,
+)
 from .config import NSAConfig
-from .selection import _pow2, sort_unique_blocks
+from .selection import _pow2, _sort_unique_blocks
 from .varlen import Documents, resolve
 from .varlen import check_block_indices as varlen_check_block_indices
 
@@ -40,7 +50,8 @@ def _interpreting() -> bool:
 
 
 def available(device: torch.device) -> tuple[bool, str]:
-    """Whether the kernels can run on ``device``, and why not."""
+    """Whether the kernels can run on ``device`` (a ``torch.device`` or a string), and why not."""
+    device = resolve_device(device)
     try:
         import triton  # noqa: F401
     except ImportError:
@@ -159,7 +170,21 @@ def invert_selection(idx: Tensor, num_blocks: int) -> tuple[Tensor, Tensor]:
     Returns:
         ``(qlist (B, Hkv, T*n) int32, qstart (B, Hkv, Ns+1) int32)``: the queries that selected
         block ``j`` are ``qlist[b, h, qstart[b, h, j] : qstart[b, h, j+1]]``, ascending.
+
+    Raises:
+        TypeError, ValueError: ``idx`` not a 4-D int32/int64 tensor with values in
+            ``[-1, num_blocks)`` (a device read, skipped while tracing or capturing);
+            ``num_blocks`` not an int ``>= 0``.
     """
+    check_index_tensor("idx", idx, 4)
+    check_int("num_blocks", num_blocks, minimum=0)
+    check_index_range("idx", idx, -1, num_blocks)
+    return _invert_selection(idx, num_blocks)
+
+
+def _invert_selection(idx: Tensor, num_blocks: int) -> tuple[Tensor, Tensor]:
+    """:func:`invert_selection` after validation (the backward's: its selection was checked
+    before the forward)."""
     B, H, T, n = idx.shape
     valid = idx >= 0
     t = torch.arange(T, device=idx.device).view(1, 1, T, 1)
@@ -224,8 +249,8 @@ def _inverted(idx: Tensor, select_block: int, T: int, packed=None) -> tuple[Tens
     """``invert_selection`` over the blocks the dK/dV kernels number: ``ceil(T / select_block)``,
     or, packed, every document's blocks one after another (so each key has one owner)."""
     if packed is None:
-        return invert_selection(idx, -(-T // select_block))
-    return invert_selection(torch.where(idx >= 0, idx + packed.first_block, -1), packed.num_blocks)
+        return _invert_selection(idx, -(-T // select_block))
+    return _invert_selection(torch.where(idx >= 0, idx + packed.first_block, -1), packed.num_blocks)
 
 
 # Segments of a block's query list (see selected_dkdv_partial_kernel): at least _SEGMENT
@@ -327,7 +352,7 @@ def _dkdv(q, k, v, do, lse, delta, qlist, qstart, select_block: int, scale: floa
 
 def kernel_indices(block_indices: Tensor, select_block: int, T: int) -> Tensor:
     """``block_indices`` as the kernels read them: each row ascending and unique, ``-1`` last."""
-    idx, valid = sort_unique_blocks(block_indices, -(-T // select_block))
+    idx, valid = _sort_unique_blocks(block_indices, -(-T // select_block))
     return torch.where(valid, idx, -1).to(torch.int32).contiguous()
 
 
@@ -348,12 +373,16 @@ def selected_attention(
     Returns:
         ``(o (B, Hq, T, Dv), lse (B, Hq, T) float32)``; ``lse`` is ``-inf`` (and ``o`` is 0) for a
         query that sees no key. Differentiable in ``q, k, v``.
+
+    Raises:
+        TypeError, ValueError: naming the argument, before any kernel runs: ``q, k, v``,
+            ``block_indices``, ``scale`` and ``cu_seqlens`` as for ``attend``; ``select_block``
+            not a positive int; a device, dtype or head dim the kernels do not take.
     """
     check_qkv(q, k, v)
     check_runnable(q)
     check_kernel_head_dims(q, v, "triton")
-    if isinstance(select_block, bool) or not isinstance(select_block, int) or select_block < 1:
-        raise ValueError(f"select_block must be a positive int, got {select_block!r}")
+    check_positive_int("select_block", select_block)
     scale = resolve_scale(scale, q)
     docs = None
     num_blocks = -(-q.shape[2] // select_block)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ._validation import _can_read_values, check_config, check_int, check_positive_int, resolve_device
 from .config import NSAConfig
 
 __all__ = ["Documents", "documents", "compressed_cu_seqlens"]
@@ -40,6 +41,21 @@ class Documents:
     pos: Tensor
     start: Tensor
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.lengths, tuple) or not self.lengths:
+            raise TypeError(f"Documents.lengths must be a non-empty tuple of ints, got {self.lengths!r}")
+        for n in self.lengths:
+            check_int("Documents.lengths", n, minimum=0)
+        T = sum(self.lengths)
+        for name in ("doc_id", "pos", "start"):
+            x = getattr(self, name)
+            if not isinstance(x, Tensor) or x.dtype != torch.int32:
+                raise TypeError(f"Documents.{name} must be an int32 tensor, got {getattr(x, 'dtype', type(x).__name__)}")
+            if tuple(x.shape) != (T,):
+                raise ValueError(f"Documents.{name} must have shape (T,) = ({T},), got {tuple(x.shape)}")
+            if x.device != self.doc_id.device:
+                raise ValueError(f"Documents.{name} is on {x.device} but doc_id is on {self.doc_id.device}")
+
     @property
     def seq_len(self) -> int:
         """``T``, the packed length."""
@@ -56,19 +72,23 @@ class Documents:
 
     def num_compressed(self, config: NSAConfig) -> int:
         """``Tc``: compressed blocks of all documents together (the length of ``k_cmp``)."""
+        check_config(config)
         return sum(config.num_compressed(n) for n in self.lengths)
 
     def compressed_offsets(self, config: NSAConfig) -> tuple[int, ...]:
         """``(N+1,)``: document ``n``'s compressed blocks are ``k_cmp[:, :, off[n]:off[n+1]]``."""
+        check_config(config)
         return tuple(itertools.accumulate((config.num_compressed(n) for n in self.lengths), initial=0))
 
     def num_select_blocks(self, config: NSAConfig) -> int:
         """Selection blocks of the longest document: doc-local block indices lie below it."""
+        check_config(config)
         return max((config.num_select_blocks(n) for n in self.lengths), default=0)
 
     def compressed_blocks(self, config: NSAConfig) -> tuple[Tensor, Tensor]:
         """``(first, doc)``, each ``(Tc,)`` int64: the packed position of each compressed block's
         first token and its document, in ``k_cmp``'s order."""
+        check_config(config)
         counts = torch.tensor([config.num_compressed(n) for n in self.lengths], dtype=torch.int64)
         tc = int(counts.sum())
         doc = torch.repeat_interleave(torch.arange(len(self.lengths)), counts, output_size=tc)
@@ -87,6 +107,7 @@ class Documents:
             ``first_block[t] + j``); ``block_start``, ``block_end`` ``(Nb,)`` int32, the packed
             tokens ``[start, end)`` block ``b`` may cover (``end`` is its document's end).
         """
+        check_positive_int("select_block", select_block)
         ls = select_block
         counts = torch.tensor([-(-n // ls) for n in self.lengths], dtype=torch.int64)
         nb = int(counts.sum())
@@ -110,8 +131,9 @@ def documents(cu_seqlens, *, device=None) -> Documents:
         device: where the per-token tensors go (default: ``cu_seqlens``' device).
 
     Raises:
-        TypeError: not a tensor, or not int32/int64.
-        ValueError: not 1-D with at least 2 entries, not starting at 0, decreasing.
+        TypeError: not a tensor, or not int32/int64; a ``device`` of another type.
+        ValueError: not 1-D with at least 2 entries, not starting at 0, decreasing; a
+            ``device`` string torch does not know.
     """
     if not isinstance(cu_seqlens, Tensor):
         raise TypeError(f"cu_seqlens must be a torch.Tensor, got {type(cu_seqlens).__name__}")
@@ -126,7 +148,7 @@ def documents(cu_seqlens, *, device=None) -> Documents:
     if min(lengths) < 0:
         n = next(i for i, x in enumerate(lengths) if x < 0)
         raise ValueError(f"cu_seqlens must not decrease, got {bounds[n]} then {bounds[n + 1]} at entry {n + 1}")
-    device = cu_seqlens.device if device is None else torch.device(device)
+    device = cu_seqlens.device if device is None else resolve_device(device)
     T = bounds[-1]
     counts = torch.tensor(lengths, dtype=torch.int64, device=device)
     doc_id = torch.repeat_interleave(torch.arange(len(lengths), device=device), counts, output_size=T)
@@ -135,9 +157,20 @@ def documents(cu_seqlens, *, device=None) -> Documents:
     return Documents(lengths, doc_id.to(torch.int32), pos.to(torch.int32), start.to(torch.int32))
 
 
+def check_documents(docs, name: str = "docs") -> Documents:
+    """``docs`` itself: a :class:`Documents` (``TypeError`` otherwise; make one with
+    :func:`documents`)."""
+    if not isinstance(docs, Documents):
+        raise TypeError(f"{name} must be an nsa_flex.varlen.Documents (from documents(cu_seqlens)), got {type(docs).__name__}")
+    return docs
+
+
 def resolve(cu_seqlens, seq_len: int, device: torch.device, batch: int = 1) -> Documents:
     """``cu_seqlens`` (a tensor or :class:`Documents`) for a packed row of ``seq_len`` tokens on
     ``device``, checked: one batch row, ending at ``seq_len``."""
+    check_int("seq_len", seq_len, minimum=0)
+    check_int("batch", batch)
+    device = resolve_device(device)
     if batch != 1:
         raise ValueError(f"cu_seqlens needs a batch of one packed row (B = 1), got B = {batch}")
     if isinstance(cu_seqlens, Documents):
@@ -155,8 +188,6 @@ def check_block_indices(block_indices: Tensor, docs: Documents, select_block: in
     """Doc-local ``block_indices (B, Hkv, T, n)`` (shape already checked): each below its
     token's document's number of selection blocks. Reads the device (skipped while tracing or
     capturing a CUDA graph)."""
-    from ._validation import _can_read_values
-
     if not _can_read_values(block_indices):
         return
     ns = torch.tensor([-(-n // select_block) for n in docs.lengths], device=docs.device)[docs.doc_id.long()]
@@ -173,6 +204,7 @@ def check_block_indices(block_indices: Tensor, docs: Documents, select_block: in
 def compressed_cu_seqlens(cu_seqlens, config: NSAConfig) -> Tensor:
     """``(N+1,)`` offsets of each document's compressed blocks in ``k_cmp``/``v_cmp``, the
     compressed twin of ``cu_seqlens`` (on the host, int64)."""
+    check_config(config)
     docs = cu_seqlens if isinstance(cu_seqlens, Documents) else documents(cu_seqlens, device="cpu")
     return torch.tensor(docs.compressed_offsets(config), dtype=torch.int64)
 
