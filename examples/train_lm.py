@@ -252,34 +252,53 @@ def report(logs: list[dict]) -> None:
               f"median step {log['median_step_ms']:.1f} ms ({log['tokens_per_s']:,.0f} tok/s){early}")
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--attention", choices=["nsa", "sdpa", "both"], default="both")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--steps", type=int, default=600)
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--seq-len", type=int, default=2048)
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--dim", type=int, default=384)
-    ap.add_argument("--heads", type=int, default=6)
-    ap.add_argument("--kv-heads", type=int, default=2)
-    ap.add_argument("--select-block", type=int, default=64)
-    ap.add_argument("--num-selected", type=int, default=16)
-    ap.add_argument("--window", type=int, default=512)
-    ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--warmup", type=int, default=50)
-    ap.add_argument("--eval-every", type=int, default=100)
-    ap.add_argument("--eval-batches", type=int, default=8)
-    ap.add_argument("--max-bytes", type=int, default=40_000_000)
-    ap.add_argument("--compile", action="store_true")
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Each option's default after its help, except where there is none to show (a flag, or
+    an option that is off unless given)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=_Help)
+    ap.add_argument("--attention", choices=["nsa", "sdpa", "both"], default="both",
+                    help="which model to train: NSA, full attention (SDPA), or both, one after the other")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
+    ap.add_argument("--steps", type=int, default=600, help="optimizer steps per model")
+    ap.add_argument("--batch", type=int, default=8, help="sequences per step")
+    ap.add_argument("--seq-len", type=int, default=2048, help="bytes per sequence, T")
+    ap.add_argument("--layers", type=int, default=4, help="transformer blocks")
+    ap.add_argument("--dim", type=int, default=384, help="model width: a multiple of --heads, with an even head size")
+    ap.add_argument("--heads", type=int, default=6, help="query heads per attention layer")
+    ap.add_argument("--kv-heads", type=int, default=2, help="key/value heads for grouped-query attention; divides --heads")
+    ap.add_argument("--select-block", type=int, default=64, help="NSA: tokens per selection block, l'")
+    ap.add_argument("--num-selected", type=int, default=16, help="NSA: selection blocks per query, n")
+    ap.add_argument("--window", type=int, default=512, help="NSA: sliding-window length in tokens, w")
+    ap.add_argument("--lr", type=float, default=1e-3,
+                    help="peak learning rate of AdamW: linear warm-up, then cosine decay to 0")
+    ap.add_argument("--warmup", type=int, default=50, help="warm-up steps")
+    ap.add_argument("--eval-every", type=int, default=100, help="validate every this many steps, and after the last")
+    ap.add_argument("--eval-batches", type=int, default=8,
+                    help="batches per validation, the same windows each time")
+    ap.add_argument("--max-bytes", type=int, default=40_000_000,
+                    help="bytes of standard-library sources to read; the last 5%% are the validation split")
+    ap.add_argument("--compile", action="store_true", help="wrap each model in torch.compile")
     ap.add_argument("--selection-grad", action="store_true",
                     help="NSA with straight-through gradients through the selection (attend's selection_grad)")
     ap.add_argument("--time-limit", type=float, default=None,
-                    help="stop a run after this many seconds of training (the log says so)")
+                    help="stop a run after this many seconds of training, and say so in the log; no limit by default")
     ap.add_argument("--plot", type=Path, nargs="+", metavar="LOG_JSON",
                     help="train nothing: merge the runs of these log.json files into --out (log.json, loss.png)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", type=Path, default=Path("runs/train_lm"))
+    ap.add_argument("--seed", type=int, default=0, help="seed of the weights and of the training batches")
+    ap.add_argument("--out", type=Path, default=Path("runs/train_lm"), help="folder for log.json and loss.png")
+    return ap
+
+
+def main(argv=None) -> int:
+    ap = parser()
     args = ap.parse_args(argv)
     if args.dim % args.heads or (args.dim // args.heads) % 2:
         ap.error("--dim must be a multiple of --heads with an even head size")

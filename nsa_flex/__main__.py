@@ -12,7 +12,6 @@ import copy
 import statistics
 import sys
 import time
-import warnings
 from typing import Callable
 
 import torch
@@ -36,19 +35,42 @@ CUDA_REFERENCE_LEN = 2048
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m nsa_flex", description=__doc__.split("\n")[0])
-    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
-    parser.add_argument("--seq-len", type=int, default=None, help="T (default: 8192 cuda, 1024 cpu)")
+    parser = argparse.ArgumentParser(prog="python -m nsa_flex", description=__doc__.split("\n")[0].replace("``", ""))
+    parser.add_argument("--device", default=None,
+                        help="cpu, cuda or cuda:N (default: cuda if a GPU is available, else cpu)")
+    parser.add_argument("--seq-len", type=int, default=None, help="T (default: 8192 on cuda, 1024 on cpu)")
     parser.add_argument(
         "--dtype", choices=DTYPES, default=None, help="default: bfloat16 on cuda, float32 on cpu"
     )
-    parser.add_argument("--compile", action="store_true", help="wrap the layer in torch.compile")
-    parser.add_argument("--reps", type=int, default=None, help="timed repetitions (default 10 cuda, 3 cpu)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--compile", action="store_true", help="wrap the layer in torch.compile (default: eager)")
+    parser.add_argument("--reps", type=int, default=None, help="timed repetitions (default: 10 on cuda, 3 on cpu)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the layer's weights and the input (default: 0)")
     args = parser.parse_args(argv)
     if args.seq_len is not None and args.seq_len < 1:
         parser.error(f"--seq-len must be >= 1, got {args.seq_len}")
+    if args.reps is not None and args.reps < 1:
+        parser.error(f"--reps must be >= 1, got {args.reps}")
+    args.device = _device(parser, args.device)
     return args
+
+
+def _device(parser: argparse.ArgumentParser, name: str | None) -> torch.device:
+    """``--device`` as a ``torch.device``; a name the demo cannot run on is a one-line usage error."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        parser.error(f"--device must be cpu, cuda or cuda:N, got {name!r}")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            parser.error(f"--device {name}: no CUDA device is available here (this torch: {torch.__version__})")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            parser.error(f"--device {name}: this machine has {count} CUDA device{'s' if count != 1 else ''}")
+    return device
 
 
 def build(device: torch.device, dtype: torch.dtype) -> SparseAttention:
@@ -101,6 +123,17 @@ def block_sparsity(block_indices: Tensor, config: NSAConfig) -> tuple[int, int]:
     return selected, B * H * causal_per_row
 
 
+def blocks_per_query(config: NSAConfig, T: int) -> str:
+    """How many selection blocks a query takes at most, in words: ``min(n, Ns)`` of the ``Ns``
+    blocks of ``T`` tokens."""
+    n, ns = config.num_selected, config.num_select_blocks(T)
+    if n <= ns:
+        return f"each query takes at most {n} of the {ns} blocks"
+    blocks = f"{ns} block{'s' if ns != 1 else ''}"
+    return (f"each query takes at most {blocks}: T={T} has {blocks} of {config.select_block} tokens, "
+            f"fewer than num_selected={n}")
+
+
 def selection_picture(block_indices: Tensor, config: NSAConfig, rows: int = 64, cols: int = 64) -> str:
     """ASCII map of one head's selection: a row per (sampled) query, a column per (group of)
     selection blocks; ``#`` selected, ``.`` causal but not selected, `` `` in the future.
@@ -136,7 +169,7 @@ def selection_picture(block_indices: Tensor, config: NSAConfig, rows: int = 64, 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = args.device
     on_cuda = device.type == "cuda"
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if on_cuda else torch.float32)
     T = args.seq_len or (8192 if on_cuda else 1024)
@@ -159,8 +192,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"config: {layer.config}")
     if not on_cuda and not args.compile:
-        # Expected here, and said once below rather than as torch's long warning.
-        warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
         print("note: FlexAttention runs eagerly on the CPU (scores materialised); --compile fuses it")
 
     with torch.no_grad():
@@ -190,11 +221,8 @@ def main(argv: list[str] | None = None) -> int:
 
     config = layer.config
     selected, causal = block_sparsity(aux.block_indices, config)
-    ns = config.num_select_blocks(T)
-    print(
-        f"selected branch: {selected} of {causal} causal (query, block) pairs "
-        f"({selected / causal:.1%}); each query takes <= {config.num_selected} of up to {ns} blocks"
-    )
+    print(f"selected branch: {selected} of {causal} causal (query, block) pairs ({selected / causal:.1%}); "
+          f"{blocks_per_query(config, T)}")
     print("selection of batch 0, KV head 0 ('#' selected, '.' causal but skipped, ' ' future):")
     print(selection_picture(aux.block_indices[0, 0], config))
     return 0 if passed else 1

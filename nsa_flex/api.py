@@ -114,7 +114,8 @@ def attend(
             with the same coordinates (e.g. to keep packed documents apart).
         backend: ``"flex"`` (FlexAttention), ``"triton"`` (the hand-written selected-branch
             kernel; compressed and window branches on FlexAttention; no ``score_mod`` or
-            ``mask_mod``; CUDA, or the CPU under ``TRITON_INTERPRET=1``) or ``"reference"``
+            ``mask_mod``; needs the ``triton`` package; CUDA, or the CPU under
+            ``TRITON_INTERPRET=1``) or ``"reference"``
             (the dense oracle, for checks).
         return_aux: also return :class:`NSAAux`.
         cu_seqlens: documents packed in one row (``B = 1``), FlashAttention's convention:
@@ -138,6 +139,7 @@ def attend(
 
     Raises:
         TypeError, ValueError: naming the argument, before any kernel runs.
+        ImportError: ``backend="triton"`` without the ``triton`` package (saying what to install).
 
     The layout is heads first, ``(B, H, T, D)``, as ``F.scaled_dot_product_attention`` takes it;
     transpose sequence-first tensors ``(B, T, H, D)`` (FlashAttention's layout) before calling.

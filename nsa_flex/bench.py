@@ -26,8 +26,9 @@ docs/semantics.md (``B=1, Hq=64, Hkv=4, Dk=Dv=128``, bf16, default config) and `
 
 Times are ``triton.testing.do_bench`` medians on CUDA (forward, and forward+backward), peak
 memory is measured around one forward+backward. ``--quick`` runs tiny sizes, and on the CPU skips
-what needs CUDA and says so. Results: a table on stdout, ``results.json`` and ``times.png`` (with
-matplotlib) under ``--out``. ``--merge A/results.json B/results.json ...`` joins the rows of
+what needs CUDA and says so. Results: a line on stderr per contender as each part finishes, the
+table on stdout at the end, ``results.json`` (rewritten after every part) and ``times.png`` (with
+matplotlib: a panel for each time measured, forward and forward+backward) under ``--out``. ``--merge A/results.json B/results.json ...`` joins the rows of
 separate runs (one length each, on separate GPUs, say) into one table and plot.
 """
 
@@ -128,6 +129,21 @@ def _measure(part, name, T, fwd, inputs, device, reps, note="", check=None) -> R
     except (RuntimeError, AssertionError, ValueError, TypeError) as e:
         row.note = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
     return row
+
+
+def _full_flex(device: torch.device) -> Callable:
+    """FlexAttention as a contender: compiled on CUDA; eager on the CPU, where PyTorch's advice
+    to compile it is no news (the bench knows, and says so in its header)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if device.type == "cuda":
+        return torch.compile(flex_attention, dynamic=False)
+
+    def eager(*args, **kwargs):
+        with flex_backend._eager_flex_quietly():
+            return flex_attention(*args, **kwargs)
+
+    return eager
 
 
 def _triton_timeable(device: torch.device) -> tuple[bool, str]:
@@ -239,10 +255,10 @@ def bench_full(p: Problem, T: int, reps: int) -> list[Row]:
                 rows.append(_measure("full", name, T, sdpa, (q, k, v), p.device, reps))
             except RuntimeError as e:  # a backend that refuses this shape or GQA
                 rows.append(Row("full", name, T, note=f"failed: {str(e).splitlines()[0][:100]}"))
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    from torch.nn.attention.flex_attention import create_block_mask
 
     mask = create_block_mask(lambda b, h, qi, kv: kv <= qi, None, None, T, T, device=p.device)
-    fn = torch.compile(flex_attention, dynamic=False) if p.device.type == "cuda" else flex_attention
+    fn = _full_flex(p.device)
     rows.append(_measure("full", "FlexAttention", T,
                          lambda: fn(q, k, v, block_mask=mask, enable_gqa=True), (q, k, v), p.device, reps))
     return rows
@@ -352,7 +368,7 @@ def _doc_lengths(T: int, seed: int = 0) -> list[int]:
 
 
 def bench_varlen(p: Problem, T: int, reps: int) -> list[Row]:
-    from torch.nn.attention.flex_attention import and_masks, create_block_mask, flex_attention
+    from torch.nn.attention.flex_attention import and_masks, create_block_mask
 
     from . import masks, varlen
 
@@ -392,7 +408,7 @@ def bench_varlen(p: Problem, T: int, reps: int) -> list[Row]:
             rows.append(Row("varlen", "fla parallel_nsa", T, note=f"failed: {type(e).__name__}: {str(e)[:100]}"))
     doc_causal = and_masks(masks.causal_mask, masks.document_mask(docs.doc_id))
     mask = create_block_mask(doc_causal, None, None, T, T, device=p.device)
-    fn = torch.compile(flex_attention, dynamic=False) if p.device.type == "cuda" else flex_attention
+    fn = _full_flex(p.device)
     rows.append(_measure("varlen", "FlexAttention doc", T,
                          lambda: fn(q, k, v, block_mask=mask, enable_gqa=True), (q, k, v), p.device, reps,
                          note=f"full causal attention within documents; {note}"))
@@ -418,6 +434,17 @@ PARTS = {
 }
 
 
+def _progress(r: Row) -> str:
+    """One line about a finished contender, e.g. ``T=64 layer / nsa_flex flex: fwd 3.10 ms``."""
+    said = [f"{label} {value:.2f} ms" for label, value in (("fwd", r.fwd_ms), ("fwd+bwd", r.fwd_bwd_ms))
+            if value is not None]
+    if r.peak_mib is not None:
+        said.append(f"peak {r.peak_mib:.0f} MiB")
+    if r.note:
+        said.append(r.note)
+    return f"T={r.T} {r.part} / {r.name}: {', '.join(said) or 'no result'}"
+
+
 def _table(rows: list[Row]) -> str:
     lines = [f"{'part':9} {'contender':18} {'T':>6} {'fwd ms':>9} {'fwd+bwd ms':>11} {'peak MiB':>9}  ratios / note"]
     base = {}  # (T) -> SDPA cuDNN row, the bar every ratio is taken against
@@ -439,33 +466,54 @@ def _table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def _plot(rows: list[Row], path: Path) -> str:
-    try:
-        import matplotlib
+# The plot's panels: a row's field and the panel's title. A panel is drawn only when some row
+# has that time (on the CPU the bench times no backward).
+PANELS = (("fwd_ms", "forward"), ("fwd_bwd_ms", "forward + backward"))
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return "matplotlib is not installed: no plot"
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
-    for ax, key, title in zip(axes, ("fwd_ms", "fwd_bwd_ms"), ("forward", "forward + backward")):
+
+def _figure(rows: list[Row]):
+    """The times plot as a matplotlib figure, one panel per measured time in :data:`PANELS`
+    (a line per contender, ms against ``T``, both on log scales); ``None`` when no row holds a
+    time. Needs matplotlib."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [(key, title) for key, title in PANELS if any(getattr(r, key) for r in rows)]
+    if not panels:
+        return None
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels) + 0.5, 4.5), squeeze=False)
+    for ax, (key, title) in zip(axes[0], panels):
         for part, name in dict.fromkeys((r.part, r.name) for r in rows):
             pts = [(r.T, getattr(r, key)) for r in rows if (r.part, r.name) == (part, name) and getattr(r, key)]
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=f"{part}: {name}")
-        if not ax.lines:
-            ax.text(0.5, 0.5, "not measured here", ha="center", va="center", transform=ax.transAxes)
-            continue
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("sequence length T")
         ax.set_ylabel("ms (median)")
         ax.set_title(title)
         ax.grid(True, which="both", alpha=0.3)
-    handles, labels = axes[0].get_legend_handles_labels()
-    if handles:
-        fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8)
+    # every contender of any panel, once (the forward panel may lack one the other has)
+    labelled = {}
+    for ax in axes[0]:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            labelled.setdefault(label, handle)
+    fig.legend(list(labelled.values()), list(labelled), loc="lower center", ncol=3, fontsize=8)
     fig.tight_layout(rect=(0, 0.12, 1, 1))
+    return fig
+
+
+def _plot(rows: list[Row], path: Path) -> str:
+    """Write :func:`_figure` to ``path``; returns the line to print about it."""
+    try:
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed: no plot"
+    fig = _figure(rows)
+    if fig is None:
+        return "nothing was timed: no plot"
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return f"plot: {path}"
@@ -544,10 +592,9 @@ def main(argv: list[str] | None = None) -> int:
             rows += new_rows
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-            # as they come, so that a run stopped at a time limit keeps what it measured
-            for r in new_rows:
-                print(f"row: {r.part} | {r.name} | T={r.T} | fwd {r.fwd_ms} | fwd+bwd {r.fwd_bwd_ms} | "
-                      f"peak MiB {r.peak_mib} | {r.note}", flush=True)
+            for r in new_rows:  # progress, on stderr: stdout has the table once, at the end
+                print(_progress(r), file=sys.stderr, flush=True)
+            # after every part, so that a run stopped at a time limit keeps what it measured
             (args.out / "results.json").write_text(json.dumps(dict(meta=meta, rows=[asdict(r) for r in rows]), indent=1))
     print(_table(rows))
     print(f"results: {args.out / 'results.json'}")

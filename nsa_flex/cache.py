@@ -498,8 +498,8 @@ def decode_step(
         fused = m == 1 and q.is_cuda and not torch.compiler.is_compiling() and not _fused_runnable(q, v)
     if cache._bound + m > cache.max_len:
         raise ValueError(
-            f"q adds {m} tokens to rows holding up to {cache._bound}: past the cache's max_len "
-            f"({cache.max_len})"
+            f"q adds {m} token{'' if m == 1 else 's'} to rows holding up to {cache._bound}: past the "
+            f"cache's max_len ({cache.max_len})"
         )
     config = cache.config
     with torch.no_grad():

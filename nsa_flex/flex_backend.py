@@ -19,11 +19,14 @@ call that needs gradients runs the same eager FlexAttention operator directly (s
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
+import warnings
 from typing import Callable
 
 import torch
+import torch.nn.attention.flex_attention as _flex_module
 from torch import Tensor
 from torch.nn.attention.flex_attention import flex_attention
 
@@ -170,7 +173,38 @@ def _flex(q, k, v, score_mod, block_mask, scale, return_lse: bool = False):
             return _cpu_flex_with_grad(q, k, v, score_mod, block_mask, scale, return_lse)
         # under no_grad nothing will differentiate, but the public call refuses such inputs
         q, k, v = q.detach(), k.detach(), v.detach()
-    return flex_attention(q, k, v, **kw)
+    with _eager_flex_quietly():
+        return flex_attention(q, k, v, **kw)
+
+
+# PyTorch's advice, given on the first eager flex_attention call of a process, to compile it.
+_EAGER_FLEX_WARNING = r"flex_attention called without torch\.compile"
+
+
+@contextlib.contextmanager
+def _eager_flex_quietly():
+    """Around a call of the public ``flex_attention`` that is eager by choice (the CPU path,
+    which nsa_flex runs eagerly on purpose): PyTorch's once-per-process advice to compile it
+    is not shown, every other warning is.
+
+    The filter lives only for the call (``warnings.catch_warnings``, which swaps the process's
+    filter list: not thread-safe, and Dynamo cannot trace it, so it is never entered while
+    compiling; compiled calls give no such warning anyway). PyTorch records the advice as given
+    even while it is filtered; that record is undone here, so that a user's own eager
+    ``flex_attention`` call later still gets it.
+    """
+    if torch.compiler.is_compiling():
+        yield
+        return
+    shown = getattr(_flex_module, "_WARNINGS_SHOWN", None)  # torch's private record, if it has one
+    fresh = isinstance(shown, set) and "flex_attention_performance" not in shown
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=_EAGER_FLEX_WARNING, category=UserWarning)
+            yield
+    finally:
+        if fresh:
+            shown.discard("flex_attention_performance")
 
 
 def compressed_branch(

@@ -6,7 +6,6 @@ import math
 from typing import Callable
 
 import torch
-from einops import rearrange
 from torch import Tensor, nn
 
 from ._validation import _tensor, check_positive_int
@@ -29,6 +28,16 @@ def _first_tokens(x: Tensor, T, dim: int) -> Tensor:
     answer (``T != T_bucket``), which splits each bucket into two graphs.
     """
     return x.index_select(dim, torch.arange(T, device=x.device))
+
+
+def _split_heads(x: Tensor, heads: int) -> Tensor:
+    """``(B, T, heads * D) -> (B, heads, T, D)``, a view (head ``h`` is features ``h*D .. h*D + D - 1``)."""
+    return x.unflatten(-1, (heads, -1)).transpose(1, 2)
+
+
+def _merge_heads(x: Tensor) -> Tensor:
+    """``(B, H, T, D) -> (B, T, H * D)``: the inverse of :func:`_split_heads`."""
+    return x.transpose(1, 2).flatten(2)
 
 
 def _specialise_shape(x: Tensor, keep_length: bool) -> None:
@@ -232,13 +241,10 @@ class SparseAttention(nn.Module):
         bucketed = bucketed and T >= 1  # an empty x goes on to attend's error
         if bucketed:
             x, docs = self._pad_to_bucket(x, docs)
-        q = rearrange(self.to_q(x), "b t (h d) -> b h t d", h=self.heads)
-        k = rearrange(self.to_k(x), "b t (h d) -> b h t d", h=self.kv_heads)
-        v = rearrange(self.to_v(x), "b t (h d) -> b h t d", h=self.kv_heads)
+        q, k, v, gates = self._project(x)
         if self.rotary is not None:
             positions = None if docs is None else docs.pos  # restart at each document
             q, k = self.rotary(q, positions=positions), self.rotary(k, positions=positions)
-        gates = rearrange(self.to_gates(x), "b t (h g) -> b h t g", g=3).sigmoid()
 
         result = attend(
             q,
@@ -256,7 +262,7 @@ class SparseAttention(nn.Module):
             selection_grad=self.selection_grad,
         )
         out, aux = result if return_aux else (result, None)
-        out = self.to_out(rearrange(out, "b h t d -> b t (h d)"))
+        out = self.to_out(_merge_heads(out))
         if bucketed:
             # Back to T tokens: the padded queries' outputs are dropped, so nothing flows back
             # into the padding.
@@ -316,11 +322,13 @@ class SparseAttention(nn.Module):
         ):
             raise ValueError("cache was not made for this layer (heads, head dims or config differ); use layer.new_cache")
 
-    def _project(self, x: Tensor):
-        q = rearrange(self.to_q(x), "b t (h d) -> b h t d", h=self.heads)
-        k = rearrange(self.to_k(x), "b t (h d) -> b h t d", h=self.kv_heads)
-        v = rearrange(self.to_v(x), "b t (h d) -> b h t d", h=self.kv_heads)
-        gates = rearrange(self.to_gates(x), "b t (h g) -> b h t g", g=3).sigmoid()
+    def _project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``x (B, T, dim)`` -> ``q (B, heads, T, dim_head)``, ``k (B, kv_heads, T, dim_head)``,
+        ``v (B, kv_heads, T, dim_head_v)``, ``gates (B, heads, T, 3)`` in (0, 1), before RoPE."""
+        q = _split_heads(self.to_q(x), self.heads)
+        k = _split_heads(self.to_k(x), self.kv_heads)
+        v = _split_heads(self.to_v(x), self.kv_heads)
+        gates = _split_heads(self.to_gates(x), self.heads).sigmoid()
         return q, k, v, gates
 
     def prefill(self, x: Tensor, cache: NSACache, *, lengths: Tensor | None = None) -> Tensor:
@@ -344,7 +352,7 @@ class SparseAttention(nn.Module):
             cache, q, k, v, gates, lengths=lengths, compress_k=self.compress_k, compress_v=self.compress_v,
             backend=self.backend,
         )
-        return self.to_out(rearrange(out, "b h t d -> b t (h d)"))
+        return self.to_out(_merge_heads(out))
 
     def decode(self, x: Tensor, cache: NSACache, *, fused: bool | None = None) -> Tensor:
         """Append ``m`` tokens per row to ``cache`` and return their outputs.
@@ -367,4 +375,4 @@ class SparseAttention(nn.Module):
             positions = cache.lengths[:, None] + torch.arange(x.shape[1], device=x.device)
             q, k = self.rotary.rotate_at(q, positions), self.rotary.rotate_at(k, positions)
         out = decode_step(cache, q, k, v, gates, compress_k=self.compress_k, compress_v=self.compress_v, fused=fused)
-        return self.to_out(rearrange(out, "b h t d -> b t (h d)"))
+        return self.to_out(_merge_heads(out))

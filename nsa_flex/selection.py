@@ -15,6 +15,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from . import ops
+from ._optional import triton_missing
 from ._validation import (
     _tensor,
     check_callable,
@@ -267,15 +268,16 @@ def _sort_unique_blocks(block_indices: Tensor, num_blocks: int) -> tuple[Tensor,
 
 def _fused_ok(q: Tensor, score_mod, mask_mod) -> bool:
     """Whether the Triton scoring kernel serves this call: CUDA, no modifiers (the kernel
-    computes plain scores), a dtype and head size the kernel takes. Static facts, so a compiled
-    graph decides as an eager call does (it calls the kernel through the custom op
-    ``nsa_flex::select_blocks_fused``)."""
+    computes plain scores), a dtype and head size the kernel takes, Triton installed (without
+    it, the PyTorch scoring serves every call). Static facts, so a compiled graph decides as an
+    eager call does (it calls the kernel through the custom op ``nsa_flex::select_blocks_fused``)."""
     return (
         q.is_cuda
         and score_mod is None
         and mask_mod is None
         and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
         and q.shape[-1] <= 256
+        and not triton_missing()
     )
 
 

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from . import ops
+from ._optional import triton_missing
 from ._validation import (
     check_block_indices,
     check_index_range,
@@ -52,10 +53,9 @@ def _interpreting() -> bool:
 def available(device: torch.device) -> tuple[bool, str]:
     """Whether the kernels can run on ``device`` (a ``torch.device`` or a string), and why not."""
     device = resolve_device(device)
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False, "the triton backend needs the `triton` package"
+    missing = triton_missing("the triton backend")
+    if missing:
+        return False, missing
     if device.type == "cuda" or _interpreting():
         return True, ""
     return False, (
@@ -65,7 +65,11 @@ def available(device: torch.device) -> tuple[bool, str]:
 
 
 def check_runnable(q: Tensor) -> None:
-    """Raise unless the kernels can run on ``q``'s device and dtype."""
+    """Raise unless the kernels can run on ``q``'s device and dtype: ``ImportError`` without
+    Triton (naming what to install), ``ValueError``/``TypeError`` for the device or dtype."""
+    missing = triton_missing("the triton backend")
+    if missing:
+        raise ImportError(missing)
     ok, why = available(q.device)
     if not ok:
         raise ValueError(why)

@@ -30,6 +30,14 @@ def test_quick_bench_runs_and_writes_results(tmp_path):
         assert skipped and all(r["fwd_ms"] is None and r["note"].startswith("skipped") for r in skipped)
         assert "skipped" in proc.stdout
     assert "contender" in proc.stdout  # the table
+    # the table once, no raw row dumps; progress on stderr, a line per contender
+    assert "row:" not in proc.stdout + proc.stderr
+    for r in rows:
+        in_table = [line for line in proc.stdout.splitlines()
+                    if line.split()[:1] == [r["part"]] and f" {r['name']} " in line and f" {r['T']} " in line]
+        assert len(in_table) == 1, (r, in_table)
+        assert proc.stderr.count(f"T={r['T']} {r['part']} / {r['name']}: ") == 1, r
+    assert "Warning" not in proc.stderr, proc.stderr[-3000:]
     try:
         import matplotlib  # noqa: F401
     except ImportError:
@@ -93,3 +101,25 @@ def test_merge_joins_runs_of_other_lengths(tmp_path):
     with pytest.raises(ValueError, match="SDPA cuDNN at T=64 is in more than one file"):
         bench.main(["--merge", str(tmp_path / "r64" / "results.json"), str(tmp_path / "r64" / "results.json"),
                     "--out", str(out)])
+
+
+def test_plot_draws_a_panel_per_time_measured(tmp_path):
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    from nsa_flex import bench
+
+    fwd_only = [bench.Row("layer", "nsa_flex flex", T, fwd_ms=0.1 * T) for T in (64, 128)]
+    skipped = bench.Row("layer", "nsa_flex triton", 64, note="skipped: needs CUDA")
+    fig = bench._figure(fwd_only + [skipped])  # a CPU run: no backward timed
+    assert [ax.get_title() for ax in fig.axes] == ["forward"]
+    assert [line.get_label() for line in fig.axes[0].lines] == ["layer: nsa_flex flex"]
+    plt.close(fig)
+    both = fwd_only + [bench.Row("full", "SDPA cuDNN", 64, fwd_ms=1.0, fwd_bwd_ms=3.0)]
+    fig = bench._figure(both)
+    assert [ax.get_title() for ax in fig.axes] == ["forward", "forward + backward"]
+    assert [line.get_label() for line in fig.axes[1].lines] == ["full: SDPA cuDNN"]
+    plt.close(fig)
+    assert bench._figure([skipped]) is None
+    assert bench._plot([skipped], tmp_path / "times.png") == "nothing was timed: no plot"
+    assert not (tmp_path / "times.png").exists()

@@ -532,3 +532,16 @@ def test_module_fused_decode_matches_forward():
         cache = layer.new_cache(2, 30)
         outs = [layer.prefill(x[:, :9], cache)] + [layer.decode(x[:, t : t + 1], cache, fused=True) for t in range(9, 30)]
     assert rel_err(torch.cat(outs, dim=1), full) < 1e-5
+
+
+def test_a_step_past_max_len_counts_its_tokens_in_words():
+    cache = NSACache(1, 1, 2, 8, config=SMALL, dtype=torch.float32)
+
+    def qkv(m):
+        return torch.randn(1, 2, m, 8), torch.randn(1, 1, m, 8), torch.randn(1, 1, m, 8)
+
+    with pytest.raises(ValueError, match=r"q adds 3 tokens to rows holding up to 0: past the cache's max_len \(2\)"):
+        decode_step(cache, *qkv(3))
+    decode_step(cache, *qkv(2))
+    with pytest.raises(ValueError, match=r"q adds 1 token to rows holding up to 2: past the cache's max_len \(2\)"):
+        decode_step(cache, *qkv(1))

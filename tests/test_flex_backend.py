@@ -52,3 +52,62 @@ def test_kernel_tiles_divide_small_block_masks(size, dim, block_size):
     if block_size != (128, 128):
         assert qb % o["bwd_BLOCK_M1"] == 0 and kb % o["bwd_BLOCK_N1"] == 0 and o["bwd_BLOCK_N1"] % o["bwd_BLOCK_M1"] == 0
         assert qb % o["bwd_BLOCK_M2"] == 0 and kb % o["bwd_BLOCK_N2"] == 0 and o["bwd_BLOCK_M2"] % o["bwd_BLOCK_N2"] == 0
+
+
+# ------------------------------------------------------------------- warnings a user reads
+
+ADVICE = "flex_attention called without torch.compile"  # PyTorch's, on a first eager call
+
+
+def test_attend_on_the_cpu_does_not_pass_on_torchs_compile_advice():
+    # In a fresh process (PyTorch gives the advice once per process): attend() and the module,
+    # without and with grad, record no such warning, and a user's own eager flex_attention call
+    # afterwards still gets it. (That other warnings pass: the next test.)
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = f"""
+import warnings
+import torch
+from torch.nn.attention.flex_attention import flex_attention
+import nsa_flex
+
+config = nsa_flex.NSAConfig(compress_block=8, compress_stride=4, select_block=8, num_selected=2,
+                            num_initial=1, num_local=1, window=8)
+q, k, v = torch.randn(1, 2, 40, 16), torch.randn(1, 1, 40, 16), torch.randn(1, 1, 40, 16)
+
+def count(messages, text):
+    return sum(str(m.message).startswith(text) for m in messages)
+
+with warnings.catch_warnings(record=True) as seen:
+    warnings.simplefilter("always")
+    with torch.no_grad():
+        nsa_flex.attend(q, k, v, config=config)
+        nsa_flex.SparseAttention(32, heads=2, kv_heads=1, dim_head=16, config=config)(torch.randn(1, 40, 32))
+    nsa_flex.attend(q.requires_grad_(), k, v, config=config).sum().backward()
+    assert count(seen, {ADVICE!r}) == 0, [str(m.message)[:80] for m in seen]
+with warnings.catch_warnings(record=True) as seen:
+    warnings.simplefilter("always")
+    flex_attention(q.detach(), k.expand(1, 2, 40, 16), v.expand(1, 2, 40, 16))
+    assert count(seen, {ADVICE!r}) == 1, [str(m.message)[:80] for m in seen]
+print("ok")
+"""
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, PYTHONPATH=str(root)), cwd=root)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == "ok"
+
+
+def test_the_quiet_eager_call_hides_only_the_compile_advice():
+    import warnings
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with flex_backend._eager_flex_quietly():
+            warnings.warn(ADVICE + "() - this will use an unfused implementation", UserWarning)
+            warnings.warn("something else", UserWarning)
+        warnings.warn(ADVICE + "() - outside the call", UserWarning)
+    assert [str(m.message) for m in seen] == ["something else", ADVICE + "() - outside the call"]

@@ -9,9 +9,13 @@ from torch.utils._pytree import tree_flatten
 from hypothesis import given, settings, strategies as st
 
 from nsa_flex import NSAConfig, mean_compress, reference as R, select_blocks
+from nsa_flex._optional import triton_missing
 from nsa_flex.selection import block_importance
 
 from strategies import Shape, configs, make_qkv, shapes
+
+# the scoring and top-n kernels, under Triton's interpreter on the CPU
+needs_triton = pytest.mark.skipif(bool(triton_missing()), reason="needs the triton package")
 
 
 def chosen_scores(idx, scores):
@@ -129,6 +133,7 @@ def test_steps_reject_bad_input():
         top_n_blocks(torch.rand(5), config)
 
 
+@needs_triton
 @pytest.mark.parametrize("G", [1, 3, 16])
 @settings(max_examples=10)  # the interpreter is slow
 @given(configs(), st.integers(1, 300), st.integers(1, 2), st.integers(0, 2**31 - 1))
@@ -147,6 +152,7 @@ def test_fused_scores_kernel_matches_reference(G, config, T, Hkv, seed):
     assert_ascending_then_padding(idx)
 
 
+@needs_triton
 @pytest.mark.parametrize("keys_in_registers", [2048, 16])  # one tile; tiles re-read each round
 @settings(max_examples=15)
 @given(configs(), st.integers(1, 700), st.integers(1, 24), st.integers(0, 2**31 - 1))
@@ -173,6 +179,7 @@ def test_top_n_kernel_is_top_n_blocks_exactly(keys_in_registers, config, T, C, s
     assert torch.equal(got, expected)
 
 
+@needs_triton
 @settings(max_examples=10)
 @given(configs(), st.integers(1, 200), st.booleans(), st.integers(0, 2**31 - 1))
 def test_fused_scores_from_the_compressed_branch_lse(config, T, grad, seed):
@@ -201,6 +208,7 @@ def test_fused_scores_from_the_compressed_branch_lse(config, T, grad, seed):
     assert_ascending_then_padding(idx)
 
 
+@needs_triton
 def test_fused_scores_read_the_given_lse():
     # The kernel really reads the lse it is given (per batch row and head): lowering one head's
     # log-sum-exp by 30 weighs that head e^30 times more in the group's sum, so the selection
