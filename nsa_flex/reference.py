@@ -155,7 +155,8 @@ def _attention(q, k, v, allowed_rows, scale, kv_pos, score_mod=None, mask_mod=No
 
     The queries go through in chunks of :func:`_chunk_rows`, so that no ``T x S`` tensor is made
     unless ``keep_probs`` asks for the probabilities; with gradients each chunk is recomputed in
-    the backward (``torch.utils.checkpoint``), so autograd holds one chunk at a time, too.
+    the backward (``torch.utils.checkpoint``; eagerly, not inside ``torch.compile``), so autograd
+    holds one chunk at a time, too.
 
     Returns:
         ``(out (B, Hq, T, Dv), probs (B, Hq, T, S) or None)``.
