@@ -399,8 +399,28 @@ def _write(store: Tensor, slots: Tensor, x: Tensor) -> None:
 
 
 def _softmax_rows(scores: Tensor, allowed: Tensor) -> Tensor:
-    # A query with nothing allowed gets a row of NaN from softmax; it contributes exactly 0.
-    return torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1).nan_to_num_(0.0)
+    """Softmax over the allowed keys. A row that allows none is 0 (softmax would give NaN); only
+    such rows: a NaN or infinity that the scores a row sees hold stays, as in the forward."""
+    p = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
+    return torch.where(allowed.any(dim=-1, keepdim=True), p, 0.0)
+
+
+def _weighted(p: Tensor, allowed: Tensor, values: Tensor) -> Tensor:
+    """``p @ values`` in which a key that a query may not see adds exactly 0, whatever it holds.
+
+    A masked probability is 0, but ``0 * NaN`` is NaN, and masked slots can hold anything: a
+    rewound token, a later token of the same step, the positions the window gathers twice.
+
+    Args:
+        p: ``(B, Hkv, m, G, S)``; allowed: bool, broadcastable to ``(B, Hkv, m, S)``;
+        values: ``(B, Hkv, S, Dv)`` shared by the ``m`` queries, or ``(B, Hkv, m, S, Dv)``.
+
+    Returns:
+        ``(B, Hkv, m, G, Dv)`` in ``values``' dtype.
+    """
+    if values.dim() == 4:
+        values = values[:, :, None]
+    return p.to(values.dtype) @ torch.where(allowed[..., None], values, 0)
 
 
 def _compress_new_blocks(cache, start, m, compress_k, compress_v) -> None:
@@ -540,9 +560,9 @@ def _decode(cache, q, k, v, gates, config, scale, compress_k, compress_v) -> tup
         s = (qg.flatten(2, 3) @ kc.transpose(-1, -2)).mul_(scale).unflatten(2, (m, G))  # (B, Hkv, m, G, tc)
         kv_pos = torch.arange(tc, device=dev) * d + (l - 1)
         p = _softmax_rows(s, kv_pos <= t_q)
-        vc = cache._v_cmp[:, :, :tc]
-        o_cmp = (p.flatten(2, 3).to(vc.dtype) @ vc).unflatten(2, (m, G))  # (B, Hkv, m, G, Dv)
-        scores = block_importance(p.sum(dim=3), config, L)  # eq. 10: the group shares a selection
+        o_cmp = _weighted(p, kv_pos <= t[:, None, :, None], cache._v_cmp[:, :, :tc])  # (B, Hkv, m, G, Dv)
+        # eq. 10: the group shares a selection; a NaN probability scores 0, as in select_blocks
+        scores = block_importance(p.nan_to_num(0.0).sum(dim=3), config, L)
     else:
         o_cmp = q.new_zeros(B, Hkv, m, G, Dv)
         scores = torch.zeros(B, Hkv, m, config.num_select_blocks(L), device=dev, dtype=cdt)
@@ -556,7 +576,7 @@ def _decode(cache, q, k, v, gates, config, scale, compress_k, compress_v) -> tup
     ks = _flat_rows(cache._k, tok).to(cdt)  # (B, Hkv, m, n*l', Dk)
     vs = _flat_rows(cache._v, tok)
     p = _softmax_rows((qg @ ks.transpose(-1, -2)).mul_(scale), allowed)  # (B, Hkv, m, G, n*l')
-    o_slc = p.to(vs.dtype) @ vs
+    o_slc = _weighted(p, allowed[:, :, :, 0], vs)
 
     # Window branch: the w + m - 1 positions that any of the m queries may see.
     span = min(w + m - 1, L)
@@ -570,7 +590,7 @@ def _decode(cache, q, k, v, gates, config, scale, compress_k, compress_v) -> tup
     vw = _flat_rows(cache._v, pos)
     s = (qg.flatten(2, 3) @ kw.transpose(-1, -2)).mul_(scale).unflatten(2, (m, G))
     p = _softmax_rows(s, seen[:, None, :, None, :])
-    o_swa = (p.flatten(2, 3).to(vw.dtype) @ vw).unflatten(2, (m, G))
+    o_swa = _weighted(p, seen[:, None], vw)
 
     cache.lengths.add_(m)
 

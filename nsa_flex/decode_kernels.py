@@ -200,6 +200,7 @@ def block_keys_kernel(
     mx = tl.max(pm, 0)
     mx = tl.where(mx == float("-inf"), 0.0, mx)
     total = tl.sum(pl * tl.exp2(pm - mx[None, :]), 0)
+    # (NaN too, as a head whose visible logits hold a NaN: select_blocks scores such a row 0)
     lse = tl.where(total > 0, mx + tl.log2(tl.where(total > 0, total, 1.0)), float("inf"))
 
     n_cand = cur + 1
@@ -214,7 +215,8 @@ def block_keys_kernel(
         i_ok = (i >= 0) & (i < n_vis)
         ok = g_ok[:, None] & i_ok[None, :]
         s = tl.load(logit_rows + i[None, :], mask=ok, other=float("-inf"))
-        p = tl.where(ok, tl.exp2(s - lse[:, None]), 0.0)
+        # (a head with lse = +inf scores 0 even where its logit is NaN or +inf)
+        p = tl.where(ok & (lse < float("inf"))[:, None], tl.exp2(s - lse[:, None]), 0.0)
         j = j0 + jb
         first = tl.maximum(i[:, None], (j * PER_SEL)[None, :])
         last = tl.minimum(i[:, None] + R - 1, (j * PER_SEL + PER_SEL - 1)[None, :])
@@ -285,7 +287,9 @@ def sparse_split_kernel(
 def _merge(PM, PL, PACC, slot_row0, lo, hi, G: tl.constexpr, DV: tl.constexpr, dv, dv_ok,
            BLOCK_DV: tl.constexpr, BLOCK_P: tl.constexpr):
     """One head's output from the partial states in slots ``lo .. hi - 1`` (0 if all are empty).
-    ``slot_row0 * G`` addresses the head's entry of slot 0."""
+    ``slot_row0 * G`` addresses the head's entry of slot 0. Only empty rows (``l == 0``, whose
+    ``acc`` is 0) are zeroed: a NaN that the visible keys brought (``l`` or ``acc`` NaN) stays,
+    as in the forward."""
     sp = tl.arange(0, BLOCK_P)
     m = tl.full([], float("-inf"), tl.float32)
     l = tl.zeros([], tl.float32)
@@ -303,7 +307,7 @@ def _merge(PM, PL, PACC, slot_row0, lo, hi, G: tl.constexpr, DV: tl.constexpr, d
         l = l * alpha + tl.sum(pl * w, 0)
         acc = acc * alpha + tl.sum(pa * w[:, None], 0)
         m = m_new
-    return tl.where(l > 0, acc / tl.where(l > 0, l, 1.0), 0.0)
+    return acc / tl.where(l == 0, 1.0, l)
 
 
 @triton.jit

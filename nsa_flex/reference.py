@@ -1,16 +1,22 @@
 """The plain-PyTorch oracle: every step of NSA written to be obviously right, not fast.
 
-Everything here materialises full ``T x T`` (or ``T x Tc``) score matrices, so it is only for
-small shapes; run it in float64 to check a backend. It shares no code with the backends beyond
-the config, so a bug in one does not hide in the other.
+Every branch is dense: a score for every (query, key) pair, ``T x T`` (or ``T x Tc``) work, so
+it is for checking, not for speed; run it in float64 to check a backend. The queries go through
+in chunks (:func:`_attention`), so memory stays at about 1-2 GiB whatever ``T`` is, gradients
+included. It shares no code with the backends beyond the config, so a bug in one does not hide
+in the other.
+
+Non-finite values: what a key holds reaches exactly the queries that see it (a masked key adds
+0 whatever it holds, a seen NaN or infinity propagates), and a query that sees no key of a
+branch, by the masks or because a ``score_mod`` gives every key ``-inf``, gets 0 from it.
 
 Shapes as in docs/semantics.md: ``q (B, Hq, T, Dk)``, ``k (B, Hkv, T, Dk)``, ``v (B, Hkv, T, Dv)``,
 ``G = Hq // Hkv``; query head ``h`` reads KV head ``h // G``.
 
 ``score_mod(score, b, h, q_idx, kv_idx)`` and ``mask_mod(b, h, q_idx, kv_idx)`` are FlexAttention
-modifiers; here they are called once on broadcastable index tensors ``(B,1,1,1)``,
-``(1,H,1,1)``, ``(1,1,T,1)``, ``(1,1,1,S)``, so they must be written with elementwise tensor
-ops (as FlexAttention modifiers are). ``kv_idx`` is a token position in every branch: in the
+modifiers; here they are called once per query chunk on broadcastable index tensors
+``(B,1,1,1)``, ``(1,H,1,1)``, ``(1,1,C,1)`` (absolute query positions), ``(1,1,1,S)``, so they
+must be written with elementwise tensor ops (as FlexAttention modifiers are). ``kv_idx`` is a token position in every branch: in the
 compressed branch, block ``i`` is seen at its last token ``i*d + l - 1``.
 
 Nothing here validates its input, unlike the rest of the public API: kept free of checks so it
@@ -25,6 +31,7 @@ from typing import Callable, NamedTuple
 
 import torch
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 from .config import NSAConfig
 
@@ -45,6 +52,11 @@ __all__ = [
 
 
 class ReferenceOutput(NamedTuple):
+    """:func:`attend`'s result: ``out``, ``o_cmp``, ``o_slc``, ``o_swa`` ``(B, Hq, T, Dv)``;
+    ``block_indices (B, Hkv, T, n)`` int32; ``p_cmp (B, Hq, T, Tc)``, the compressed branch's
+    probabilities (the one ``T x Tc`` tensor kept: 2 GiB in float64 at ``T = 8192``,
+    ``Hq = 64``, ``Tc = 511``)."""
+
     out: Tensor
     block_indices: Tensor
     o_cmp: Tensor
@@ -69,13 +81,110 @@ def compressed_kv_positions(seq_len: int, config: NSAConfig, device=None) -> Ten
     return i * config.compress_stride + config.compress_block - 1
 
 
-def _index_grids(B: int, H: int, T: int, kv_pos: Tensor):
+def _index_grids(B: int, H: int, t: Tensor, kv_pos: Tensor):
+    """Index tensors for the mods: batch ``(B,1,1,1)``, head ``(1,H,1,1)``, the query positions
+    ``t`` as ``(1,1,C,1)`` and the key positions as ``(1,1,1,S)``, all int32."""
     dev = kv_pos.device
     b = torch.arange(B, device=dev, dtype=torch.int32).view(B, 1, 1, 1)
     h = torch.arange(H, device=dev, dtype=torch.int32).view(1, H, 1, 1)
-    t = torch.arange(T, device=dev, dtype=torch.int32).view(1, 1, T, 1)
-    s = kv_pos.to(torch.int32).view(1, 1, 1, -1)
-    return b, h, t, s
+    return b, h, t.to(torch.int32).view(1, 1, -1, 1), kv_pos.to(torch.int32).view(1, 1, 1, -1)
+
+
+# Bytes one query chunk's (B, Hq, chunk, S) score tensor may take. A chunk holds a few tensors
+# of that size (scores, weights, probabilities, masks), so the dense branches need about 1-2 GiB
+# at a time whatever T is; with gradients each chunk is recomputed in the backward.
+_CHUNK_BYTES = 128 * 2**20
+
+
+def _chunk_rows(B: int, H: int, S: int, dtype: torch.dtype) -> int:
+    """Queries per chunk: as many as keep ``(B, H, chunk, S)`` of ``dtype`` within ``_CHUNK_BYTES``."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return max(1, _CHUNK_BYTES // max(1, B * H * S * itemsize))
+
+
+def _weighted_values(probs: Tensor, seen: Tensor, v: Tensor) -> Tensor:
+    """``sum_s probs[..., t, s] * v[..., s, :]`` over the keys each query sees, whatever the others
+    hold.
+
+    ``probs @ v`` would not do: an unseen key's probability is 0, and ``0 * NaN`` (or ``0 * inf``)
+    is NaN. So the finite values go through the product, non-finite ones replaced by 0, and what
+    the non-finite ones add is written out as IEEE arithmetic gives it for positive
+    probabilities: in each output column, NaN where the query sees a NaN or infinities of both
+    signs, ``+inf``/``-inf`` where it sees infinities of one sign, nothing otherwise. Counting
+    what each query sees is a product of 0/1 tensors, so under ``torch.compile`` nothing depends
+    on the data's values on the host; eagerly, values that are all finite skip it.
+
+    Args:
+        probs: ``(B, H, C, S)``; seen: bool, the same shape; v: ``(B, H, S, Dv)``.
+
+    Returns:
+        ``(B, H, C, Dv)``.
+    """
+    finite = torch.isfinite(v)
+    out = probs @ torch.where(finite, v, 0)
+    if not torch.compiler.is_compiling() and bool(finite.all()):
+        return out
+    inf = float("inf")
+    kinds = torch.cat((torch.isnan(v), v == inf, v == -inf), dim=-1).to(probs.dtype)  # (B, H, S, 3*Dv)
+    nan, pos, neg = ((seen.to(probs.dtype) @ kinds) > 0).chunk(3, dim=-1)
+    extra = torch.where(nan | (pos & neg), float("nan"), torch.where(pos, inf, torch.where(neg, -inf, 0.0)))
+    return out + extra.to(out.dtype)
+
+
+def _attend_rows(q, k, v, allowed_rows, t0, scale, kv_pos, score_mod, mask_mod):
+    """Queries ``t0 .. t0 + C - 1`` (``q (B, Hq, C, Dk)`` holds just them) against every key,
+    ``k``/``v`` already repeated to ``Hq`` heads: ``(out (B, Hq, C, Dv), probs (B, Hq, C, S))``."""
+    B, Hq, C, _ = q.shape
+    S = k.shape[2]
+    scores = (q @ k.transpose(-1, -2)) * scale
+    b, h, t, s = _index_grids(B, Hq, torch.arange(t0, t0 + C, device=q.device), kv_pos)
+    if score_mod is not None:
+        scores = score_mod(scores, b, h, t, s).expand_as(scores)
+    allowed = allowed_rows(t0, t0 + C).expand(B, Hq, C, S)
+    if mask_mod is not None:
+        allowed = allowed & mask_mod(b, h, t, s)
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    # A key the score_mod sends to -inf is not seen either; a NaN score is (it makes the row NaN).
+    seen = scores != float("-inf")
+    any_seen = seen.any(dim=-1, keepdim=True)
+    # Rows that see nothing: shift by 0 instead of -inf, so exp gives 0s, never NaN.
+    row_max = torch.where(any_seen, scores.amax(dim=-1, keepdim=True), 0.0).detach()
+    weights = torch.exp(scores - row_max)
+    probs = weights / torch.where(any_seen, weights.sum(dim=-1, keepdim=True), 1.0)
+    return _weighted_values(probs, seen, v), probs
+
+
+def _attention(q, k, v, allowed_rows, scale, kv_pos, score_mod=None, mask_mod=None, keep_probs=False):
+    """:func:`masked_attention` with the mask given per query chunk: ``allowed_rows(t0, t1)`` is
+    bool, broadcastable to ``(B, Hq, t1 - t0, S)``, for queries ``t0 .. t1 - 1``.
+
+    The queries go through in chunks of :func:`_chunk_rows`, so that no ``T x S`` tensor is made
+    unless ``keep_probs`` asks for the probabilities; with gradients each chunk is recomputed in
+    the backward (``torch.utils.checkpoint``; eagerly, not inside ``torch.compile``), so autograd
+    holds one chunk at a time, too.
+
+    Returns:
+        ``(out (B, Hq, T, Dv), probs (B, Hq, T, S) or None)``.
+    """
+    B, Hq, T, _ = q.shape
+    G = Hq // k.shape[1]
+    k = k.repeat_interleave(G, dim=1)
+    v = v.repeat_interleave(G, dim=1)
+    step = _chunk_rows(B, Hq, k.shape[2], torch.promote_types(q.dtype, k.dtype))
+    if step >= T:
+        out, probs = _attend_rows(q, k, v, allowed_rows, 0, scale, kv_pos, score_mod, mask_mod)
+        return out, (probs if keep_probs else None)
+    outs, probs = [], []
+    for t0 in range(0, T, step):
+        args = (q[:, :, t0 : t0 + step], k, v, allowed_rows, t0, scale, kv_pos, score_mod, mask_mod)
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            o, p = checkpoint(_attend_rows, *args, use_reentrant=False)
+        else:
+            o, p = _attend_rows(*args)
+        outs.append(o)
+        if keep_probs:
+            probs.append(p)
+    return torch.cat(outs, dim=2), (torch.cat(probs, dim=2) if keep_probs else None)
 
 
 def masked_attention(
@@ -90,34 +199,24 @@ def masked_attention(
 ) -> tuple[Tensor, Tensor]:
     """Softmax attention over the keys that ``allowed`` (and ``mask_mod``) let through.
 
+    A key is *seen* by a query when it is allowed and its score is not ``-inf`` (a ``score_mod``
+    may send it there). What a key that a query does not see holds never reaches that query's
+    output, non-finite values included; a seen NaN or infinity propagates as arithmetic says.
+
     Args:
         q: ``(B, Hq, T, Dk)``; k: ``(B, Hkv, S, Dk)``; v: ``(B, Hkv, S, Dv)``.
         allowed: bool, broadcastable to ``(B, Hq, T, S)``.
         kv_pos: ``(S,)`` the position each key is shown to ``score_mod``/``mask_mod`` as.
 
     Returns:
-        ``(out (B, Hq, T, Dv), probs (B, Hq, T, S))``. A query with no key allowed gets output
-        0 and probabilities 0.
+        ``(out (B, Hq, T, Dv), probs (B, Hq, T, S))``. A query that sees no key gets output
+        0 and probabilities 0. ``probs`` is the one ``T x S`` tensor made (the work itself goes
+        through query chunks, see :func:`_attention`).
     """
     B, Hq, T, _ = q.shape
-    G = Hq // k.shape[1]
-    k = k.repeat_interleave(G, dim=1)
-    v = v.repeat_interleave(G, dim=1)
-    scores = (q @ k.transpose(-1, -2)) * scale
-    b, h, t, s = _index_grids(B, Hq, T, kv_pos)
-    if score_mod is not None:
-        scores = score_mod(scores, b, h, t, s).expand_as(scores)
     allowed = allowed.expand(B, Hq, T, k.shape[2])
-    if mask_mod is not None:
-        allowed = allowed & mask_mod(b, h, t, s)
-    scores = scores.masked_fill(~allowed, float("-inf"))
-    any_allowed = allowed.any(dim=-1, keepdim=True)
-    # Rows with nothing to attend: shift by 0 instead of -inf, so exp gives 0s, never NaN.
-    row_max = torch.where(any_allowed, scores.amax(dim=-1, keepdim=True), 0.0).detach()
-    weights = torch.exp(scores - row_max)
-    denom = weights.sum(dim=-1, keepdim=True)
-    probs = weights / torch.where(any_allowed, denom, 1.0)
-    return probs @ v, probs
+    return _attention(q, k, v, lambda t0, t1: allowed[:, :, t0:t1], scale, kv_pos, score_mod, mask_mod,
+                      keep_probs=True)
 
 
 def compressed_attention(
@@ -137,9 +236,11 @@ def compressed_attention(
     kv_pos = compressed_kv_positions(T, config, q.device)
     if kv_pos.numel() == 0:
         return q.new_zeros(B, Hq, T, v_cmp.shape[-1]), q.new_zeros(B, Hq, T, 0)
-    t = torch.arange(T, device=q.device)
-    visible = kv_pos[None, :] <= t[:, None]
-    return masked_attention(q, k_cmp, v_cmp, visible, scale, kv_pos, score_mod, mask_mod)
+
+    def visible(t0, t1):
+        return kv_pos[None, :] <= torch.arange(t0, t1, device=q.device)[:, None]
+
+    return _attention(q, k_cmp, v_cmp, visible, scale, kv_pos, score_mod, mask_mod, keep_probs=True)
 
 
 def overlap_matrix(seq_len: int, config: NSAConfig, dtype=torch.float64, device=None) -> Tensor:
@@ -212,8 +313,10 @@ def select_blocks(
     return top_n(scores, config), scores
 
 
-def _allowed_by_selection(block_indices: Tensor, config: NSAConfig, seq_len: int) -> Tensor:
-    """``(B, Hkv, T, T)`` bool: key ``s`` is in one of query ``t``'s blocks and ``s <= t``."""
+def _allowed_by_selection(block_indices: Tensor, config: NSAConfig, seq_len: int, q_start: int = 0) -> Tensor:
+    """``(B, Hkv, C, T)`` bool for the ``C`` queries ``q_start ..`` whose selections
+    ``block_indices (B, Hkv, C, n)`` holds: key ``s`` is in one of query ``t``'s blocks and
+    ``s <= t``."""
     B, H, T, n = block_indices.shape
     s = torch.arange(seq_len, device=block_indices.device)
     block_of_s = s // config.select_block
@@ -223,7 +326,7 @@ def _allowed_by_selection(block_indices: Tensor, config: NSAConfig, seq_len: int
     chosen = torch.zeros(B, H, T, ns + 1, dtype=torch.bool, device=idx.device)
     chosen.scatter_(-1, idx, True)
     in_selected = chosen[..., block_of_s]  # (B, H, T, S)
-    causal = s[None, :] <= torch.arange(T, device=s.device)[:, None]
+    causal = s[None, :] <= torch.arange(q_start, q_start + T, device=s.device)[:, None]
     return in_selected & causal
 
 
@@ -241,9 +344,12 @@ def selected_attention(
     ``block_indices[b, h // G, t]`` (``-1`` entries select nothing)."""
     T = q.shape[2]
     G = q.shape[1] // k.shape[1]
-    allowed = _allowed_by_selection(block_indices, config, T).repeat_interleave(G, dim=1)
+
+    def allowed(t0, t1):
+        return _allowed_by_selection(block_indices[:, :, t0:t1], config, T, t0).repeat_interleave(G, dim=1)
+
     kv_pos = torch.arange(T, device=q.device)
-    return masked_attention(q, k, v, allowed, scale, kv_pos, score_mod, mask_mod)[0]
+    return _attention(q, k, v, allowed, scale, kv_pos, score_mod, mask_mod)[0]
 
 
 def window_attention(
@@ -258,9 +364,12 @@ def window_attention(
     """Sliding window: query ``t`` sees keys ``t - w < s <= t``."""
     T = q.shape[2]
     s = torch.arange(T, device=q.device)
-    t = s[:, None]
-    allowed = (s[None, :] <= t) & (s[None, :] > t - config.window)
-    return masked_attention(q, k, v, allowed, scale, s, score_mod, mask_mod)[0]
+
+    def allowed(t0, t1):
+        t = torch.arange(t0, t1, device=q.device)[:, None]
+        return (s[None, :] <= t) & (s[None, :] > t - config.window)
+
+    return _attention(q, k, v, allowed, scale, s, score_mod, mask_mod)[0]
 
 
 def attend(

@@ -421,10 +421,13 @@ def _chunk_importance(q, k_cmp, config, scale, score_mod, mask_mod, chunk_size, 
         allowed = kv_pos <= t_idx
         if mask_mod is not None:
             allowed = allowed & mask_mod(b_idx, h_idx, t_idx, kv_pos)
-        # A query that sees no compressed block gets a row of NaN from softmax; it scores 0.
+        # A query that sees no compressed block (none allowed, or a score_mod sending every
+        # one to -inf) gets a row of NaN from softmax; it scores 0. (Where nothing
+        # differentiates, NaN from the data scores 0 too: the selection's rule, docs/design.md.)
         if differentiable:
-            p = torch.softmax(s.masked_fill(~allowed, float("-inf")), dim=-1)
-            p = torch.where(allowed.any(dim=-1, keepdim=True), p, 0.0)
+            s = s.masked_fill(~allowed, float("-inf"))
+            p = torch.softmax(s, dim=-1)
+            p = torch.where((s != float("-inf")).any(dim=-1, keepdim=True), p, 0.0)
         else:
             p = torch.softmax(s.masked_fill_(~allowed, float("-inf")), dim=-1).nan_to_num_(0.0)
         p = p.unflatten(1, (Hkv, G)).sum(dim=2)  # eq. 10: heads of a group share a selection
@@ -469,7 +472,9 @@ def block_scores(
     B, Hq, T, _ = q.shape
     if k_cmp.shape[2] == 0:
         dtype = torch.promote_types(q.dtype, torch.float32)
-        zero = (q.sum() + k_cmp.sum()).to(dtype) * 0  # keeps both in the graph
+        # Sums over no element: exactly 0 whatever q holds (a NaN query must not reach other
+        # rows), and still in the graph, so q and k_cmp get zero gradients rather than none.
+        zero = (q[..., :0].sum() + k_cmp.sum()).to(dtype)
         return zero + q.new_zeros(B, k_cmp.shape[1], T, config.num_select_blocks(T), dtype=dtype)
     parts = [p for _, p in _chunk_importance(q, k_cmp, config, scale, score_mod, mask_mod, chunk_size, True)]
     return torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]

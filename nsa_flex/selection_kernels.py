@@ -90,8 +90,8 @@ def block_scores_kernel(
 
     if HAS_LSE:
         lse = tl.load(LSE + b * slb + (h * G + g) * slh + tok.to(tl.int64) * slt, mask=row_ok, other=float("inf"))
-        # natural log to base 2; a row that sees nothing: +inf, so that every p below is 0
-        lse = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+        # natural log to base 2; a row that sees nothing, or NaN: +inf, so that every p below is 0
+        lse = tl.where((lse == float("-inf")) | (lse != lse), float("inf"), lse * 1.4426950408889634)
     else:
         # pass 1: log-sum-exp of each row over its visible compressed blocks
         m = tl.full([M], float("-inf"), tl.float32)
@@ -105,7 +105,9 @@ def block_scores_kernel(
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             acc = acc * tl.exp2(m - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), 1)
             m = m_new
-        lse = tl.where(m == float("-inf"), float("inf"), m + tl.log2(tl.where(acc > 0, acc, 1.0)))
+        # a row that sees nothing, or whose visible scores hold a NaN (or +inf): +inf, so that it
+        # scores 0 everywhere, as select_blocks' PyTorch path scores it
+        lse = tl.where((m == float("-inf")) | (acc != acc), float("inf"), m + tl.log2(tl.where(acc > 0, acc, 1.0)))
 
     # pass 2: probabilities -> selection blocks j0 .. j0 + SEL_STEP - 1 per step
     tt = t_start + pid * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -118,7 +120,7 @@ def block_scores_kernel(
         i_ok = (i >= 0) & (i < Tc)
         s = _qk(q, kc_ptr, skt, skd, i, dk, i_ok, dk_ok, IEEE) * scale_log2
         vis = ((i * CMP_STRIDE + CMP_BLOCK - 1)[None, :] <= tok[:, None]) & i_ok[None, :] & row_ok[:, None]
-        p = tl.where(vis, tl.exp2(s - lse[:, None]), 0.0)
+        p = tl.where(vis & (lse < float("inf"))[:, None], tl.exp2(s - lse[:, None]), 0.0)
         j = j0 + jb
         lo = tl.maximum(i[:, None], (j * PER_SEL)[None, :])
         hi = tl.minimum(i[:, None] + R - 1, (j * PER_SEL + PER_SEL - 1)[None, :])

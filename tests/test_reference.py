@@ -119,3 +119,56 @@ def test_reference_backend_traces_whole():
                     torch.autograd.grad((ref * w).sum(), (q, k, v, gates))):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
     torch._dynamo.reset()
+
+
+def test_query_chunks_change_nothing(monkeypatch):
+    """The reference attends in query chunks (memory-bounded, recomputed in the backward):
+    with chunks of a few queries it gives what one chunk gives, forward and gradients, with
+    user mods (the score_mod reads absolute query positions), selection_grad and p_cmp."""
+    config = NSAConfig(compress_block=8, compress_stride=4, select_block=8, num_selected=3, num_initial=1, num_local=1, window=8)
+    B, Hkv, G, T = 2, 2, 2, 37
+    gen = torch.Generator().manual_seed(11)
+    q = torch.randn(B, Hkv * G, T, 8, generator=gen, dtype=torch.float64).requires_grad_()
+    k = torch.randn(B, Hkv, T, 8, generator=gen, dtype=torch.float64).requires_grad_()
+    v = torch.randn(B, Hkv, T, 6, generator=gen, dtype=torch.float64).requires_grad_()
+    gates = torch.rand(B, Hkv * G, T, 3, generator=gen, dtype=torch.float64).requires_grad_()
+    slope = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)  # captured by the score_mod
+    w_out = torch.randn(B, Hkv * G, T, 6, generator=gen, dtype=torch.float64)
+    tc = config.num_compressed(T)
+    w_p = torch.randn(B, Hkv * G, T, tc, generator=gen, dtype=torch.float64)
+
+    def score_mod(s, b, h, qi, kv):
+        return s - slope * (qi - kv).abs() + 0.1 * torch.cos(qi.double())
+
+    def mask_mod(b, h, qi, kv):
+        return (qi + kv + h) % 5 != 0
+
+    def run():
+        r = R.attend(q, k, v, gates, config=config, score_mod=score_mod, mask_mod=mask_mod, selection_grad=True)
+        loss = (r.out * w_out).sum() + (r.p_cmp * w_p).sum()
+        return r, torch.autograd.grad(loss, (q, k, v, gates, slope))
+
+    assert R._chunk_rows(B, Hkv * G, T, torch.float64) >= T  # one chunk
+    one, one_grads = run()
+    monkeypatch.setattr(R, "_CHUNK_BYTES", B * Hkv * G * tc * 8 * 3)
+    assert R._chunk_rows(B, Hkv * G, tc, torch.float64) == 3 and R._chunk_rows(B, Hkv * G, T, torch.float64) == 1
+    many, many_grads = run()
+    assert torch.equal(many.block_indices, one.block_indices)
+    for name, a, b in zip(R.ReferenceOutput._fields, many, one):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-13, msg=name)
+    for name, a, b in zip(("q", "k", "v", "gates", "slope"), many_grads, one_grads):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-13, msg=f"grad {name}")
+    assert one_grads[-1].abs() > 0
+
+
+def test_query_chunks_of_masked_attention(monkeypatch):
+    """The public masked_attention with a broadcast mask, chunked: the same outputs and probabilities."""
+    gen = torch.Generator().manual_seed(2)
+    q = torch.randn(1, 4, 19, 8, generator=gen, dtype=torch.float64)
+    k, v = torch.randn(1, 2, 11, 8, generator=gen, dtype=torch.float64), torch.randn(1, 2, 11, 5, generator=gen, dtype=torch.float64)
+    allowed = torch.rand(1, 1, 19, 11, generator=gen) > 0.3
+    one = R.masked_attention(q, k, v, allowed, 0.4, torch.arange(11))
+    monkeypatch.setattr(R, "_CHUNK_BYTES", 4 * 11 * 8 * 2)
+    many = R.masked_attention(q, k, v, allowed, 0.4, torch.arange(11))
+    for a, b in zip(many, one):
+        torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-14)
