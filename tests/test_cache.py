@@ -186,7 +186,8 @@ def test_speculative_steps_and_rewind():
 def _tokens(B, Hkv, G, T, D, seed, dtype=torch.float64):
     g = torch.Generator().manual_seed(seed)
     return (torch.randn(B, Hkv * G, T, D, generator=g, dtype=dtype), torch.randn(B, Hkv, T, D, generator=g, dtype=dtype),
-            torch.randn(B, Hkv, T, D, generator=g, dtype=dtype), torch.rand(B, Hkv * G, T, 3, generator=g, dtype=dtype))
+            torch.randn(B, Hkv, T, D, generator=g, dtype=dtype),
+            torch.rand(B, Hkv * G, T, 3, generator=g, dtype=dtype))
 
 
 @pytest.mark.parametrize("per_row", [False, True], ids=["int", "tensor"])
@@ -274,7 +275,8 @@ def test_a_step_past_max_len_keeps_lengths_at_max_len(m, fused):
     L, D = 24, 16
     q, k, v, gates = _tokens(2, 1, 2, L + 10, D, seed=3, dtype=torch.float32)
     cache = NSACache(2, 1, L, D, config=SMALL)
-    prefill(cache, q[:, :, : L - 1], k[:, :, : L - 1], v[:, :, : L - 1], lengths=torch.tensor([L - 1, L - 2]), backend="reference")
+    prefill(cache, q[:, :, : L - 1], k[:, :, : L - 1], v[:, :, : L - 1], lengths=torch.tensor([L - 1, L - 2]),
+            backend="reference")
     held = cache.k.clone()
     for i in range(3):
         cache._bound = 0  # the host does not know what replays did
