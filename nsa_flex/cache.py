@@ -189,17 +189,19 @@ class NSACache:
         integer tensor for a count per row), e.g. rejected speculative tokens; a row's length
         stops at 0. The cache stays usable: decode steps may follow at once.
 
-        ``num_tokens`` must be non-negative. An int is checked on the host. A tensor's values
-        are read (one device read, which also re-reads the new lengths' maximum into the
-        host-side bound that guards ``max_len``) and a negative one raises ``ValueError``,
-        except while compiling with ``torch.compile`` or capturing a CUDA graph, where nothing
-        is read: there a negative count is taken as 0 on the device, so that no input moves a
-        row's length outside ``[0, tokens held]``, and the host-side bound stays as it was
-        (call :meth:`sync_bound` afterwards to lower it).
+        ``num_tokens`` must be non-negative. An int is checked on the host and lowers the
+        host-side bound that guards ``max_len`` by as much. A tensor's values are read (one
+        device read, which also re-reads the new lengths' maximum into that bound) and a
+        negative one raises ``ValueError``. While compiling with ``torch.compile`` or capturing
+        a CUDA graph nothing is read: a negative count is taken as 0 on the device, so that no
+        input moves a row's length outside ``[0, tokens held]``, and the host-side bound stays
+        as it was, for an int too (a captured rewind runs at each replay, not now); it is still
+        an upper bound, and :meth:`sync_bound` lowers it.
 
         Nothing else changes: raw and compressed slots past a row's new length are never read
         as visible, and are overwritten when tokens arrive there again.
         """
+        eager = _can_read_values(self.lengths)  # not compiling or capturing
         if isinstance(num_tokens, Tensor):
             if num_tokens.is_floating_point() or num_tokens.is_complex() or num_tokens.dtype == torch.bool:
                 raise TypeError(f"num_tokens must be an integer tensor, got {num_tokens.dtype}")
@@ -207,7 +209,7 @@ class NSACache:
                 raise ValueError(f"num_tokens must be a scalar or (B,) = ({self.batch_size},), got {tuple(num_tokens.shape)}")
             if num_tokens.device != self.device:
                 raise ValueError(f"num_tokens is on {num_tokens.device} but the cache is on {self.device}")
-            if _can_read_values(num_tokens) and num_tokens.device.type != "meta":
+            if eager and self.device.type != "meta":  # values can be read
                 after = (self.lengths - num_tokens).clamp_(min=0)
                 lo, hi = torch.stack((num_tokens.min().long(), after.max())).tolist()  # one read
                 if lo < 0:
@@ -219,7 +221,8 @@ class NSACache:
         else:
             _int("num_tokens", num_tokens, 0)
             self.lengths.sub_(num_tokens).clamp_(min=0)
-            self._bound = max(self._bound - num_tokens, 0)
+            if eager:
+                self._bound = max(self._bound - num_tokens, 0)
         return self
 
     def sync_bound(self) -> NSACache:

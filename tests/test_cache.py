@@ -261,6 +261,14 @@ def test_rewind_clamps_on_the_device_when_values_cannot_be_read():
     assert compiled(torch.tensor([2, -7])).tolist() == [8, 3]
     assert compiled(torch.tensor([9, 9])).tolist() == [0, 0]
     assert cache._bound == 10
+    prefill(cache, q, k, v, lengths=torch.tensor([10, 4]), backend="reference")
+
+    def rewind_two():
+        cache.rewind_(2)
+        return cache.lengths + 0
+
+    assert torch.compile(rewind_two, fullgraph=True, backend="eager")().tolist() == [8, 2]
+    assert cache._bound == 10  # an int too: what is captured runs later, at each replay
     torch._dynamo.reset()
 
 
