@@ -22,7 +22,7 @@ depend only on ``m`` and the cache's sizes, so it can be captured in a CUDA grap
    :func:`~nsa_flex.selection.top_n_blocks` at the queries' positions;
 5. the selected branch: the ``n * l'`` keys of the chosen blocks, gathered;
 6. the window branch: the last ``w`` keys, gathered;
-7. the gates mix the three, and ``lengths += m``.
+7. the gates mix the three, and ``lengths += m`` (stopping at ``max_len``).
 
 A step runs either as plain PyTorch operations (matmuls over gathered keys, scores in float32
 or wider), or, for one token per row (the default on CUDA), as four Triton kernels split over
@@ -39,7 +39,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from ._validation import check_gates, check_qkv, resolve_config, resolve_scale
+from ._validation import _can_read_values, check_gates, check_qk_cmp, check_qkv, resolve_config, resolve_scale
 from .api import BACKENDS, _gate, attend
 from .compression import mean_compress
 from .config import NSAConfig
@@ -54,10 +54,6 @@ def _int(name: str, value, minimum: int) -> int:
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
     return value
-
-
-def _capturing(x: Tensor) -> bool:
-    return torch.compiler.is_compiling() or (x.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
 class NSACache:
@@ -83,9 +79,17 @@ class NSACache:
         lengths: ``(B,)`` int64 on ``device``, tokens held per row.
 
     What lies past a row's length is never read as visible, so rolling a row back (rejected
-    speculative tokens) is :meth:`rewind_`. Each storage tensor has one spare slot past the end:
-    writes past ``max_len`` (only possible in CUDA-graph replays, which skip the host-side check)
-    land there instead of out of bounds.
+    speculative tokens) is :meth:`rewind_`. ``lengths`` stays in ``[0, tokens held]`` whatever
+    the calls: every method and step keeps it there (see :meth:`rewind_` for the counts it
+    refuses or clamps).
+
+    Each storage tensor has one spare slot past the end. Eager steps never pass ``max_len``
+    (the host-side bound refuses them), but CUDA-graph replays skip that check: a replayed step
+    past ``max_len`` writes its tokens past it into the spare slot instead of out of bounds
+    (they are dropped), ``lengths`` stops at ``max_len``, and its outputs are not those of the
+    full forward (they miss the dropped tokens). The spare slot of ``k_cmp``/``v_cmp`` also
+    takes the blocks that a step computes but does not complete. No step within ``max_len``
+    reads a spare slot.
     """
 
     def __init__(
@@ -119,7 +123,8 @@ class NSACache:
         self._v_cmp = torch.zeros(B, H, tc + 1, Dv, device=device, dtype=dtype)
         self.lengths = torch.zeros(B, device=device, dtype=torch.int64)
         # An upper bound on lengths, kept on the host so that a step can refuse to overflow
-        # without reading the device.
+        # without reading the device: exact after prefill, eager steps and eager rewinds;
+        # graph replays advance lengths past it (sync_bound).
         self._bound = 0
 
     # ------------------------------------------------------------------------- views
@@ -180,22 +185,44 @@ class NSACache:
         return self
 
     def rewind_(self, num_tokens: int | Tensor) -> NSACache:
-        """Drop the last ``num_tokens`` tokens of each row (an int, or a ``(B,)`` integer tensor
-        for a count per row), e.g. rejected speculative tokens; lengths stop at 0.
+        """Drop the last ``num_tokens`` tokens of each row (an int, or a scalar or ``(B,)``
+        integer tensor for a count per row), e.g. rejected speculative tokens; a row's length
+        stops at 0. The cache stays usable: decode steps may follow at once.
+
+        ``num_tokens`` must be non-negative. An int is checked on the host and lowers the
+        host-side bound that guards ``max_len`` by as much. A tensor's values are read (one
+        device read, which also re-reads the new lengths' maximum into that bound) and a
+        negative one raises ``ValueError``. While compiling with ``torch.compile`` or capturing
+        a CUDA graph nothing is read: a negative count is taken as 0 on the device, so that no
+        input moves a row's length outside ``[0, tokens held]``, and the host-side bound stays
+        as it was, for an int too (a captured rewind runs at each replay, not now); it is still
+        an upper bound, and :meth:`sync_bound` lowers it.
 
         Nothing else changes: raw and compressed slots past a row's new length are never read
         as visible, and are overwritten when tokens arrive there again.
         """
+        eager = _can_read_values(self.lengths)  # not compiling or capturing
         if isinstance(num_tokens, Tensor):
-            if num_tokens.is_floating_point() or num_tokens.dtype == torch.bool:
+            if num_tokens.is_floating_point() or num_tokens.is_complex() or num_tokens.dtype == torch.bool:
                 raise TypeError(f"num_tokens must be an integer tensor, got {num_tokens.dtype}")
             if num_tokens.shape not in ((), (self.batch_size,)):
                 raise ValueError(f"num_tokens must be a scalar or (B,) = ({self.batch_size},), got {tuple(num_tokens.shape)}")
             if num_tokens.device != self.device:
                 raise ValueError(f"num_tokens is on {num_tokens.device} but the cache is on {self.device}")
+            if eager and self.device.type != "meta":  # values can be read
+                after = (self.lengths - num_tokens).clamp_(min=0)
+                lo, hi = torch.stack((num_tokens.min().long(), after.max())).tolist()  # one read
+                if lo < 0:
+                    raise ValueError(f"num_tokens must be >= 0, got a count of {lo}")
+                self.lengths.copy_(after)
+                self._bound = hi
+            else:  # nothing may be read: clamp on the device, keep the (still valid) bound
+                self.lengths.sub_(num_tokens.clamp(min=0)).clamp_(min=0)
         else:
             _int("num_tokens", num_tokens, 0)
-        self.lengths.sub_(num_tokens).clamp_(min=0)
+            self.lengths.sub_(num_tokens).clamp_(min=0)
+            if eager:
+                self._bound = max(self._bound - num_tokens, 0)
         return self
 
     def sync_bound(self) -> NSACache:
@@ -295,8 +322,10 @@ def prefill(
 
     Whatever the cache held is replaced. Rows may be right-padded: row ``b`` holds
     ``lengths[b]`` tokens; its outputs at those positions are exactly what ``attend`` gives for
-    the row alone (attention is causal, so padding after a token cannot reach it), and its
-    outputs at padded positions are 0.
+    the row alone, and its outputs at padded positions are 0. The padding may hold anything,
+    NaN and inf included: its positions of ``q``, ``k``, ``v``, ``gates`` and the compressed
+    blocks that reach into it (given or computed) are zeroed before ``attend`` runs, so it
+    never reaches a real output or the cache.
 
     Args:
         cache: an :class:`NSACache` with ``max_len >= T``.
@@ -343,7 +372,7 @@ def prefill(
         raise ValueError(f"the prompt (T = {T}) is longer than the cache's max_len ({cache.max_len})")
     if lengths is None:
         lengths = torch.full((B,), T, device=q.device, dtype=torch.int64)
-        bound = T
+        lo = bound = T
     else:
         if not isinstance(lengths, Tensor):
             raise TypeError(f"lengths must be a torch.Tensor, got {type(lengths).__name__}")
@@ -357,24 +386,40 @@ def prefill(
         if lo < 0 or bound > T:
             raise ValueError(f"lengths must lie in [0, T = {T}], found values in [{lo}, {bound}]")
         lengths = lengths.long()
+    tc = config.num_compressed(T)
+    # checked here too, since the padding is zeroed before attend() sees them
+    if gates is not None:
+        check_gates(gates, q)
+    if k_cmp is not None:
+        check_qk_cmp(q, k_cmp, config, "k_cmp")
+    if v_cmp is not None:
+        check_qk_cmp(q, v_cmp, config, "v_cmp", head_dim=v.shape[-1])
+    held = torch.arange(T, device=q.device) < lengths[:, None]  # (B, T)
+    complete = (torch.arange(tc, device=q.device) * config.compress_stride + config.compress_block - 1) < lengths[:, None]
+    padded = lo < T
+    if padded:
+        # Zero the padding before anything reads it: whatever it holds (NaN, inf) then never
+        # reaches a real position, not even as 0 * NaN in a masked value product.
+        q, k, v = (torch.where(held[:, None, :, None], x, 0) for x in (q, k, v))
+        if gates is not None:
+            gates = torch.where(held[:, None, :, None], gates, 0)
     if k_cmp is None:
-        k_cmp = _compressed("compress_k", _compressor(compress_k, config), k, config.num_compressed(T))
+        k_cmp = _compressed("compress_k", _compressor(compress_k, config), k, tc)
     if v_cmp is None:
-        v_cmp = _compressed("compress_v", _compressor(compress_v, config), v, config.num_compressed(T))
+        v_cmp = _compressed("compress_v", _compressor(compress_v, config), v, tc)
+    if padded:  # the blocks that reach into a row's padding: no real query sees them
+        k_cmp, v_cmp = (torch.where(complete[:, None, :, None], x, 0) for x in (k_cmp, v_cmp))
 
     out = attend(q, k, v, gates, config=config, k_cmp=k_cmp, v_cmp=v_cmp, scale=scale, backend=backend)
 
     with torch.no_grad():
-        tc = config.num_compressed(T)
-        held = torch.arange(T, device=q.device) < lengths[:, None]  # (B, T)
-        complete = (torch.arange(tc, device=q.device) * config.compress_stride + config.compress_block - 1) < lengths[:, None]
-        cache._k[:, :, :T] = torch.where(held[:, None, :, None], k.detach(), 0)
-        cache._v[:, :, :T] = torch.where(held[:, None, :, None], v.detach(), 0)
-        cache._k_cmp[:, :, :tc] = torch.where(complete[:, None, :, None], k_cmp.detach(), 0)
-        cache._v_cmp[:, :, :tc] = torch.where(complete[:, None, :, None], v_cmp.detach(), 0)
+        cache._k[:, :, :T] = k.detach()
+        cache._v[:, :, :T] = v.detach()
+        cache._k_cmp[:, :, :tc] = k_cmp.detach()
+        cache._v_cmp[:, :, :tc] = v_cmp.detach()
         cache.lengths.copy_(lengths)
     cache._bound = bound
-    return torch.where(held[:, None, :, None], out, 0)
+    return torch.where(held[:, None, :, None], out, 0) if padded else out
 
 
 # ------------------------------------------------------------------------------ decode
@@ -493,7 +538,9 @@ def decode_step(
     Raises:
         TypeError, ValueError: naming the argument, before any kernel runs: shapes, dtypes or
             devices that do not match the cache, or a step that would pass ``max_len`` (checked
-            against a host-side bound; see :meth:`NSACache.sync_bound` after graph replays).
+            against a host-side bound; see :meth:`NSACache.sync_bound` after graph replays). A
+            replay past ``max_len`` is not refused: its tokens past it are dropped and the
+            lengths stop at ``max_len`` (see :class:`NSACache`).
     """
     _check_cache(cache)
     check_qkv(q, k, v)
@@ -592,7 +639,9 @@ def _decode(cache, q, k, v, gates, config, scale, compress_k, compress_v) -> tup
     p = _softmax_rows(s, seen[:, None, :, None, :])
     o_swa = _weighted(p, seen[:, None], vw)
 
-    cache.lengths.add_(m)
+    # A replay past max_len kept none of its tokens past it (they went to the spare slot): the
+    # lengths stop at max_len, so that they never claim more than the cache holds.
+    cache.lengths.add_(m).clamp_(max=L)
 
     def heads(o):  # (B, Hkv, m, G, Dv) -> (B, Hq, m, Dv)
         return o.transpose(2, 3).reshape(B, Hq, m, Dv).to(q.dtype)
@@ -707,7 +756,7 @@ def _decode_fused(cache, q, k, v, gates, config, scale, compress_k, compress_v, 
     combine_kernel[(B * Hq,)](
         pm, pl, pacc, gates if gates is not None else out, out, cache.lengths,
         g_strides[0], g_strides[1], g_strides[3], out.stride(0), out.stride(1), out.stride(3),
-        Hq, P, s1, G=G, N_SEL=n, DV=Dv, BLOCK_DV=_pow2(Dv), BLOCK_P=min(64, _pow2(max(s1, n, nw))),
+        Hq, L, P, s1, G=G, N_SEL=n, DV=Dv, BLOCK_DV=_pow2(Dv), BLOCK_P=min(64, _pow2(max(s1, n, nw))),
         GATED=gates is not None, num_warps=4,
     )
     return out, idx.view(B, Hkv, 1, n)

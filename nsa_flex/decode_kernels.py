@@ -315,12 +315,13 @@ def combine_kernel(
     PM, PL, PACC, GATES, OUT, LEN,
     sgb, sgh, sgc,
     sob, soh, sod,
-    Hq, P, S1,
+    Hq, L, P, S1,
     G: tl.constexpr, N_SEL: tl.constexpr, DV: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_P: tl.constexpr,
     GATED: tl.constexpr,
 ):
     """One query head: the three branches from their slots, gated (eq. 5); then ``lengths[b]
-    += 1`` (by head 0 of each row, after every kernel of the step has read it)."""
+    += 1``, stopping at ``L`` (a replay past max_len kept no token there), by head 0 of each
+    row, after every kernel of the step has read it."""
     pid = tl.program_id(0)
     b = (pid // Hq).to(tl.int64)
     hq = (pid % Hq).to(tl.int64)
@@ -339,4 +340,4 @@ def combine_kernel(
         out = o_cmp + o_slc + o_swa
     tl.store(OUT + b * sob + hq * soh + dv * sod, out.to(OUT.dtype.element_ty), mask=dv_ok)
     if hq == 0:
-        tl.store(LEN + b, tl.load(LEN + b) + 1)
+        tl.store(LEN + b, tl.minimum(tl.load(LEN + b) + 1, L))

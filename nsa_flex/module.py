@@ -339,7 +339,8 @@ class SparseAttention(nn.Module):
             cache: from :meth:`new_cache`; its ``max_len >= T``.
             lengths: ``(B,)`` integer tensor, tokens per row (default ``T``). Row ``b``'s
                 outputs at positions ``< lengths[b]`` are ``forward`` of the row alone; the
-                padded ones are ``to_out`` of 0.
+                padded ones are ``to_out`` of 0. The padding of ``x`` may hold anything (NaN
+                included): it never reaches a real output.
 
         Returns:
             ``(B, T, dim)``.

@@ -183,6 +183,185 @@ def test_speculative_steps_and_rewind():
             assert rel_err(nxt[b], layer(seq)[0, -6:]) < 1e-10
 
 
+def _tokens(B, Hkv, G, T, D, seed, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(B, Hkv * G, T, D, generator=g, dtype=dtype), torch.randn(B, Hkv, T, D, generator=g, dtype=dtype),
+            torch.randn(B, Hkv, T, D, generator=g, dtype=dtype),
+            torch.rand(B, Hkv * G, T, 3, generator=g, dtype=dtype))
+
+
+@pytest.mark.parametrize("per_row", [False, True], ids=["int", "tensor"])
+def test_speculative_loop_runs_to_max_len_without_sync_bound(per_row):
+    """Decode 3 draft tokens, rewind 2, again and again: a rewind lowers the host-side bound
+    too, so the loop runs until the rows really reach max_len (no sync_bound() needed)."""
+    B, Hkv, G, D, P, L = 2, 1, 2, 8, 10, 20
+    q, k, v, gates = _tokens(B, Hkv, G, L, D, seed=7)
+    drafts = _tokens(B, Hkv, G, 3 * L, D, seed=8)
+    cache = NSACache(B, Hkv, L, D, config=SMALL, dtype=torch.float64)
+    prefill(cache, q[:, :, :P], k[:, :, :P], v[:, :, :P], gates[:, :, :P], backend="reference")
+    rows = [[x[b, :, :P] for x in (q, k, v, gates)] for b in range(B)]  # what each row holds
+    rounds = 0
+    while int(cache.lengths.max()) + 3 <= L:
+        step = [x[:, :, 3 * rounds : 3 * rounds + 3] for x in drafts]
+        out = decode_step(cache, *step)
+        # keep 1 token per row (int), or 1 and 2 alternately per row (tensor)
+        kept = [1, 1] if not per_row else [1 + (rounds + b) % 2 for b in range(B)]
+        cache.rewind_(torch.tensor([3 - n for n in kept]) if per_row else 2)
+        for b in range(B):
+            seq = [torch.cat([r, x[b]], dim=1) for r, x in zip(rows[b], step)]
+            full = attend(*(x[None] for x in seq), config=SMALL, backend="reference")
+            assert rel_err(out[b], full[0, :, -3:]) < 1e-10, (rounds, b)
+            rows[b] = [x[:, : x.shape[1] - 3 + kept[b]] for x in seq]
+        rounds += 1
+        assert cache.lengths.tolist() == [r[0].shape[1] for r in rows]
+        assert cache._bound == int(cache.lengths.max())  # a rewind keeps the bound exact
+    assert rounds >= 5 and int(cache.lengths.max()) > L - 3
+    with pytest.raises(ValueError, match="max_len"):
+        decode_step(cache, *(x[:, :, :3] for x in drafts))
+    room = L - int(cache.lengths.max())
+    if room:
+        decode_step(cache, *(x[:, :, :room] for x in drafts))
+    assert int(cache.lengths.max()) == L
+
+
+def test_rewind_refuses_negative_counts_and_floors_at_zero():
+    cache = NSACache(2, 1, 40, 8, config=SMALL, dtype=torch.float64)
+    q, k, v, _ = _tokens(2, 1, 2, 10, 8, seed=1)
+    prefill(cache, q, k, v, lengths=torch.tensor([10, 4]), backend="reference")
+    for bad in (torch.tensor(-35), torch.tensor([3, -1]), torch.tensor([-2, -2], dtype=torch.int32)):
+        with pytest.raises(ValueError, match="num_tokens must be >= 0"):
+            cache.rewind_(bad)
+        assert cache.lengths.tolist() == [10, 4] and cache._bound == 10  # untouched
+    with pytest.raises(ValueError, match="num_tokens must be >= 0"):
+        cache.rewind_(-1)
+    with pytest.raises(TypeError, match="num_tokens"):
+        cache.rewind_(torch.tensor([1.0, 2.0]))
+    cache.rewind_(torch.tensor([1, 6]))  # over-long for row 1: stops at 0
+    assert cache.lengths.tolist() == [9, 0] and cache._bound == 9
+    cache.rewind_(torch.tensor(2, dtype=torch.uint8))
+    assert cache.lengths.tolist() == [7, 0] and cache._bound == 7
+    cache.rewind_(50)
+    assert cache.lengths.tolist() == [0, 0] and cache._bound == 0
+
+
+def test_rewind_clamps_on_the_device_when_values_cannot_be_read():
+    """Compiled (nothing may be read): a negative count is taken as 0, never lengthening a row;
+    the host-side bound stays where it was (an upper bound still)."""
+    torch._dynamo.reset()
+    cache = NSACache(2, 1, 40, 8, config=SMALL, dtype=torch.float64)
+    q, k, v, _ = _tokens(2, 1, 2, 10, 8, seed=1)
+    prefill(cache, q, k, v, lengths=torch.tensor([10, 4]), backend="reference")
+
+    def rewind(n):
+        cache.rewind_(n)
+        return cache.lengths + 0
+
+    compiled = torch.compile(rewind, fullgraph=True, backend="eager")
+    assert compiled(torch.tensor([-35, 1])).tolist() == [10, 3]
+    assert compiled(torch.tensor([2, -7])).tolist() == [8, 3]
+    assert compiled(torch.tensor([9, 9])).tolist() == [0, 0]
+    assert cache._bound == 10
+    prefill(cache, q, k, v, lengths=torch.tensor([10, 4]), backend="reference")
+
+    def rewind_two():
+        cache.rewind_(2)
+        return cache.lengths + 0
+
+    assert torch.compile(rewind_two, fullgraph=True, backend="eager")().tolist() == [8, 2]
+    assert cache._bound == 10  # an int too: what is captured runs later, at each replay
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize(
+    "m, fused", [(1, False), (3, False), pytest.param(1, True, marks=pytest.mark.skipif(not TRITON, reason="no Triton"))]
+)
+def test_a_step_past_max_len_keeps_lengths_at_max_len(m, fused):
+    """What a CUDA-graph replay past max_len does (simulated: a host-side bound left behind, as
+    replays leave it): its tokens past max_len go to the spare slot, and the lengths stop at
+    max_len, so the cache still describes what it holds."""
+    L, D = 24, 16
+    q, k, v, gates = _tokens(2, 1, 2, L + 10, D, seed=3, dtype=torch.float32)
+    cache = NSACache(2, 1, L, D, config=SMALL)
+    prefill(cache, q[:, :, : L - 1], k[:, :, : L - 1], v[:, :, : L - 1], lengths=torch.tensor([L - 1, L - 2]),
+            backend="reference")
+    held = cache.k.clone()
+    for i in range(3):
+        cache._bound = 0  # the host does not know what replays did
+        sl = slice(L - 1 + i * m, L - 1 + (i + 1) * m)
+        out = decode_step(cache, q[:, :, sl], k[:, :, sl], v[:, :, sl], gates[:, :, sl], fused=fused)
+        assert out.shape == (2, 2, m, D) and torch.isfinite(out).all()
+        assert cache.lengths.tolist() == [L, min(L - 2 + (i + 1) * m, L)], i
+    # the tokens that fit are in place; the rest went nowhere but the spare slot
+    assert torch.equal(cache.k[0, :, : L - 1], held[0, :, : L - 1])
+    assert torch.equal(cache.k[0, :, L - 1], k[0, :, L - 1])
+    assert torch.equal(cache.k[1, :, : L - 2], held[1, :, : L - 2])
+    assert torch.equal(cache.k[1, :, L - 2 :], k[1, :, L - 1 : L + 1])  # its first two new tokens
+    cache.sync_bound()
+    assert cache._bound == L
+    with pytest.raises(ValueError, match="max_len"):
+        decode_step(cache, q[:, :, :1], k[:, :, :1], v[:, :, :1])
+
+
+PADDING = [float("nan"), float("inf"), -float("inf"), 1e30]
+
+
+def _padded_prompt(B, Hkv, G, T, D, lengths, fill, seed, dtype):
+    q, k, v, gates = _tokens(B, Hkv, G, T, D, seed, dtype)
+    pad = torch.arange(T) >= torch.tensor(lengths)[:, None]  # (B, T)
+    bad = [x.masked_fill(pad[:, None, :, None], fill) for x in (q, k, v, gates)]
+    return (q, k, v, gates), bad
+
+
+@pytest.mark.parametrize("fill", PADDING, ids=["nan", "inf", "-inf", "1e30"])
+@pytest.mark.parametrize(
+    "backend, dtype, D",
+    [("reference", torch.float64, 8), ("flex", torch.float32, 8),
+     pytest.param("triton", torch.float32, 16, marks=pytest.mark.skipif(not TRITON, reason="no Triton"))],
+)
+def test_prefill_padding_never_reaches_a_real_output(backend, dtype, D, fill):
+    """Right padding holding NaN or inf (q, k, v, gates, and the given compressed blocks that
+    reach into it) changes no real output and leaves nothing non-finite in the cache."""
+    B, Hkv, G, T, L = 3, 1, 2, 13, 20
+    lengths = [13, 6, 0]
+    (q, k, v, gates), bad = _padded_prompt(B, Hkv, G, T, D, lengths, fill, seed=2, dtype=dtype)
+    k_cmp, v_cmp = mean_compress(bad[1], SMALL), mean_compress(bad[2], SMALL)  # blocks over padding: non-finite
+    runs = {}
+    for given in (False, True):
+        cache = NSACache(B, Hkv, L, D, config=SMALL, dtype=dtype)
+        extra = dict(k_cmp=k_cmp, v_cmp=v_cmp) if given else {}
+        out = prefill(cache, *bad, lengths=torch.tensor(lengths), backend=backend, **extra)
+        runs[given] = out
+        for b, n in enumerate(lengths):
+            assert torch.all(out[b, :, n:] == 0), b
+            if n:
+                full = attend(*(x[b : b + 1, :, :n] for x in (q, k, v, gates)), config=SMALL, backend=backend)
+                assert rel_err(out[b, :, :n], full[0]) < TOL[dtype], (given, b)
+        for name in ("k", "v", "k_cmp", "v_cmp"):
+            assert torch.isfinite(getattr(cache, name)).all(), name
+    # a step after it sees only the real tokens
+    step = _tokens(B, Hkv, G, 1, D, seed=9, dtype=dtype)
+    got = decode_step(cache, *step, fused=False)
+    for b, n in enumerate(lengths):
+        seq = [torch.cat([x[b : b + 1, :, :n], s[b : b + 1]], dim=2) for x, s in zip((q, k, v, gates), step)]
+        full = attend(*seq, config=SMALL, backend="reference")
+        assert rel_err(got[b], full[0, :, -1:]) < TOL[dtype], b
+
+
+@pytest.mark.parametrize("fill", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_module_prefill_padding_never_reaches_a_real_output(fill):
+    layer = make_layer(SMALL, G=2, Hkv=1)
+    x = torch.randn(2, 14, 16, dtype=torch.float64)
+    lengths = [14, 5]
+    bad = x.clone()
+    bad[1, 5:] = fill
+    with torch.no_grad():
+        cache = layer.new_cache(2, 20)
+        out = layer.prefill(bad, cache, lengths=torch.tensor(lengths))
+        assert rel_err(out[0], layer(x[:1])[0]) < 1e-10
+        assert rel_err(out[1, :5], layer(x[1:, :5])[0]) < 1e-10
+        assert torch.isfinite(out).all()
+
+
 def test_decode_from_an_empty_cache_and_reuse_after_reset():
     layer = make_layer(SMALL, G=1, Hkv=2)
     x = torch.randn(1, 20, 16, dtype=torch.float64)
@@ -397,7 +576,7 @@ def test_docs_examples_run():
 
     text = (Path(__file__).resolve().parents[1] / "docs" / "inference.md").read_text()
     blocks = [b for b in re.findall(r"```python\n(.*?)```", text, re.S) if "cuda" not in b]
-    assert len(blocks) == 2
+    assert len(blocks) == 3
     for block in blocks:
         out = io.StringIO()
         with contextlib.redirect_stdout(out):

@@ -261,3 +261,43 @@ def test_fused_is_the_default_on_cuda():
     with torch.no_grad():
         assert torch.equal(decode_step(cache, q, k, v), decode_step(other, q, k, v, fused=True))
     assert torch.equal(cache.k_cmp, other.k_cmp) and torch.equal(cache.lengths, other.lengths)
+
+
+def test_replays_past_max_len_and_captured_rewinds_keep_lengths_in_range():
+    """Replays skip the host-side check: past max_len a fused step's token goes to the spare
+    slot and the lengths stop at max_len; a captured rewind takes negative counts as 0."""
+    torch.manual_seed(6)
+    config = NSAConfig(compress_block=16, compress_stride=8, select_block=16, num_selected=4, window=32)
+    dtype, dev = torch.bfloat16, "cuda"
+    B, Hkv, G, D, L, P, steps = 2, 2, 2, 64, 64, 60, 8
+    cache = NSACache(B, Hkv, L, D, config=config, device=dev, dtype=dtype)
+    q, k, v = (torch.randn(B, h, P, D, device=dev).to(dtype) for h in (Hkv * G, Hkv, Hkv))
+    with torch.no_grad():
+        prefill(cache, q, k, v, lengths=torch.tensor([P, P - 2], device=dev))
+    held = cache.k.clone()
+    static = [torch.zeros(B, h, 1, D, device=dev, dtype=dtype) for h in (Hkv * G, Hkv, Hkv)]
+    keys = [torch.randn(B, Hkv, 1, D, device=dev).to(dtype) for _ in range(steps)]
+
+    def load(i):
+        static[0].copy_(torch.randn(static[0].shape, device=dev).to(dtype))
+        static[1].copy_(keys[i])
+        static[2].copy_(torch.randn(static[2].shape, device=dev).to(dtype))
+
+    got = replay_steps(lambda: decode_step(cache, *static, fused=True), cache, load, steps, dim=2)
+    assert torch.isfinite(got).all()
+    assert cache.lengths.tolist() == [L, L]
+    for b, start in enumerate((P, P - 2)):
+        assert torch.equal(cache.k[b, :, :start], held[b, :, :start])
+        for i in range(L - start):  # the tokens that fit; the rest went to the spare slot
+            assert torch.equal(cache.k[b, :, start + i], keys[i][b, :, 0])
+
+    counts = torch.zeros(B, dtype=torch.int64, device=dev)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        cache.rewind_(counts)
+    assert cache.lengths.tolist() == [L, L]  # capture ran nothing
+    for n, want in (([-5, 3], [L, L - 3]), ([2, -40], [L - 2, L - 3]), ([100, 1], [0, L - 4])):
+        counts.copy_(torch.tensor(n, device=dev))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert cache.lengths.tolist() == want, n
