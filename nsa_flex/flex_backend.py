@@ -28,7 +28,7 @@ from typing import Callable
 import torch
 import torch.nn.attention.flex_attention as _flex_module
 from torch import Tensor
-from torch.nn.attention.flex_attention import flex_attention
+from torch.nn.attention.flex_attention import AuxRequest, flex_attention
 
 from . import ops, triton_backend
 from .config import NSAConfig
@@ -158,23 +158,36 @@ def _tile_options(element_size: int, head_dim: int, block_size: tuple[int, int] 
 
 
 def _flex(q, k, v, score_mod, block_mask, scale, return_lse: bool = False):
+    """``flex_attention(q, k, v, ...)`` as this call's context runs it (traced while compiling, the
+    shared compiled function on CUDA, the operator under CPU autograd, eager on the CPU);
+    ``return_lse``: ``(out, lse)`` with the natural log-sum-exp."""
     kw = dict(
-        score_mod=score_mod, block_mask=block_mask, scale=scale, return_lse=return_lse,
+        score_mod=score_mod, block_mask=block_mask, scale=scale,
+        # AuxRequest rather than return_lse, which torch deprecates (a FutureWarning per process)
+        return_aux=AuxRequest(lse=True) if return_lse else None,
         enable_gqa=q.shape[1] != k.shape[1],
         kernel_options=_kernel_options(q, v, block_mask.BLOCK_SIZE),
     )
     if torch.compiler.is_compiling():
-        return flex_attention(q, k, v, **kw)
+        return _lse_pair(flex_attention(q, k, v, **kw), return_lse)
     if q.is_cuda:
         with _room_to_recompile():
-            return _compiled_flex()(q, k, v, **kw)
+            return _lse_pair(_compiled_flex()(q, k, v, **kw), return_lse)
     if q.requires_grad or k.requires_grad or v.requires_grad:
         if torch.is_grad_enabled():
             return _cpu_flex_with_grad(q, k, v, score_mod, block_mask, scale, return_lse)
         # under no_grad nothing will differentiate, but the public call refuses such inputs
         q, k, v = q.detach(), k.detach(), v.detach()
     with _eager_flex_quietly():
-        return flex_attention(q, k, v, **kw)
+        return _lse_pair(flex_attention(q, k, v, **kw), return_lse)
+
+
+def _lse_pair(result, return_lse: bool):
+    """``flex_attention``'s result as ``_flex`` returns it: ``out``, or ``(out, lse)``."""
+    if not return_lse:
+        return result
+    out, aux = result
+    return out, aux.lse
 
 
 # PyTorch's advice, given on the first eager flex_attention call of a process, to compile it.

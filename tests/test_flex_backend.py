@@ -111,3 +111,30 @@ def test_the_quiet_eager_call_hides_only_the_compile_advice():
             warnings.warn("something else", UserWarning)
         warnings.warn(ADVICE + "() - outside the call", UserWarning)
     assert [str(m.message) for m in seen] == ["something else", ADVICE + "() - outside the call"]
+
+
+def test_compressed_lse_without_deprecation_warnings():
+    """The branch asks FlexAttention for its log-sum-exp through ``AuxRequest``: torch's
+    ``return_lse`` gives a FutureWarning, once per process, to anyone who calls ``attend``."""
+    import warnings
+
+    from nsa_flex import NSAConfig, mean_compress
+    from nsa_flex import reference as R
+
+    config = NSAConfig(compress_block=8, compress_stride=4, select_block=8, num_selected=3, window=8)
+    q, k, v = (torch.randn(1, h, 40, 16, dtype=torch.float64) for h in (2, 1, 1))
+    k_cmp, v_cmp = mean_compress(k, config), mean_compress(v, config)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with torch.no_grad():
+            out, lse = flex_backend.compressed_branch(q, k_cmp, v_cmp, config, 16**-0.5, return_lse=True)
+    assert not [w for w in seen if issubclass(w.category, (FutureWarning, DeprecationWarning))], [str(w.message) for w in seen]
+    ref, p = R.compressed_attention(q, k_cmp, v_cmp, config, 16**-0.5)
+    assert torch.allclose(out, ref, atol=1e-10)
+    # the natural log-sum-exp: -inf for rows that see no block
+    t = torch.arange(40)
+    scores = (q @ k_cmp.repeat_interleave(2, 1).transpose(-1, -2)) * 16**-0.5
+    visible = R.compressed_kv_positions(40, config)[None, :] <= t[:, None]
+    expected = torch.logsumexp(scores.masked_fill(~visible, float("-inf")), dim=-1)
+    assert torch.equal(torch.isinf(lse), torch.isinf(expected))
+    assert torch.allclose(lse[~torch.isinf(lse)].double(), expected[~torch.isinf(expected)], atol=1e-5)
