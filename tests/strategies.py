@@ -78,8 +78,9 @@ def make_qkv(shape: Shape, seed: int, dtype=torch.float64, device="cpu", require
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """``||out - ref|| / ||ref||`` in float64 (0 when both are 0)."""
-    out, ref = out.double(), ref.double()
+    """``||out - ref|| / ||ref||`` in float64 (0 when both are 0); ``ref`` may be on another
+    device (the CPU reference of a GPU result)."""
+    out, ref = out.detach().double(), ref.detach().double().to(out.device)
     den = ref.norm()
     num = (out - ref).norm()
     if den == 0:
