@@ -391,14 +391,14 @@ def test_packed_rows_keep_the_default_selected_tiles(monkeypatch):
     from nsa_flex import flex_backend
 
     sizes = []
-    build = flex_backend.selection_block_mask
+    build = flex_backend._selection_block_mask
 
     def recording(*args, **kwargs):
         mask = build(*args, **kwargs)
         sizes.append(mask.BLOCK_SIZE)
         return mask
 
-    monkeypatch.setattr(flex_backend, "selection_block_mask", recording)
+    monkeypatch.setattr(flex_backend, "_selection_block_mask", recording)
     config = NSAConfig(compress_block=8, compress_stride=4, select_block=16, num_selected=3, num_initial=1, num_local=1, window=12)
     q, k, v, gates, _, _ = make_inputs([20, 45], config, 1, 16, 16, 16, 0, given_cmp=False)
     with torch.no_grad():
