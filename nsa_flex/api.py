@@ -9,22 +9,23 @@ from torch import Tensor
 
 from . import flex_backend, reference, selection, triton_backend, varlen
 from ._validation import (
+    BACKENDS,
     check_block_indices,
     check_callable,
     check_gates,
     check_kernel_head_dims,
     check_qk_cmp,
+    check_backend,
+    check_bool,
     check_qkv,
-    resolve_config,
     resolve_scale,
 )
 from .compression import mean_compress
-from .config import NSAConfig
+from .config import NSAConfig, resolve_config
+from .triton_support import check_triton
 from .selection import block_scores, select_blocks, straight_through_score_mod
 
 __all__ = ["attend", "NSAAux", "BACKENDS"]
-
-BACKENDS = ("flex", "triton", "reference")
 
 
 def _gate(o_cmp: Tensor, o_slc: Tensor, o_swa: Tensor, gates: Tensor | None) -> Tensor:
@@ -49,7 +50,7 @@ def _gate(o_cmp: Tensor, o_slc: Tensor, o_swa: Tensor, gates: Tensor | None) -> 
 
 
 def _check_triton(q: Tensor, score_mod, mask_mod) -> None:
-    triton_backend.check_runnable(q)
+    check_triton(q)
     if score_mod is not None or mask_mod is not None:
         raise ValueError(
             "the triton backend's selected-branch kernel runs no score_mod or mask_mod; "
@@ -179,16 +180,13 @@ def attend(
             varlen.check_block_indices(block_indices, docs, config.select_block)
     check_callable("score_mod", score_mod)
     check_callable("mask_mod", mask_mod)
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    check_backend(backend)
     if backend != "reference":
         check_kernel_head_dims(q, v, backend)
     if backend == "triton":
         _check_triton(q, score_mod, mask_mod)
-    if not isinstance(return_aux, bool):
-        raise TypeError(f"return_aux must be a bool, got {type(return_aux).__name__}")
-    if not isinstance(selection_grad, bool):
-        raise TypeError(f"selection_grad must be a bool, got {type(selection_grad).__name__}")
+    check_bool("return_aux", return_aux)
+    check_bool("selection_grad", selection_grad)
     if selection_grad and backend == "triton":
         raise ValueError("selection_grad needs backend='flex' or 'reference': the triton kernel runs no score_mod")
     if selection_grad and docs is not None:

@@ -33,27 +33,31 @@ attends.
 
 from __future__ import annotations
 
-import functools
 from typing import Callable
 
 import torch
 from torch import Tensor
 
-from ._validation import _can_read_values, check_gates, check_qk_cmp, check_qkv, resolve_config, resolve_scale
-from .api import BACKENDS, _gate, attend
+from ._validation import (
+    can_read_values,
+    check_backend,
+    check_bool,
+    check_callable,
+    check_gates,
+    check_int,
+    check_int_tensor,
+    check_qk_cmp,
+    check_qkv,
+    resolve_scale,
+)
+from .api import _gate, attend
 from .compression import mean_compress
-from .config import NSAConfig
-from .selection import _KEYS_IN_REGISTERS, _pow2, _score_tiles, block_importance, top_n_blocks
+from .config import NSAConfig, resolve_config
+from .triton_support import available, check_triton
+from . import tuning
+from .selection import block_importance, top_n_blocks
 
 __all__ = ["NSACache", "prefill", "decode_step"]
-
-
-def _int(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
 
 
 class NSACache:
@@ -104,11 +108,11 @@ class NSACache:
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
     ) -> None:
-        B = _int("batch_size", batch_size, 1)
-        H = _int("kv_heads", kv_heads, 1)
-        L = _int("max_len", max_len, 1)
-        Dk = _int("dim_head", dim_head, 1)
-        Dv = Dk if dim_head_v is None else _int("dim_head_v", dim_head_v, 1)
+        B = check_int("batch_size", batch_size, 1)
+        H = check_int("kv_heads", kv_heads, 1)
+        L = check_int("max_len", max_len, 1)
+        Dk = check_int("dim_head", dim_head, 1)
+        Dv = Dk if dim_head_v is None else check_int("dim_head_v", dim_head_v, 1)
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
         self.config = resolve_config(config)
@@ -201,10 +205,9 @@ class NSACache:
         Nothing else changes: raw and compressed slots past a row's new length are never read
         as visible, and are overwritten when tokens arrive there again.
         """
-        eager = _can_read_values(self.lengths)  # not compiling or capturing
+        eager = can_read_values(self.lengths)  # not compiling or capturing
         if isinstance(num_tokens, Tensor):
-            if num_tokens.is_floating_point() or num_tokens.is_complex() or num_tokens.dtype == torch.bool:
-                raise TypeError(f"num_tokens must be an integer tensor, got {num_tokens.dtype}")
+            check_int_tensor("num_tokens", num_tokens)
             if num_tokens.shape not in ((), (self.batch_size,)):
                 raise ValueError(f"num_tokens must be a scalar or (B,) = ({self.batch_size},), got {tuple(num_tokens.shape)}")
             if num_tokens.device != self.device:
@@ -219,7 +222,7 @@ class NSACache:
             else:  # nothing may be read: clamp on the device, keep the (still valid) bound
                 self.lengths.sub_(num_tokens.clamp(min=0)).clamp_(min=0)
         else:
-            _int("num_tokens", num_tokens, 0)
+            check_int("num_tokens", num_tokens, 0)
             self.lengths.sub_(num_tokens).clamp_(min=0)
             if eager:
                 self._bound = max(self._bound - num_tokens, 0)
@@ -280,11 +283,6 @@ def _check_against_cache(cache: NSACache, q: Tensor, k: Tensor, v: Tensor) -> No
         raise TypeError(f"q has dtype {q.dtype} but the cache holds {cache.dtype}")
     if q.device != cache.device:
         raise ValueError(f"q is on {q.device} but the cache is on {cache.device}")
-
-
-def _check_compressor(name: str, fn) -> None:
-    if fn is not None and not callable(fn):
-        raise TypeError(f"{name} must be callable or None, got {type(fn).__name__}")
 
 
 def _compressor(fn, config: NSAConfig) -> Callable[[Tensor], Tensor]:
@@ -354,10 +352,9 @@ def prefill(
     for name, x in (("q", q), ("k", k), ("v", v)):
         if not isinstance(x, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    _check_compressor("compress_k", compress_k)
-    _check_compressor("compress_v", compress_v)
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    check_callable("compress_k", compress_k)
+    check_callable("compress_v", compress_v)
+    check_backend(backend)
     T = q.shape[2] if q.dim() == 4 else -1
     if T == 0:  # an empty prompt: attend() takes none, so check the rest here
         if q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or k.shape[2] != 0 or v.shape[2] != 0:
@@ -374,10 +371,7 @@ def prefill(
         lengths = torch.full((B,), T, device=q.device, dtype=torch.int64)
         lo = bound = T
     else:
-        if not isinstance(lengths, Tensor):
-            raise TypeError(f"lengths must be a torch.Tensor, got {type(lengths).__name__}")
-        if lengths.is_floating_point() or lengths.dtype == torch.bool:
-            raise TypeError(f"lengths must have an integer dtype, got {lengths.dtype}")
+        check_int_tensor("lengths", lengths)
         if tuple(lengths.shape) != (B,):
             raise ValueError(f"lengths must be (B,) = ({B},), got {tuple(lengths.shape)}")
         if lengths.device != q.device:
@@ -547,18 +541,15 @@ def decode_step(
     _check_against_cache(cache, q, k, v)
     if gates is not None:
         check_gates(gates, q)
-    _check_compressor("compress_k", compress_k)
-    _check_compressor("compress_v", compress_v)
+    check_callable("compress_k", compress_k)
+    check_callable("compress_v", compress_v)
     scale = resolve_scale(scale, q)
     m = q.shape[2]
-    if fused is not None and not isinstance(fused, bool):
-        raise TypeError(f"fused must be a bool or None, got {type(fused).__name__}")
+    check_bool("fused", fused, allow_none=True)
     if fused:
         if m != 1:
             raise ValueError(f"fused decoding takes one token per row, got q with {m}")
-        from .triton_backend import check_runnable
-
-        check_runnable(q)
+        check_triton(q)
         if max(q.shape[-1], v.shape[-1]) > 256:
             raise ValueError("fused decoding takes head sizes up to 256")
     elif fused is None:
@@ -651,8 +642,6 @@ def _decode(cache, q, k, v, gates, config, scale, compress_k, compress_v) -> tup
 
 def _fused_runnable(q: Tensor, v: Tensor) -> str:
     """Why the fused step cannot take ``q`` (empty if it can)."""
-    from .triton_backend import available
-
     ok, why = available(q.device)
     if not ok:
         return why
@@ -666,35 +655,13 @@ def _fused_runnable(q: Tensor, v: Tensor) -> str:
 
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def _split_counts(device: torch.device, rows: int, tc: int, ns: int, sel_step: int) -> tuple[int, int]:
-    """``(S1, S2)``: programs per (row, KV head) of the compressed branch and of the block keys.
-
-    Two programs per SM in all, rounded down so that they run as one wave (the compressed
-    kernel's registers hold two per SM at the reference shape); on the CPU interpreter a
-    handful. Never more than the work has tiles: 16 compressed blocks for ``S1``; for ``S2``
-    whole steps of ``sel_step`` selection blocks, the same number for every program.
-    """
-    if device.type == "cuda":
-        target = 2 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    else:
-        target = 4
-    per_row = max(1, target // rows)
-    steps = -(-ns // sel_step)
-    return max(1, min(per_row, -(-tc // 16))), -(-steps // -(-steps // per_row))
-
-
 def _decode_fused(cache, q, k, v, gates, config, scale, compress_k, compress_v, splits=None) -> tuple[Tensor, Tensor]:
     """``_decode`` for one token per row, in four Triton launches (``decode_kernels.py``).
 
     ``compress_k``/``compress_v`` as given to :func:`decode_step`: both ``None`` (the block mean)
     lets the first kernel write the new token and compress the block it completes; otherwise
     those two stay PyTorch operations. ``splits``: ``(S1, S2)`` instead of
-    :func:`_split_counts` (tests). Returns the output and the chosen blocks ``(B, Hkv, 1, n)``.
+    :func:`nsa_flex.tuning.decode_splits` (tests). Returns the output and the chosen blocks ``(B, Hkv, 1, n)``.
     """
     from .decode_kernels import block_keys_kernel, combine_kernel, compressed_split_kernel, sparse_split_kernel
 
@@ -712,13 +679,11 @@ def _decode_fused(cache, q, k, v, gates, config, scale, compress_k, compress_v, 
         _compress_new_blocks(cache, start, 1, _compressor(compress_k, config), _compressor(compress_v, config))
 
     tc, ns, n = config.num_compressed(L), config.num_select_blocks(L), config.num_selected
-    block_c, step = _score_tiles(config)
+    block_c, step = tuning.score_tiles(config)
     rows = B * Hkv
-    s1, s2 = splits if splits is not None else _split_counts(q.device, rows, tc, ns, step)
-    block_n = 32 if max(Dk, Dv) > 128 else 64
-    block_n = min(block_n, _pow2(ls))
-    tile = block_n * -(-ls // block_n)  # a selected block, or a window tile, per program
-    nw = -(-w // tile)
+    s1, s2 = splits if splits is not None else tuning.decode_splits(q.device, rows, tc, ns, step)
+    tiles = tuning.decode_tiles(G, Dk, Dv, config, tc, s1)
+    nw = tiles.n_window  # a selected block, or a window tile, per program
     P = s1 + n + nw
     # one float32 scratch buffer: logits, keys, partial states (m, l, acc), chosen blocks
     sizes = (rows * G * max(tc, 1), rows * ns, rows * P * G, rows * P * G, rows * P * G * Dv, rows * n)
@@ -727,36 +692,36 @@ def _decode_fused(cache, q, k, v, gates, config, scale, compress_k, compress_v, 
     idx = idx.view(torch.int32)
     out = torch.empty(B, Hq, 1, Dv, device=q.device, dtype=q.dtype)
     kc, vc = cache._k_cmp, cache._v_cmp
-    scale_log2 = scale * 1.4426950408889634
+    scale_log2 = scale * tuning.LOG2E
     ieee = q.dtype == torch.float32
-    dims = dict(G=G, BLOCK_G=_pow2(G), BLOCK_DV=_pow2(Dv), num_warps=4)
+    dims = dict(G=G, BLOCK_G=tiles.block_g, BLOCK_DV=tiles.block_dv, num_warps=4)
 
     compressed_split_kernel[(rows, s1)](
         q, cache._k, cache._v, k, v, kc, vc, cache.lengths, logits, pm, pl, pacc,
         q.stride(0), q.stride(1), q.stride(3), *cache._k.stride(), *cache._v.stride(),
         k.stride(0), k.stride(1), k.stride(3), v.stride(0), v.stride(1), v.stride(3),
         *kc.stride(), *vc.stride(), Hkv, L, tc, P, scale_log2,
-        CMP_BLOCK=l, CMP_STRIDE=d, DK=Dk, DV=Dv, BLOCK_C=min(64, _pow2(-(-tc // s1))), BLOCK_DK=_pow2(Dk),
-        BLOCK_L=_pow2(l, 1), WRITE_NEW=mean, MEAN=mean, IEEE=ieee, **dims,
+        CMP_BLOCK=l, CMP_STRIDE=d, DK=Dk, DV=Dv, BLOCK_C=tiles.block_c_split, BLOCK_DK=tiles.block_dk,
+        BLOCK_L=tiles.block_l, WRITE_NEW=mean, MEAN=mean, IEEE=ieee, **dims,
     )
     block_keys_kernel[(rows, s2)](
         cache.lengths, logits, pm, pl, keys, Hkv, L, tc, ns, P, s1,
         G=G, CMP_BLOCK=l, CMP_STRIDE=d, SEL_BLOCK=ls, N_INITIAL=config.num_initial, N_LOCAL=config.num_local,
-        BLOCK_G=_pow2(G), BLOCK_S1=_pow2(s1, 1), BLOCK_C=block_c, BLOCK_S=_pow2(step), SEL_STEP=step, num_warps=4,
+        BLOCK_G=tiles.block_g, BLOCK_S1=tiles.block_s1, BLOCK_C=block_c, BLOCK_S=tuning.pow2(step), SEL_STEP=step,
+        num_warps=4,
     )
-    block_ns = _pow2(min(ns, _KEYS_IN_REGISTERS))
     sparse_split_kernel[(rows, n + nw)](
         q, cache._k, cache._v, cache.lengths, keys, idx, pm, pl, pacc,
         q.stride(0), q.stride(1), q.stride(3), *cache._k.stride(), *cache._v.stride(),
         Hkv, L, ns, P, s1, scale_log2,
-        SEL_BLOCK=ls, N_SEL=n, WINDOW=w, DK=Dk, DV=Dv, TILE=tile, BLOCK_N=block_n, BLOCK_DK=_pow2(Dk),
-        BLOCK_SEL=_pow2(n, 2), BLOCK_NS=block_ns, ONE_TILE=ns <= block_ns, IEEE=ieee, **dims,
+        SEL_BLOCK=ls, N_SEL=n, WINDOW=w, DK=Dk, DV=Dv, TILE=tiles.tile, BLOCK_N=tiles.block_n,
+        BLOCK_DK=tiles.block_dk, IEEE=ieee, **tuning.top_n_tiles(ns, n), **dims,
     )
     g_strides = gates.stride() if gates is not None else (0, 0, 0, 0)
     combine_kernel[(B * Hq,)](
         pm, pl, pacc, gates if gates is not None else out, out, cache.lengths,
         g_strides[0], g_strides[1], g_strides[3], out.stride(0), out.stride(1), out.stride(3),
-        Hq, L, P, s1, G=G, N_SEL=n, DV=Dv, BLOCK_DV=_pow2(Dv), BLOCK_P=min(64, _pow2(max(s1, n, nw))),
+        Hq, L, P, s1, G=G, N_SEL=n, DV=Dv, BLOCK_DV=tiles.block_dv, BLOCK_P=tiles.block_p,
         GATED=gates is not None, num_warps=4,
     )
     return out, idx.view(B, Hkv, 1, n)

@@ -12,8 +12,8 @@ import math
 import torch
 from torch import Tensor, nn
 
-from ._validation import _tensor, check_bool, check_config, check_positive_int
-from .config import NSAConfig
+from ._validation import check_bool, check_int, check_tensor
+from .config import NSAConfig, check_config
 from .varlen import resolve
 
 __all__ = ["block_view", "mean_compress", "BlockCompressor"]
@@ -54,7 +54,7 @@ def block_view(x: Tensor, config: NSAConfig, cu_seqlens=None) -> Tensor:
 
 
 def _check_x(x, floating: bool = True) -> None:
-    _tensor("x", x, None, floating)
+    check_tensor("x", x, None, floating)
     if x.dim() != 4:
         raise ValueError(f"x must be (B, H, T, D), got shape {tuple(x.shape)}")
 
@@ -96,8 +96,8 @@ class BlockCompressor(nn.Module):
     ) -> None:
         super().__init__()
         hidden = dim_head if hidden is None else hidden
-        check_positive_int("dim_head", dim_head)
-        check_positive_int("hidden", hidden)
+        check_int("dim_head", dim_head, 1)
+        check_int("hidden", hidden, 1)
         check_config(config)
         check_bool("out_bias", out_bias)
         self.config = config

@@ -1,10 +1,23 @@
-"""NSA hyperparameters (``NSAConfig``) and the sizes derived from them."""
+"""NSA hyperparameters (``NSAConfig``) and the sizes and positions derived from them.
+
+The compressed block's rule is written here once: block ``i`` covers tokens ``i*d ..
+i*d + l - 1`` and becomes visible at its last token (:meth:`NSAConfig.compressed_last_token`),
+so a query at ``t`` sees :meth:`NSAConfig.num_visible_compressed` of them.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
+from ._validation import check_int
+
 __all__ = ["NSAConfig"]
+
+
+def num_select_blocks(seq_len, select_block: int):
+    """``Ns = ceil(seq_len / select_block)``: the selection blocks covering ``seq_len`` tokens
+    (the last may be partial). An int, or a tensor of lengths."""
+    return -(-seq_len // select_block)
 
 
 @dataclass(frozen=True)
@@ -44,12 +57,7 @@ class NSAConfig:
 
     def __post_init__(self) -> None:
         for f in fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(f"NSAConfig.{f.name} must be an int, got {type(value).__name__}")
-            minimum = 0 if f.name in ("num_initial", "num_local") else 1
-            if value < minimum:
-                raise ValueError(f"NSAConfig.{f.name} must be >= {minimum}, got {value}")
+            check_int(f"NSAConfig.{f.name}", getattr(self, f.name), 0 if f.name in ("num_initial", "num_local") else 1)
         d = self.compress_stride
         if self.compress_block % d:
             raise ValueError(
@@ -66,11 +74,38 @@ class NSAConfig:
             )
 
     def num_compressed(self, seq_len: int) -> int:
-        """``Tc``: how many compressed blocks a sequence of ``seq_len`` tokens has."""
+        """``Tc``: how many compressed blocks a sequence of ``seq_len`` tokens has (those visible
+        to its last token, ``num_visible_compressed(seq_len - 1)``)."""
         if seq_len < self.compress_block:
             return 0
         return (seq_len - self.compress_block) // self.compress_stride + 1
 
     def num_select_blocks(self, seq_len: int) -> int:
         """``Ns``: how many selection blocks cover ``seq_len`` tokens (the last may be partial)."""
-        return -(-seq_len // self.select_block)
+        return num_select_blocks(seq_len, self.select_block)
+
+    def compressed_last_token(self, i):
+        """The last token ``i*d + l - 1`` of compressed block ``i`` (an int or an integer tensor):
+        the position at which the block becomes visible, and at which a user's mods see it."""
+        return i * self.compress_stride + (self.compress_block - 1)
+
+    def num_visible_compressed(self, t):
+        """How many compressed blocks a query at ``t`` sees: those whose last token is ``<= t``,
+        ``floor((t - l + 1) / d) + 1``, at least 0 (an int, or an integer tensor)."""
+        if isinstance(t, int):
+            return max(0, (t - (self.compress_block - 1)) // self.compress_stride + 1)
+        return ((t - (self.compress_block - 1)) // self.compress_stride + 1).clamp_min(0)
+
+
+def check_config(config, name: str = "config") -> NSAConfig:
+    """``config`` itself: an :class:`NSAConfig` (where one is required; see :func:`resolve_config`)."""
+    if not isinstance(config, NSAConfig):
+        raise TypeError(f"{name} must be an NSAConfig, got {type(config).__name__}")
+    return config
+
+
+def resolve_config(config) -> NSAConfig:
+    """An optional ``config``: ``None`` is ``NSAConfig()``."""
+    if config is None:
+        return NSAConfig()
+    return check_config(config)

@@ -30,15 +30,12 @@ import torch.nn.attention.flex_attention as _flex_module
 from torch import Tensor
 from torch.nn.attention.flex_attention import AuxRequest, flex_attention
 
-from . import ops, triton_backend
+from . import ops, triton_backend, tuning
 from .config import NSAConfig
 from .masks import (
-    KV_BLOCK,
-    Q_BLOCK,
     compressed_block_mask,
     _selection_block_mask,
     compressed_varlen_block_mask,
-    selection_tile,
     sliding_window_block_mask,
     sliding_window_varlen_block_mask,
 )
@@ -118,45 +115,6 @@ def _identity_score(score, b, h, q_idx, kv_idx):
     return score
 
 
-def _kernel_options(q: Tensor, v: Tensor, block_size: tuple[int, int]) -> dict | None:
-    """Tile sizes for the CUDA kernels, chosen to fit shared memory on every dtype and head dim.
-
-    Inductor's single default config for the forward kernel overflowed the H200's 227 KiB of
-    shared memory in some cases (bf16 with D=64 at T=4099; fp32 with Dk=192: 240-272 KiB
-    asked), and with autotuning off it has no fallback. 64x64 tiles with two stages fit:
-    fp32 with D=256 needs ~200 KiB (64x32 tiles past D=128). These are safe rather than tuned.
-    """
-    if not q.is_cuda:
-        return None
-    return _tile_options(q.element_size(), max(q.shape[-1], v.shape[-1]), tuple(block_size))
-
-
-def _tile_options(element_size: int, head_dim: int, block_size: tuple[int, int] = (128, 128)) -> dict:
-    """Kernel tiles that divide the BlockMask's ``(Q tile, KV tile)``, as FlexAttention needs.
-
-    The forward's warps and stages carry FlexAttention's ``fwd_`` prefix, so that the backward
-    keeps Inductor's own (on the H200, bf16, D=128: 8 warps and 3 stages; unprefixed, they
-    apply to both kernels, and 4 warps, 2 stages made the backward of the compressed and window
-    branches several times slower). ``BLOCK_M``/``BLOCK_N`` stay unprefixed: only the forward
-    reads them, and FlexAttention's decoding kernel (queries shorter than 128) checks an
-    unprefixed ``BLOCK_M`` before it strips prefixes (torch 2.11; without it, it derives a
-    ``BLOCK_M`` that need not divide the tiles and finds no kernel). For the selected branch's
-    small tiles (one token's 16 rows by one 64-key block) the backward's tiles are given too,
-    ``bwd_``-prefixed: its defaults (64-128 rows) would not divide them.
-    """
-    qb, kb = block_size
-    wide = element_size >= 4 and head_dim > 128
-    n = min(32 if wide else 64, kb)
-    options = {"BLOCK_M": min(64, qb), "BLOCK_N": n, "fwd_num_stages": 2, "fwd_num_warps": 4}
-    if qb < 128 or kb < 128:
-        # dK/dV: BLOCK_N1 keys against BLOCK_M1 query rows at a time (N1 % M1 == 0);
-        # dQ: BLOCK_M2 rows against BLOCK_N2 keys at a time (M2 % N2 == 0).
-        m2 = min(64, qb)
-        options.update(bwd_BLOCK_M1=min(qb, n, 32), bwd_BLOCK_N1=n, bwd_BLOCK_M2=m2, bwd_BLOCK_N2=min(m2, n),
-                       bwd_num_stages=2, bwd_num_warps=4)
-    return options
-
-
 def _flex(q, k, v, score_mod, block_mask, scale, return_lse: bool = False):
     """``flex_attention(q, k, v, ...)`` as this call's context runs it (traced while compiling, the
     shared compiled function on CUDA, the operator under CPU autograd, eager on the CPU);
@@ -166,7 +124,7 @@ def _flex(q, k, v, score_mod, block_mask, scale, return_lse: bool = False):
         # AuxRequest rather than return_lse, which torch deprecates (a FutureWarning per process)
         return_aux=AuxRequest(lse=True) if return_lse else None,
         enable_gqa=q.shape[1] != k.shape[1],
-        kernel_options=_kernel_options(q, v, block_mask.BLOCK_SIZE),
+        kernel_options=tuning.flex_kernel_options(q, v, block_mask.BLOCK_SIZE),
     )
     if torch.compiler.is_compiling():
         return _lse_pair(flex_attention(q, k, v, **kw), return_lse)
@@ -269,12 +227,7 @@ def compressed_branch(
             return score_mod(score, b, h, q_idx, kv_idx * d + (l - 1))
 
     G = Hq // k_cmp.shape[1]
-    if G > 1 and q.is_cuda and _needs_backward(q, k_cmp, v_cmp):
-        # FlexAttention's dK/dV kernel gives each KV tile one program, which walks the queries of
-        # all G heads of its group in turn. With ~T/d compressed keys that is few programs with long
-        # walks (at 64k and the reference shape, 32 tiles x 4 KV heads for 132 SMs); one copy of the
-        # keys per query head gives G times as many, G times shorter. The copies are small (T/d
-        # rows) and autograd sums their gradients back over the group.
+    if tuning.compressed_kv_per_head(q.is_cuda, G, _needs_backward(q, k_cmp, v_cmp)):
         k_cmp, v_cmp = k_cmp.repeat_interleave(G, dim=1), v_cmp.repeat_interleave(G, dim=1)
     return _flex(q, k_cmp, v_cmp, user_score, block_mask, scale, return_lse)
 
@@ -296,22 +249,6 @@ def window_branch(
     else:
         block_mask = sliding_window_block_mask(q.shape[2], config.window, device=q.device, mask_mod=mask_mod)
     return _flex(q, k, v, score_mod, block_mask, scale)
-
-
-def _selection_tile(q: Tensor, G: int, config: NSAConfig, needs_backward: bool) -> tuple[int, int]:
-    """The selected branch's BlockMask tile: one token by one block (:func:`~nsa_flex.masks.selection_tile`)
-    unless FlexAttention's CUDA backward must run, which gets 128x128 tiles.
-
-    Inductor (torch 2.11-2.13) drops every backward kernel config whose tiles do not divide the
-    BlockMask's, before it looks at the tile sizes we pass, and its only half-precision config
-    on Hopper for head dims 65-128 has 64/128-row tiles: with 16x64 tiles it finds no kernel
-    ("NoValidChoicesError"). 128x128 tiles list the union of the blocks of 128 / G tokens, so
-    they cost several times the work; training without user modifiers avoids them with
-    :func:`_flex_forward_triton_backward` (eager and compiled alike), user modifiers cannot.
-    """
-    if q.is_cuda and needs_backward:
-        return Q_BLOCK, KV_BLOCK
-    return selection_tile(G, config)
 
 
 def _needs_backward(q: Tensor, k: Tensor, v: Tensor) -> bool:
@@ -354,7 +291,7 @@ def _flex_forward_triton_backward(q, k, v, block_indices, config: NSAConfig, sca
     # flex_attention refuses CPU inputs that require grad, even under no_grad
     with torch.no_grad():
         block_mask = _selection_block_mask(  # attend has checked the selection
-            block_indices, config, group_size=G, block_size=selection_tile(G, config), transposed=False
+            block_indices, config, group_size=G, block_size=tuning.selection_tile(G, config), transposed=False
         )
         out, lse = _flex(_fold(q.detach(), G), k.detach(), v.detach(), None, block_mask, scale, return_lse=True)
         lse = _unfold(lse, G)
@@ -421,7 +358,7 @@ def selected_branch(
     block_mask = _selection_block_mask(  # attend has checked the selection
         block_indices, config, group_size=G, mask_mod=mask_mod,
         # (compiled CUDA graphs: FlexAttention's 128x128 tiles, never the one-token tiles, see above)
-        block_size=_selection_tile(q, G, config, needs_backward or compiled_cuda) if docs is None else None,
+        block_size=tuning.flex_selected_tile(q.is_cuda, G, config, needs_backward or compiled_cuda) if docs is None else None,
         doc_start=None if docs is None else docs.start, transposed=needs_backward,
     )
     user_score = None

@@ -26,18 +26,17 @@ from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, and_masks
 
 from ._validation import (
-    _same_device,
     check_block_size,
     check_bool,
     check_callable,
-    check_config,
     check_index_range,
     check_index_tensor,
     check_int,
-    check_positive_int,
+    check_same_device,
     resolve_device,
 )
-from .config import NSAConfig
+from .config import NSAConfig, check_config
+from .tuning import KV_BLOCK, Q_BLOCK, selection_tile
 from .selection import _sort_unique_blocks
 from .varlen import check_documents
 
@@ -61,9 +60,6 @@ __all__ = [
 
 MaskMod = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
 
-# FlexAttention's default tile; its kernels' default block sizes divide it.
-Q_BLOCK = 128
-KV_BLOCK = 128
 
 
 # --------------------------------------------------------------------------- mask_mods
@@ -96,7 +92,7 @@ def sliding_window_mask(window: int) -> MaskMod:
     Raises:
         TypeError, ValueError: ``window`` is not a positive int.
     """
-    check_positive_int("window", window)
+    check_int("window", window, 1)
 
     def sliding_window(b, h, q_idx, kv_idx):
         return (kv_idx <= q_idx) & (q_idx - kv_idx < window)
@@ -165,8 +161,8 @@ def selection_mask(bits: Tensor, select_block: int, group_size: int = 1, doc_sta
             ``(T,)`` tensor on ``bits``' device.
     """
     check_index_tensor("bits", bits, 4)
-    check_positive_int("select_block", select_block)
-    check_positive_int("group_size", group_size)
+    check_int("select_block", select_block, 1)
+    check_int("group_size", group_size, 1)
     _check_doc_start(doc_start, bits, "bits")
 
     _, H, T, W = bits.shape
@@ -199,7 +195,7 @@ def _check_doc_start(doc_start, like: Tensor, like_name: str) -> None:
         return
     T = like.shape[2]
     check_index_tensor("doc_start", doc_start, 1)
-    _same_device("doc_start", doc_start, like, like_name)
+    check_same_device("doc_start", doc_start, like, like_name)
     if doc_start.shape[0] != T:
         raise ValueError(f"doc_start must have shape (T,) = ({T},), got {tuple(doc_start.shape)}")
 
@@ -245,7 +241,7 @@ def block_mask_from_tiles(
     _check_tiles("any_tiles", any_tiles, seq_lengths, block_size)
     if full_tiles is not None:
         _check_tiles("full_tiles", full_tiles, seq_lengths, block_size)
-        _same_device("full_tiles", full_tiles, any_tiles, "any_tiles")
+        check_same_device("full_tiles", full_tiles, any_tiles, "any_tiles")
         if full_tiles.shape != any_tiles.shape:
             raise ValueError(f"full_tiles has shape {tuple(full_tiles.shape)} but any_tiles {tuple(any_tiles.shape)}")
     return _from_tiles(any_tiles, full_tiles, tuple(seq_lengths), mask_mod, block_size)
@@ -361,7 +357,7 @@ def compressed_block_mask(
             than ``compress_block``, ``config`` not an :class:`NSAConfig`, a ``device`` torch
             does not know, a ``mask_mod`` that is not callable, a bad ``block_size``.
     """
-    check_positive_int("seq_len", seq_len)
+    check_int("seq_len", seq_len, 1)
     check_config(config)
     device = resolve_device(device)
     check_callable("mask_mod", mask_mod)
@@ -406,35 +402,14 @@ def sliding_window_block_mask(
         TypeError, ValueError: naming the argument: ``seq_len`` or ``window`` not a positive
             int, and the other arguments as for :func:`compressed_block_mask`.
     """
-    check_positive_int("seq_len", seq_len)
-    check_positive_int("window", window)
+    check_int("seq_len", seq_len, 1)
+    check_int("window", window, 1)
     device = resolve_device(device)
     check_callable("mask_mod", mask_mod)
     block_size = check_block_size(block_size)
     if mask_mod is None and not torch.compiler.is_compiling():
         return _window_block_mask_cached(seq_len, window, device, block_size)
     return _build_window_block_mask(seq_len, window, device, mask_mod, block_size)
-
-
-def selection_tile(group_size: int, config: NSAConfig) -> tuple[int, int]:
-    """The ``(Q tile, KV tile)`` the flex backend uses for the selected branch.
-
-    KV tiles are the selection blocks themselves when ``l'`` is a power of two from 16 to 128
-    (tiles then never straddle two blocks, so a tile is listed only for a block someone
-    chose). A Q tile holds the ``G`` rows of one token, padded to 16 (the smallest matrix
-    product tile): a tile of several tokens would list the union of their selections, and with
-    ``n = 16`` blocks per token that union is mostly blocks each token does not use.
-
-    Raises:
-        TypeError, ValueError: ``group_size`` not a positive int, ``config`` not an
-            :class:`NSAConfig`.
-    """
-    check_positive_int("group_size", group_size)
-    check_config(config)
-    ls = config.select_block
-    if ls & (ls - 1) or not 16 <= ls <= 128:
-        return Q_BLOCK, KV_BLOCK
-    return max(16, 1 << (group_size - 1).bit_length()), ls
 
 
 def selection_block_mask(
@@ -485,7 +460,7 @@ def selection_block_mask(
     """
     check_config(config)
     _check_selection(block_indices, config)
-    check_positive_int("group_size", group_size)
+    check_int("group_size", group_size, 1)
     check_callable("mask_mod", mask_mod)
     if block_size is not None:
         block_size = check_block_size(block_size)
@@ -759,7 +734,7 @@ def sliding_window_varlen_block_mask(docs, window: int, *, mask_mod: MaskMod | N
             :func:`sliding_window_block_mask`.
     """
     check_documents(docs)
-    check_positive_int("window", window)
+    check_int("window", window, 1)
     check_callable("mask_mod", mask_mod)
     block_size = check_block_size(block_size)
     T, dev = docs.seq_len, docs.device

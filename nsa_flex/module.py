@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import torch
 from torch import Tensor, nn
 
-from ._validation import _tensor, check_positive_int
-from .api import BACKENDS, NSAAux, attend
+from ._validation import check_backend, check_bool, check_int, check_real, check_tensor
+from .api import NSAAux, attend
 from .buckets import bucket_length, check_length_buckets, pad_documents
 from .cache import NSACache, decode_step, prefill
 from .compression import BlockCompressor
-from .config import NSAConfig
+from .config import NSAConfig, resolve_config
 from .rotary import RotaryEmbedding
 from .varlen import Documents, resolve
 
@@ -124,26 +123,18 @@ class SparseAttention(nn.Module):
             ("dim_head", dim_head),
             ("dim_head_v", dim_head_v),
         ]:
-            check_positive_int(name, value)
+            check_int(name, value, 1)
         if compress_hidden is not None:
-            check_positive_int("compress_hidden", compress_hidden)
+            check_int("compress_hidden", compress_hidden, 1)
         if heads % kv_heads:
             raise ValueError(f"heads ({heads}) must be divisible by kv_heads ({kv_heads})")
-        config = NSAConfig() if config is None else config
-        if not isinstance(config, NSAConfig):
-            raise TypeError(f"config must be an NSAConfig, got {type(config).__name__}")
-        if not isinstance(rotary, bool):
-            raise TypeError(f"rotary must be a bool, got {type(rotary).__name__}")
+        config = resolve_config(config)
+        check_bool("rotary", rotary)
         if rotary and dim_head % 2:
             raise ValueError(f"dim_head must be even when rotary=True, got {dim_head}")
-        if isinstance(rotary_base, bool) or not isinstance(rotary_base, (int, float)):
-            raise TypeError(f"rotary_base must be a number, got {type(rotary_base).__name__}")
-        if not (rotary_base > 1.0 and math.isfinite(rotary_base)):
-            raise ValueError(f"rotary_base must be finite and > 1, got {rotary_base}")
-        if not isinstance(bias, bool):
-            raise TypeError(f"bias must be a bool, got {type(bias).__name__}")
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        check_real("rotary_base", rotary_base, 1.0)
+        check_bool("bias", bias)
+        check_backend(backend)
 
         self.dim = dim
         self.heads = heads
@@ -152,8 +143,7 @@ class SparseAttention(nn.Module):
         self.dim_head_v = dim_head_v
         self.config = config
         self.backend = backend
-        if not isinstance(selection_grad, bool):
-            raise TypeError(f"selection_grad must be a bool, got {type(selection_grad).__name__}")
+        check_bool("selection_grad", selection_grad)
         self.selection_grad = selection_grad
         self.length_buckets = length_buckets
 
@@ -219,7 +209,7 @@ class SparseAttention(nn.Module):
         """
         # Shape/dtype/device checks only: they are static under torch.compile, so forward
         # stays one graph.
-        _tensor("x", x, None, floating=False)
+        check_tensor("x", x, None, floating=False)
         if x.dim() != 3:
             raise ValueError(f"x must be (B, T, dim), got shape {tuple(x.shape)}")
         if x.shape[-1] != self.dim:

@@ -14,41 +14,27 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from . import ops
-from ._optional import triton_missing
+from . import ops, tuning
 from ._validation import (
-    _tensor,
+    MAX_HEAD_DIM,
     check_callable,
+    check_floating,
     check_index_range,
     check_index_tensor,
     check_int,
-    check_positive_int,
+    check_int_tensor,
     check_qk_cmp,
-    resolve_config,
+    check_tensor,
     resolve_scale,
 )
-from .config import NSAConfig
+from .triton_support import KERNEL_DTYPES, triton_missing
+from .config import NSAConfig, resolve_config
 from .varlen import Documents, resolve, shift_mask_mod, shift_score_mod
 
 __all__ = ["select_blocks", "block_scores", "top_n_blocks", "block_importance", "sort_unique_blocks"]
 
-# Bytes one chunk's (B, Hq, chunk, Tc) score tensor may take. The softmax output is a second
-# such tensor and the mask and the mapping add smaller ones, so selection's extra memory is
-# about two to three times this (the GPU test checks < 2 GiB at T=65536, the reference shape).
-_CHUNK_BYTES = 512 * 2**20
-
-
 def _index(n: int, device, shape) -> Tensor:
     return torch.arange(n, device=device, dtype=torch.int32).view(shape)
-
-
-def _check_floating(name: str, x, min_dim: int = 1) -> None:
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if not x.is_floating_point():
-        raise TypeError(f"{name} must have a floating dtype, got {x.dtype}")
-    if x.dim() < min_dim:
-        raise ValueError(f"{name} must have at least {min_dim} dimensions, got shape {tuple(x.shape)}")
 
 
 def block_importance(p_cmp: Tensor, config: NSAConfig, seq_len: int) -> Tensor:
@@ -71,7 +57,7 @@ def block_importance(p_cmp: Tensor, config: NSAConfig, seq_len: int) -> Tensor:
     """
     config = resolve_config(config)
     check_int("seq_len", seq_len, minimum=1)
-    _check_floating("p_cmp", p_cmp)
+    check_floating("p_cmp", p_cmp)
     tc = config.num_compressed(seq_len)
     if p_cmp.shape[-1] != tc:
         raise ValueError(f"p_cmp must end in Tc = {tc} compressed blocks for seq_len {seq_len}, got {p_cmp.shape[-1]}")
@@ -138,7 +124,7 @@ def top_n_blocks(
     """
     config = resolve_config(config)
     check_int("q_start", q_start, minimum=0)
-    _check_floating("scores", scores, min_dim=2)
+    check_floating("scores", scores, min_dim=2)
     *lead, C, ns = scores.shape
     n, ls = config.num_selected, config.select_block
     if positions is None:
@@ -149,10 +135,7 @@ def top_n_blocks(
             )
         pos = torch.arange(q_start, q_start + C, device=scores.device, dtype=torch.int64)
     else:
-        if not isinstance(positions, Tensor):
-            raise TypeError(f"positions must be a torch.Tensor, got {type(positions).__name__}")
-        if positions.is_floating_point() or positions.is_complex() or positions.dtype == torch.bool:
-            raise TypeError(f"positions must have an integer dtype, got {positions.dtype}")
+        check_int_tensor("positions", positions)
         if positions.device != scores.device:
             raise ValueError(f"positions is on {positions.device} but scores is on {scores.device}")
         if positions.dim() < 1 or positions.shape[-1] not in (1, C):
@@ -209,9 +192,9 @@ def straight_through_score_mod(
             of ``ceil(T / select_block)`` blocks, ``select_block`` or ``group_size`` not a
             positive int, ``score_mod`` not callable.
     """
-    _tensor("importance", importance, 4)
-    check_positive_int("select_block", select_block)
-    check_positive_int("group_size", group_size)
+    check_tensor("importance", importance, 4)
+    check_int("select_block", select_block, 1)
+    check_int("group_size", group_size, 1)
     check_callable("score_mod", score_mod)
     B, H, T, Ns = importance.shape
     if isinstance(T, int) and isinstance(Ns, int) and Ns != -(-T // select_block):
@@ -275,36 +258,15 @@ def _fused_ok(q: Tensor, score_mod, mask_mod) -> bool:
         q.is_cuda
         and score_mod is None
         and mask_mod is None
-        and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
-        and q.shape[-1] <= 256
+        and q.dtype in KERNEL_DTYPES
+        and q.shape[-1] <= MAX_HEAD_DIM
         and not triton_missing()
     )
 
 
-def _pow2(x: int, least: int = 16) -> int:
-    """The smallest power of two ``>= x`` and ``>= least`` (Triton tile sizes; 16 is
-    ``tl.dot``'s smallest)."""
-    return max(least, 1 << max(0, x - 1).bit_length())
-
-
-def _score_tiles(config: NSAConfig) -> tuple[int, int]:
-    """``(BLOCK_C, SEL_STEP)`` of the scoring kernels: a step of ``SEL_STEP`` selection blocks
-    needs ``SEL_STEP * l'/d + r - 1`` compressed blocks in one tile of ``BLOCK_C``."""
-    r = config.compress_block // config.compress_stride
-    per_sel = config.select_block // config.compress_stride
-    block_c = max(64, _pow2(per_sel + r - 1))
-    return block_c, (block_c - r + 1) // per_sel
-
-
 def _check_chunk_size(chunk_size) -> None:
     if chunk_size is not None:
-        check_positive_int("chunk_size", chunk_size)
-
-
-# The top-n kernels (this module's and the decode step's, cache.py) hold up to this many block
-# keys per query in registers (T = 128k with l' = 64); more are read again from memory in each
-# of their n rounds.
-_KEYS_IN_REGISTERS = 2048
+        check_int("chunk_size", chunk_size, 1)
 
 
 @torch.no_grad()
@@ -322,11 +284,9 @@ def _select_fused(q, k_cmp, config, scale, chunk_size=None, lse=None) -> Tensor:
     Hkv, tc = k_cmp.shape[1], k_cmp.shape[2]
     G, n = Hq // Hkv, config.num_selected
     ns = config.num_select_blocks(T)
-    block_c, step = _score_tiles(config)
-    block_g = _pow2(G, least=1)
-    block_t = max(1, 64 // block_g)
+    tiles = tuning.scoring_launch(G, Dk, config)
     if chunk_size is None:
-        chunk_size = max(block_t, _CHUNK_BYTES // max(1, B * Hkv * ns * 4))
+        chunk_size = tuning.scoring_chunk(B, Hkv, ns, tiles["BLOCK_T"])
     q = q if q.stride(-1) == 1 else q.contiguous()
     k_cmp = k_cmp.to(q.dtype)
     lse_strides = (0, 0, 0) if lse is None else lse.stride()
@@ -335,15 +295,13 @@ def _select_fused(q, k_cmp, config, scale, chunk_size=None, lse=None) -> Tensor:
         C = min(T, start + chunk_size) - start
         # the kernel writes every block up to each query's own; the top-n reads no further
         scores = torch.empty((B, Hkv, C, ns), device=q.device, dtype=torch.float32)
-        block_scores_kernel[(-(-C // block_t), B * Hkv)](
+        block_scores_kernel[(-(-C // tiles["BLOCK_T"]), B * Hkv)](
             q, k_cmp, scores, q if lse is None else lse,
             *q.stride(), *k_cmp.stride(), *scores.stride(), *lse_strides,
-            tc, ns, Hkv, start, C, scale * 1.4426950408889634,
+            tc, ns, Hkv, start, C, scale * tuning.LOG2E,
             G=G, CMP_BLOCK=config.compress_block, CMP_STRIDE=config.compress_stride,
             SEL_BLOCK=config.select_block, N_INITIAL=config.num_initial, N_LOCAL=config.num_local,
-            DK=Dk, BLOCK_DK=_pow2(Dk), BLOCK_T=block_t, BLOCK_G=block_g, BLOCK_C=block_c,
-            BLOCK_S=_pow2(step), SEL_STEP=step, IEEE=q.dtype == torch.float32, HAS_LSE=lse is not None,
-            num_warps=4, num_stages=2,
+            DK=Dk, IEEE=q.dtype == torch.float32, HAS_LSE=lse is not None, **tiles,
         )
         _top_n_fused(scores, config, start, out=out[:, :, start : start + C])
     return out
@@ -360,11 +318,10 @@ def _top_n_fused(scores: Tensor, config: NSAConfig, q_start: int, out: Tensor | 
     n = config.num_selected
     if out is None:
         out = torch.empty(B, Hkv, C, n, device=scores.device, dtype=torch.int32)
-    block_ns = _pow2(min(ns, _KEYS_IN_REGISTERS))
+    tiles = tuning.top_n_tiles(ns, n)
     top_n_kernel[(C, B * Hkv)](
         scores, out, *scores.stride(), *out.stride(), ns, Hkv, q_start,
-        SEL_BLOCK=config.select_block, N_SEL=n, BLOCK_SEL=_pow2(n, 2), BLOCK_NS=block_ns,
-        ONE_TILE=ns <= block_ns, num_warps=max(1, min(4, block_ns // 512)),
+        SEL_BLOCK=config.select_block, N_SEL=n, num_warps=tuning.top_n_warps(tiles["BLOCK_NS"]), **tiles,
     )
     return out
 
@@ -405,8 +362,7 @@ def _chunk_importance(q, k_cmp, config, scale, score_mod, mask_mod, chunk_size, 
     kc = k_cmp.to(dtype)[:, :, None]  # (B, Hkv, 1, Tc, Dk)
     kv_pos = _index(tc, q.device, (1, 1, 1, tc)) * config.compress_stride + config.compress_block - 1
     if chunk_size is None:
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        chunk_size = max(1, _CHUNK_BYTES // max(1, B * Hq * tc * itemsize))
+        chunk_size = tuning.importance_chunk(B, Hq, tc, dtype)
     b_idx = _index(B, q.device, (B, 1, 1, 1))
     h_idx = _index(Hq, q.device, (1, Hq, 1, 1))
 

@@ -19,146 +19,29 @@ On the CPU the kernels run only under Triton's interpreter (``TRITON_INTERPRET=1
 
 from __future__ import annotations
 
-import os
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from . import ops
-from ._optional import triton_missing
 from ._validation import (
     check_block_indices,
     check_index_range,
     check_index_tensor,
     check_int,
     check_kernel_head_dims,
-    check_positive_int,
     check_qkv,
-    resolve_device,
     resolve_scale,
 )
 from .config import NSAConfig
-from .selection import _pow2, _sort_unique_blocks
+from . import tuning
+from .selection import _sort_unique_blocks
 from .varlen import Documents, resolve
+from .triton_support import available, check_triton
 from .varlen import check_block_indices as varlen_check_block_indices
 
 __all__ = ["selected_attention", "selected_branch", "invert_selection", "available"]
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def available(device: torch.device) -> tuple[bool, str]:
-    """Whether the kernels can run on ``device`` (a ``torch.device`` or a string), and why not."""
-    device = resolve_device(device)
-    missing = triton_missing("the triton backend")
-    if missing:
-        return False, missing
-    if device.type == "cuda" or _interpreting():
-        return True, ""
-    return False, (
-        f"the triton backend runs on CUDA tensors (got {device}); on the CPU only under "
-        "Triton's interpreter, TRITON_INTERPRET=1 set before importing nsa_flex"
-    )
-
-
-def check_runnable(q: Tensor) -> None:
-    """Raise unless the kernels can run on ``q``'s device and dtype: ``ImportError`` without
-    Triton (naming what to install), ``ValueError``/``TypeError`` for the device or dtype."""
-    missing = triton_missing("the triton backend")
-    if missing:
-        raise ImportError(missing)
-    ok, why = available(q.device)
-    if not ok:
-        raise ValueError(why)
-    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise TypeError(f"the triton backend takes float16, bfloat16 or float32, got {q.dtype}")
-    if q.dtype == torch.bfloat16 and q.device.type == "cpu":
-        # Triton's interpreter computes bf16 tl.dot wrongly (seen with triton 3.9); refuse
-        # rather than return garbage. float16 and float32 interpret fine.
-        raise TypeError("the triton backend under Triton's CPU interpreter takes float16 or float32, not bfloat16")
-
-
-# A budget for each kernel's shared memory, under the H200's 227 KiB per block with room for
-# Triton's own staging: an upper bound counting every loop-carried load as pipelined.
-_SMEM_BUDGET = 192 * 2**10
-
-
-def _meta(G: int, Dk: int, Dv: int, select_block: int, dtype: torch.dtype, kernel: str = "fwd") -> dict:
-    """Tile sizes and launch settings of one kernel: ``"fwd"``, ``"dq"`` or ``"dkdv"`` (both
-    dK/dV kernels).
-
-    ``fwd``/``dq`` stream key tiles of ``BLOCK_N`` keys past the group's ``BLOCK_G`` resident
-    rows; ``dkdv`` streams row tiles of ``BLOCK_R`` (several queries' heads) past a resident
-    ``BLOCK_N``-key tile and its float32 dK/dV accumulators. Tiles shrink (pipeline stages
-    first) until the shared-memory bound fits ``_SMEM_BUDGET`` for every dtype, head dim up to
-    256 and group size.
-    """
-    block_g, block_dk, block_dv = _pow2(G), _pow2(Dk), _pow2(Dv)
-    size = torch.empty((), dtype=dtype).element_size()
-    half = dtype != torch.float32
-    d = block_dk + block_dv
-    meta = dict(G=G, SEL_BLOCK=select_block, DK=Dk, DV=Dv, BLOCK_DK=block_dk, BLOCK_DV=block_dv,
-                # float32 inputs get true float32 products (Triton's default would be TF32)
-                IEEE=not half)
-    if kernel in ("fwd", "dq"):
-        # Best of the sweep on an H200 (bf16, D=128, G=16): 32 keys, 2 warps, 2 stages (forward
-        # 20.0 ms against 22.9 at 64 keys and 4 warps; dQ 19.2 against 26.2). Wider rows or
-        # head dims keep 4 warps for the accumulator's registers. float32's exact products run
-        # without tensor cores: past 16 rows of D=128, 16-key tiles and 8 warps, or registers
-        # spill (seen compiling for sm_90).
-        wide = not half and block_g * d > 16 * 256
-        block_n = min(16 if wide else 32, _pow2(select_block))
-        stages = 2
-        if half:
-            warps = 2 if block_g <= 16 and max(block_dk, block_dv) <= 128 else 4
-        else:
-            warps = 8 if wide else 4
-        resident = block_g * (block_dk if kernel == "fwd" else d) * size  # q (and dO)
-
-        def smem(n, st):
-            return resident + st * n * d * size
-    elif kernel == "dkdv":
-        # Key tile: up to 64 keys, fewer where the two float32 accumulators (BLOCK_N x D each,
-        # in registers: 64 a thread at 8 warps) would pass 64 KiB, i.e. past D=128. Row tile: up
-        # to 64 rows (at least the group), fewer where a q+dO tile would pass 64 KiB, or 16 KiB
-        # in float32, whose exact products run without tensor cores and spill registers on
-        # wider tiles (seen compiling for sm_90).
-        block_n = min(64, _pow2(select_block))
-        while block_n > 16 and block_n * d * 4 > 64 * 2**10:
-            block_n //= 2
-        rows = max(64, block_g)
-        while rows > block_g and rows * d * size > (64 if half else 16) * 2**10:
-            rows //= 2
-        stages = 2
-
-        def smem(n, st):
-            # K, V resident; q, dO pipelined; p and dS staged for the products
-            return n * d * size + st * rows * d * size + 2 * rows * n * size
-        meta["BLOCK_R"] = rows
-    else:
-        raise ValueError(f"kernel must be 'fwd', 'dq' or 'dkdv', got {kernel!r}")
-    while smem(block_n, stages) > _SMEM_BUDGET and (stages > 1 or block_n > 16):
-        if stages > 1:
-            stages -= 1
-        else:
-            block_n //= 2
-    if kernel == "dkdv":
-        if half:
-            # 4 warps, one stage: the fastest of 36 settings on the H200 at the reference shape
-            # (bf16, G=16, D=128, T=64k; scripts/profile_selected.py --sweep=dkdv): 16.1 ms
-            # against 24.5 ms at 8 warps and two stages, although 4 warps spill a few registers
-            warps, stages = 4, 1
-        else:
-            # float32: 8 warps, as at 4 the accumulators and score tiles spill registers (seen
-            # compiling for sm_90 at G=3, D=64 and G=16, D=128); 4 for tiles too small for 8
-            warps = 8 if block_n * d >= 64 * 64 else 4
-    else:
-        meta["BLOCK_G"] = block_g
-    meta.update(BLOCK_N=block_n, num_warps=warps, num_stages=stages)
-    return meta
 
 
 def _strides(x: Tensor) -> tuple[int, ...]:
@@ -211,7 +94,7 @@ def selected_forward(q, k, v, idx, select_block: int, scale: float, packed=None)
 
     B, Hq, T, Dk = q.shape
     Hkv, Dv = k.shape[1], v.shape[-1]
-    meta = _meta(Hq // Hkv, Dk, Dv, select_block, q.dtype)
+    meta = tuning.selected_kernel_meta(Hq // Hkv, Dk, Dv, select_block, q.dtype)
     o = torch.empty(B, Hq, T, Dv, device=q.device, dtype=q.dtype)
     lse = torch.empty(B, Hq, T, device=q.device, dtype=torch.float32)
     doc_start = idx if packed is None else packed.doc_start  # idx: a placeholder, never read
@@ -233,7 +116,7 @@ def selected_backward(q, k, v, idx, o, lse, do, select_block: int, scale: float,
 
     B, Hq, T, Dk = q.shape
     Hkv, Dv = k.shape[1], v.shape[-1]
-    meta = _meta(Hq // Hkv, Dk, Dv, select_block, q.dtype, "dq")
+    meta = tuning.selected_kernel_meta(Hq // Hkv, Dk, Dv, select_block, q.dtype, "dq")
     do = do.to(q.dtype).contiguous()
     # the kernels read lse and delta at the same offsets: both contiguous (B, Hq, T)
     lse = lse.float().contiguous()
@@ -255,19 +138,6 @@ def _inverted(idx: Tensor, select_block: int, T: int, packed=None) -> tuple[Tens
     if packed is None:
         return _invert_selection(idx, -(-T // select_block))
     return _invert_selection(torch.where(idx >= 0, idx + packed.first_block, -1), packed.num_blocks)
-
-
-# Segments of a block's query list (see selected_dkdv_partial_kernel): at least _SEGMENT
-# queries each, more where the scratch would pass _MAX_SLOTS slots per (batch row, KV head).
-_SEGMENT = 1024
-_MAX_SLOTS = 512
-
-
-def _segment_size(list_len: int) -> int:
-    """Queries per segment when the lists of one (batch row, head) hold ``list_len = T * n``
-    entries in all: a power of two, at least ``_SEGMENT``, and large enough that the later
-    segments fit ``_MAX_SLOTS`` slots."""
-    return max(_SEGMENT, _pow2(-(-list_len // _MAX_SLOTS), least=1))
 
 
 def _segments(qstart: Tensor, list_len: int, segment: int) -> tuple[Tensor, Tensor]:
@@ -305,11 +175,11 @@ def _dkdv(q, k, v, do, lse, delta, qlist, qstart, select_block: int, scale: floa
     every query selects (block 0, forced) would be one program walking all ``T`` queries.
 
     Scratch: ``B * Hkv * (T * n // segment)`` slots of ``select_block`` (rounded up to the key
-    tile) rows by ``Dk + Dv`` float32, at most ``_MAX_SLOTS`` slots per (batch row, head): at
+    tile) rows by ``Dk + Dv`` float32, at most ``tuning.MAX_SLOTS`` slots per (batch row, head): at
     the reference shape (``B=1, Hkv=4, T=65536, n=16``, 64-key blocks, ``D=128``) the segment is
     2048 queries, 512 slots, and the scratch 4 * 512 * 64 * 256 * 4 bytes = 128 MiB.
 
-    ``meta`` (``_meta(..., "dkdv")``'s keys) and ``segment`` (a power of two) override the
+    ``meta`` (``tuning.selected_kernel_meta(..., "dkdv")``'s keys) and ``segment`` (a power of two) override the
     defaults, for tuning; the result is deterministic for any fixed choice.
     """
     from .triton_kernels import selected_dkdv_kernel, selected_dkdv_partial_kernel
@@ -317,12 +187,12 @@ def _dkdv(q, k, v, do, lse, delta, qlist, qstart, select_block: int, scale: floa
     B, Hq, T, Dk = q.shape
     Hkv, Dv = k.shape[1], v.shape[-1]
     G = Hq // Hkv
-    meta = dict(meta or _meta(G, Dk, Dv, select_block, q.dtype, "dkdv"))
+    meta = dict(meta or tuning.selected_kernel_meta(G, Dk, Dv, select_block, q.dtype, "dkdv"))
     if meta["BLOCK_R"] < G:
         raise ValueError(f"BLOCK_R={meta['BLOCK_R']} holds fewer rows than one query's {G} heads")
     meta["QUERIES"] = meta["BLOCK_R"] // G
     list_len = qlist.shape[-1]
-    segment = segment or _segment_size(list_len)
+    segment = segment or tuning.dkdv_segment(list_len)
     if segment & (segment - 1):
         raise ValueError(f"segment must be a power of two, got {segment}")
     # the kernels read qstart and slots at the same offsets, lists with unit stride
@@ -384,9 +254,9 @@ def selected_attention(
             not a positive int; a device, dtype or head dim the kernels do not take.
     """
     check_qkv(q, k, v)
-    check_runnable(q)
+    check_triton(q)
     check_kernel_head_dims(q, v, "triton")
-    check_positive_int("select_block", select_block)
+    check_int("select_block", select_block, 1)
     scale = resolve_scale(scale, q)
     docs = None
     num_blocks = -(-q.shape[2] // select_block)

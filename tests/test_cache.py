@@ -524,7 +524,7 @@ def test_prefill_rejects_bad_input():
         prefill(cache, q, k, v, lengths=torch.tensor([3, 11]))
     with pytest.raises(ValueError, match="lengths must be"):
         prefill(cache, q, k, v, lengths=torch.tensor([3]))
-    with pytest.raises(TypeError, match="lengths must have an integer"):
+    with pytest.raises(TypeError, match="lengths must be an integer tensor"):
         prefill(cache, q, k, v, lengths=torch.tensor([3.0, 4.0]))
     with pytest.raises(ValueError, match="backend"):
         prefill(cache, q, k, v, backend="cuda")
@@ -649,10 +649,10 @@ def test_fused_decode_with_a_learned_compressor():
 
 @pytest.mark.skipif(not TRITON, reason="no CUDA and no Triton interpreter")
 def test_fused_top_n_reads_keys_from_memory_past_the_register_tile(monkeypatch):
-    # above _KEYS_IN_REGISTERS block keys every round of the top-n reads them again
-    import nsa_flex.cache as cache_mod
+    # above tuning.KEYS_IN_REGISTERS block keys every round of the top-n reads them again
+    from nsa_flex import tuning
 
-    monkeypatch.setattr(cache_mod, "_KEYS_IN_REGISTERS", 16)
+    monkeypatch.setattr(tuning, "KEYS_IN_REGISTERS", 16)
     config = NSAConfig(compress_block=8, compress_stride=4, select_block=8, num_selected=5, num_initial=1, num_local=1, window=8)
     _fused_against_pytorch(config, 2, (3, 2), [150, 40], steps=3, L=200, seed=5)
 

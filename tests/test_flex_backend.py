@@ -28,32 +28,6 @@ def test_eager_compiled_flex_has_room_for_many_lengths():
     torch._dynamo.reset()
 
 
-def test_kernel_tiles():
-    cpu = torch.empty(1, 1, 1, 64)
-    assert flex_backend._kernel_options(cpu, cpu, (128, 128)) is None  # CPU
-    for size, dim, block_n in [(2, 64, 64), (2, 256, 64), (4, 128, 64), (4, 192, 32), (4, 256, 32)]:
-        opts = flex_backend._tile_options(size, dim)
-        assert opts["BLOCK_N"] == block_n and opts["BLOCK_M"] == 64 and opts["fwd_num_stages"] == 2
-        # the BlockMask's 128-wide tiles must be multiples of the kernel's
-        assert 128 % opts["BLOCK_M"] == 0 and 128 % opts["BLOCK_N"] == 0
-        # warps and stages are the forward's: the backward keeps Inductor's own
-        assert set(opts) == {"BLOCK_M", "BLOCK_N", "fwd_num_stages", "fwd_num_warps"}
-
-
-@pytest.mark.parametrize("size", [2, 4])
-@pytest.mark.parametrize("dim", [64, 128, 256])
-@pytest.mark.parametrize("block_size", [(16, 64), (16, 16), (32, 32), (64, 128), (128, 64)])
-def test_kernel_tiles_divide_small_block_masks(size, dim, block_size):
-    # FlexAttention's rules: sparse tiles are multiples of the kernel tiles, forward and
-    # backward, and the backward's inner loops step evenly (N1 % M1 == 0, M2 % N2 == 0)
-    qb, kb = block_size
-    o = flex_backend._tile_options(size, dim, block_size)
-    assert qb % o["BLOCK_M"] == 0 and kb % o["BLOCK_N"] == 0
-    if block_size != (128, 128):
-        assert qb % o["bwd_BLOCK_M1"] == 0 and kb % o["bwd_BLOCK_N1"] == 0 and o["bwd_BLOCK_N1"] % o["bwd_BLOCK_M1"] == 0
-        assert qb % o["bwd_BLOCK_M2"] == 0 and kb % o["bwd_BLOCK_N2"] == 0 and o["bwd_BLOCK_M2"] % o["bwd_BLOCK_N2"] == 0
-
-
 # ------------------------------------------------------------------- warnings a user reads
 
 ADVICE = "flex_attention called without torch.compile"  # PyTorch's, on a first eager call

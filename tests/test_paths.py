@@ -20,7 +20,7 @@ import torch
 
 from nsa_flex import NSACache, NSAConfig, attend, decode_step, flex_backend, selection, triton_backend
 from nsa_flex import cache as cache_mod
-from nsa_flex._optional import triton_missing
+from nsa_flex.triton_support import triton_missing
 
 CONFIG = NSAConfig(compress_block=8, compress_stride=4, select_block=16, num_selected=2, num_initial=1,
                    num_local=1, window=8)

@@ -9,7 +9,7 @@ from torch.utils._pytree import tree_flatten
 from hypothesis import given, settings, strategies as st
 
 from nsa_flex import NSAConfig, mean_compress, reference as R, select_blocks
-from nsa_flex._optional import triton_missing
+from nsa_flex.triton_support import triton_missing
 from nsa_flex.selection import block_importance
 
 from strategies import Shape, configs, make_qkv, shapes
@@ -160,7 +160,7 @@ def test_top_n_kernel_is_top_n_blocks_exactly(keys_in_registers, config, T, C, s
     # The Triton top-n (CUDA's default, here under the interpreter) against top_n_blocks on
     # scores with many exact ties, zeros and neighbours a float32 step apart: the tie rule
     # (equal scores: the lower block first) fixes one answer, so the indices must be equal.
-    from nsa_flex import selection
+    from nsa_flex import tuning
     from nsa_flex.selection import _top_n_fused, top_n_blocks
 
     gen = torch.Generator().manual_seed(seed)
@@ -174,7 +174,7 @@ def test_top_n_kernel_is_top_n_blocks_exactly(keys_in_registers, config, T, C, s
     pos = torch.arange(start, T)[:, None] // config.select_block
     j = torch.arange(ns)
     forced = (j <= pos) & ((j < config.num_initial) | (j > pos - config.num_local))
-    with mock.patch.object(selection, "_KEYS_IN_REGISTERS", keys_in_registers):
+    with mock.patch.object(tuning, "KEYS_IN_REGISTERS", keys_in_registers):
         got = _top_n_fused(scores.masked_fill(forced, float("inf")), config, start)
     assert torch.equal(got, expected)
 

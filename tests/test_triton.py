@@ -7,7 +7,7 @@ no GPU), so the shapes stay tiny; tests/test_gpu_triton.py runs the large ones o
 import pytest
 import torch
 
-from nsa_flex import NSAConfig, attend, mean_compress, reference as R, select_blocks, triton_backend
+from nsa_flex import NSAConfig, attend, mean_compress, reference as R, select_blocks, triton_backend, tuning
 from nsa_flex.triton_backend import available, invert_selection, selected_attention
 from nsa_flex.varlen import documents
 
@@ -132,7 +132,7 @@ def test_sparse_attention_module_on_triton_backend():
      (torch.float16, 64, 1, 64, 32, 64)],
 )
 def test_tiles_fit_shared_memory(dtype, D, G, select_block, block_n, block_n_dkdv):
-    from nsa_flex.triton_backend import _SMEM_BUDGET, _meta
+    from nsa_flex.tuning import SMEM_BUDGET, selected_kernel_meta as _meta
 
     size = torch.empty((), dtype=dtype).element_size()
     # an upper bound on each kernel's shared memory if every loop-carried load were pipelined:
@@ -143,19 +143,19 @@ def test_tiles_fit_shared_memory(dtype, D, G, select_block, block_n, block_n_dkd
         assert meta["BLOCK_N"] == block_n
         g, n, dk, dv, stages = meta["BLOCK_G"], meta["BLOCK_N"], meta["BLOCK_DK"], meta["BLOCK_DV"], meta["num_stages"]
         resident = g * (dk if kernel == "fwd" else dk + dv) * size
-        assert resident + stages * n * (dk + dv) * size <= _SMEM_BUDGET <= 200 * 2**10  # the H200 has 227 KiB per block
+        assert resident + stages * n * (dk + dv) * size <= SMEM_BUDGET <= 200 * 2**10  # the H200 has 227 KiB per block
     meta = _meta(G, D, D, select_block, dtype, "dkdv")
     assert meta["BLOCK_N"] == block_n_dkdv and meta["BLOCK_R"] >= G
     r, n, dk, dv, stages = meta["BLOCK_R"], meta["BLOCK_N"], meta["BLOCK_DK"], meta["BLOCK_DV"], meta["num_stages"]
-    assert n * (dk + dv) * size + stages * r * (dk + dv) * size + 2 * r * n * size <= _SMEM_BUDGET
+    assert n * (dk + dv) * size + stages * r * (dk + dv) * size + 2 * r * n * size <= SMEM_BUDGET
 
 
 @pytest.fixture
 def short_segments(monkeypatch):
     """Segments of 4 queries, so that tiny shapes take the dK/dV split: later segments summed
     into scratch slots by one kernel, added up in order by the other."""
-    monkeypatch.setattr(triton_backend, "_SEGMENT", 4)
-    monkeypatch.setattr(triton_backend, "_MAX_SLOTS", 1 << 30)
+    monkeypatch.setattr(tuning, "SEGMENT", 4)
+    monkeypatch.setattr(tuning, "MAX_SLOTS", 1 << 30)
 
 
 def crowded_selection(B, Hkv, T, select_block, seed):
@@ -170,7 +170,7 @@ def crowded_selection(B, Hkv, T, select_block, seed):
 def assert_split(idx, select_block, T):
     # the selection does take the split path at the patched segment size
     qlist, qstart = invert_selection(triton_backend.kernel_indices(idx, select_block, T), -(-T // select_block))
-    slots, slot_block = triton_backend._segments(qstart, qlist.shape[-1], triton_backend._segment_size(qlist.shape[-1]))
+    slots, slot_block = triton_backend._segments(qstart, qlist.shape[-1], tuning.dkdv_segment(qlist.shape[-1]))
     assert slots[..., -1].min() > 0 and (slot_block == slots.shape[-1] - 1).any(), "no split, or no surplus slot"
 
 
@@ -187,7 +187,7 @@ SPLIT_CASES = [
 @pytest.mark.parametrize("shape, select_block", SPLIT_CASES, ids=[f"G{s.G}-T{s.T}-l{l}" for s, l in SPLIT_CASES])
 def test_split_lists_match_reference(short_segments, monkeypatch, shape, select_block):
     if shape.G == 16:
-        monkeypatch.setattr(triton_backend, "_SEGMENT", 8)
+        monkeypatch.setattr(tuning, "SEGMENT", 8)
     idx = crowded_selection(shape.B, shape.Hkv, shape.T, select_block, shape.T)
     assert_split(idx, select_block, shape.T)
     (o, _, grads), (ref, ref_grads) = run(shape, idx, select_block, torch.float32, seed=2)
@@ -244,7 +244,7 @@ def test_dkdv_settings_override():
     delta = (do * o).sum(-1).contiguous()
     qlist, qstart = invert_selection(idx, 5)
     base = triton_backend._dkdv(q, k, v, do, lse, delta, qlist, qstart, select_block, 0.3)
-    meta = dict(triton_backend._meta(3, 16, 16, select_block, torch.float32, "dkdv"), BLOCK_R=16, num_warps=2)
+    meta = dict(tuning.selected_kernel_meta(3, 16, 16, select_block, torch.float32, "dkdv"), BLOCK_R=16, num_warps=2)
     for other in (triton_backend._dkdv(q, k, v, do, lse, delta, qlist, qstart, select_block, 0.3, meta=meta, segment=2),
                   triton_backend._dkdv(q, k, v, do, lse, delta, qlist, qstart, select_block, 0.3, segment=8)):
         for a, b in zip(other, base):
