@@ -25,26 +25,40 @@ class NSAConfig:
     """Hyperparameters of Native Sparse Attention; the defaults are the paper's.
 
     Args:
-        compress_block: ``l``, tokens per compressed block.
-        compress_stride: ``d``, stride between compressed blocks; divides ``compress_block``
-            and ``select_block``.
-        select_block: ``l'``, tokens per selection block.
-        num_selected: ``n``, blocks each query attends in the selected branch, forced ones
+        compress_block: `l`, tokens per compressed block; block `i` covers tokens
+            `[i*d, i*d + l - 1]`.
+        compress_stride: `d`, stride between compressed blocks; divides `compress_block` and
+            `select_block`.
+        select_block: `l'`, tokens per selection block; block `j` covers `[j*l', (j+1)*l' - 1]`.
+        num_selected: `n`, blocks each query attends in the selected branch, forced ones
             included.
-        num_initial: leading selection blocks every query always selects.
+        num_initial: leading selection blocks every query always selects (`0 .. num_initial-1`).
         num_local: most recent selection blocks (the query's own and those before it) every
             query always selects.
-        window: ``w``, sliding-window length, the query itself included.
+        window: `w`, sliding-window length, the query itself included.
 
     Raises:
-        ValueError: naming the field, if a value is not a positive integer (``num_initial``
-            and ``num_local`` may be 0), if ``compress_stride`` does not divide
-            ``compress_block`` or ``select_block``, or if
-            ``num_initial + num_local > num_selected``.
-        TypeError: if a field is not an ``int``.
+        TypeError: naming the field, if a value is not an `int` (a `bool` is refused).
+        ValueError: naming the field, if a value is below 1 (`num_initial` and `num_local` may
+            be 0), if `compress_stride` does not divide `compress_block` or `select_block`, or
+            if `num_initial + num_local > num_selected`.
 
-    The config is frozen and hashable, so it can key caches and be a ``torch.compile``
-    constant.
+    The config is a frozen dataclass: hashable, so it keys caches and is a constant under
+    `torch.compile`. `num_compressed(seq_len)` is `Tc`, `num_select_blocks(seq_len)` is `Ns`;
+    `compressed_last_token(i)` and `num_visible_compressed(t)` state the compressed block's
+    visibility rule, which every branch and kernel follows.
+
+    ```python
+    from nsa_flex import NSAConfig
+
+    config = NSAConfig()
+    print(config.num_compressed(1000), config.num_select_blocks(1000))  # 61 16
+    print(config.num_compressed(31))                                     # 0
+    try:
+        NSAConfig(compress_stride=24)
+    except ValueError as e:
+        print(e)  # NSAConfig.compress_stride (24) must divide compress_block (32)
+    ```
     """
 
     compress_block: int = 32

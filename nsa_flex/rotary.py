@@ -39,6 +39,10 @@ class RotaryEmbedding(nn.Module):
         dim: ``D``, the feature size it rotates; must be even.
         base: the wavelength base; pair ``i`` turns by ``base ** (-2i / D)`` radians per position.
 
+    Raises:
+        TypeError: `dim` not an int, `base` not a number.
+        ValueError: `dim` odd or below 2, `base` not finite and `> 1`.
+
     Shapes:
         ``forward(x)``: ``(B, H, T, D) -> (B, H, T, D)``, same dtype as ``x``.
 
@@ -95,6 +99,12 @@ class RotaryEmbedding(nn.Module):
 
         Returns:
             ``(B, H, T, D)``, same dtype as ``x``.
+
+        Raises:
+            TypeError: `x` not a floating tensor, `offset` not an int, `positions` not an
+                integer tensor (bool and float refused).
+            ValueError: `x` of another shape, a negative `offset`, `positions` of another
+                shape.
         """
         check_tensor("x", x, None, floating=False)
         if x.dim() != 4:
@@ -122,6 +132,10 @@ class RotaryEmbedding(nn.Module):
         Returns:
             ``(B, H, T, D)``, same dtype as ``x``; bitwise what :meth:`forward` gives at those
             positions.
+
+        Raises:
+            TypeError, ValueError: as :meth:`forward`, and `positions` on another device than
+                `x`.
         """
         check_tensor("x", x, None, floating=False)
         if x.dim() != 4 or x.shape[-1] != self.dim:

@@ -593,7 +593,9 @@ FUSED_CONFIG = NSAConfig(compress_block=16, compress_stride=8, select_block=16, 
 def _fused_against_pytorch(config, G, splits, prompt_lengths, steps, L, seed, compress=None, Dk=16, Dv=16):
     """Step a cache with the split kernels and a copy with the PyTorch step, on the same
     inputs: same chosen blocks, outputs to float32 rounding, same cache contents."""
-    from nsa_flex.cache import _compressor, _decode, _decode_fused
+    from nsa_flex.inference.cache import compressor_or_mean as _compressor
+    from nsa_flex.inference.decode import _decode_torch as _decode
+    from nsa_flex.inference.decode_fused import launch_decode as _decode_fused
 
     g = torch.Generator().manual_seed(seed)
     B, Hkv = len(prompt_lengths), 2
@@ -682,12 +684,12 @@ def test_fused_decode_matches_the_full_forward():
 
 def test_decode_step_picks_pytorch_off_cuda(monkeypatch):
     # fused=None (the default) runs the kernels only on CUDA, for one token per row
-    import nsa_flex.cache as cache_mod
+    import nsa_flex.inference.decode as decode_mod
 
     def refuse(*args, **kwargs):
         raise AssertionError("the fused step ran")
 
-    monkeypatch.setattr(cache_mod, "_decode_fused", refuse)
+    monkeypatch.setattr(decode_mod, "launch_decode", refuse)
     cache = NSACache(1, 1, 40, 8, config=SMALL, dtype=torch.float32)
     out = decode_step(cache, torch.randn(1, 2, 1, 8), torch.randn(1, 1, 1, 8), torch.randn(1, 1, 1, 8))
     assert out.shape == (1, 2, 1, 8) and cache.lengths.tolist() == [1]

@@ -1,9 +1,8 @@
 """Pieces of the flex backend that the end-to-end tests cannot see on the CPU."""
 
-import pytest
 import torch
 
-from nsa_flex import flex_backend
+from nsa_flex.flex import branches, call
 
 
 def _graphs_compiled(shapes, patch):
@@ -24,7 +23,7 @@ def test_eager_compiled_flex_has_room_for_many_lengths():
 
     shapes = range(1, 13)
     assert _graphs_compiled(shapes, contextlib.nullcontext) < 12
-    assert _graphs_compiled(shapes, flex_backend._room_to_recompile) == 12
+    assert _graphs_compiled(shapes, call.room_to_recompile) == 12
     torch._dynamo.reset()
 
 
@@ -80,7 +79,7 @@ def test_the_quiet_eager_call_hides_only_the_compile_advice():
 
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
-        with flex_backend._eager_flex_quietly():
+        with call.eager_flex_quietly():
             warnings.warn(ADVICE + "() - this will use an unfused implementation", UserWarning)
             warnings.warn("something else", UserWarning)
         warnings.warn(ADVICE + "() - outside the call", UserWarning)
@@ -101,7 +100,7 @@ def test_compressed_lse_without_deprecation_warnings():
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         with torch.no_grad():
-            out, lse = flex_backend.compressed_branch(q, k_cmp, v_cmp, config, 16**-0.5, return_lse=True)
+            out, lse = branches.compressed_branch(q, k_cmp, v_cmp, config, 16**-0.5, return_lse=True)
     assert not [w for w in seen if issubclass(w.category, (FutureWarning, DeprecationWarning))], [str(w.message) for w in seen]
     ref, p = R.compressed_attention(q, k_cmp, v_cmp, config, 16**-0.5)
     assert torch.allclose(out, ref, atol=1e-10)

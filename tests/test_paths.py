@@ -7,8 +7,10 @@ compiled CUDA graphs are tests/test_gpu_compile.py's). Each case records the pat
 with the kernels and FlexAttention itself replaced by stubs that only record (the choice is
 the point here, not the numbers; every path's numbers have their own tests).
 
-``TABLE`` was recorded before issue 15 moved the code, and must stay as it is: the restructure
-changed where the choice is made, not what it is.
+``TABLE`` was recorded before issue 15 moved the code (with seams and recorders on the names
+of then: ``selection._fused_ok``, ``flex_backend._triton_kernels_apply``, ``selection._select_fused``
+...), and must stay as it is: the restructure changed where the choice is made
+(:func:`nsa_flex.dispatch.plan`), not what it is. tests/test_dispatch.py tests the plan itself.
 """
 
 from __future__ import annotations
@@ -18,8 +20,11 @@ import itertools
 import pytest
 import torch
 
-from nsa_flex import NSACache, NSAConfig, attend, decode_step, flex_backend, selection, triton_backend
-from nsa_flex import cache as cache_mod
+from nsa_flex import NSACache, NSAConfig, attend, decode_step, dispatch, scoring, triton_backend
+from nsa_flex.flex import branches
+from nsa_flex.inference import cache as cache_mod, decode as decode_mod
+from nsa_flex.ops import scoring as ops_scoring
+from nsa_flex.top_n import top_n_blocks
 from nsa_flex.triton_support import triton_missing
 
 CONFIG = NSAConfig(compress_block=8, compress_stride=4, select_block=16, num_selected=2, num_initial=1,
@@ -30,18 +35,8 @@ pytestmark = pytest.mark.skipif(bool(triton_missing()), reason="the fused paths 
 
 
 def _seams(monkeypatch):
-    """The CUDA-only rules without their CUDA condition (everything else they check kept)."""
-    def fused_ok(q, score_mod, mask_mod):
-        return (score_mod is None and mask_mod is None
-                and q.dtype in (torch.float16, torch.bfloat16, torch.float32) and q.shape[-1] <= 256)
-
-    def kernels_apply(q, k, v, score_mod, mask_mod):
-        return (q.dtype in (torch.float16, torch.bfloat16, torch.float32) and score_mod is None
-                and mask_mod is None and 16 <= min(q.shape[-1], v.shape[-1]) <= max(q.shape[-1], v.shape[-1]) <= 256
-                and triton_backend.available(q.device)[0])
-
-    monkeypatch.setattr(selection, "_fused_ok", fused_ok)
-    monkeypatch.setattr(flex_backend, "_triton_kernels_apply", kernels_apply)
+    """The CUDA choices on the CPU: the dispatch's one seam (every other fact it checks kept)."""
+    monkeypatch.setattr(dispatch, "_picks_kernels", lambda device: True)
 
 
 def _recorders(monkeypatch, events: list):
@@ -50,9 +45,9 @@ def _recorders(monkeypatch, events: list):
         events.append("scoring:triton_lse" if lse is not None else "scoring:triton")
         B, _, T, _ = q.shape
         zeros = q.new_zeros(B, k_cmp.shape[1], T, config.num_select_blocks(T), dtype=torch.float32)
-        return selection.top_n_blocks(zeros, config)
+        return top_n_blocks(zeros, config)
 
-    chunk_importance = selection._chunk_importance
+    chunk_importance = scoring.chunk_importance
 
     def chunked(*args, **kwargs):
         differentiable = kwargs.get("differentiable", args[7] if len(args) > 7 else False)
@@ -63,7 +58,7 @@ def _recorders(monkeypatch, events: list):
         events.append("selected:triton")
         return q.new_zeros(*q.shape[:3], v.shape[-1]), q.new_zeros(q.shape[:3], dtype=torch.float32)
 
-    fftb = flex_backend._flex_forward_triton_backward
+    fftb = branches.selected_branch_triton_backward
 
     def flex_fwd_triton_bwd(*args, **kwargs):
         events.append("selected:flex_fwd_triton_bwd")
@@ -78,11 +73,11 @@ def _recorders(monkeypatch, events: list):
         out = q.new_zeros(*q.shape[:3], v.shape[-1])
         return (out, q.new_zeros(q.shape[:3], dtype=torch.float32)) if return_lse else out
 
-    monkeypatch.setattr(selection, "_select_fused", select_fused)
-    monkeypatch.setattr(selection, "_chunk_importance", chunked)
-    monkeypatch.setattr(triton_backend, "_selected", triton_selected)
-    monkeypatch.setattr(flex_backend, "_flex_forward_triton_backward", flex_fwd_triton_bwd)
-    monkeypatch.setattr(flex_backend, "_flex", flex)
+    monkeypatch.setattr(ops_scoring, "launch_scoring", select_fused)
+    monkeypatch.setattr(scoring, "chunk_importance", chunked)
+    monkeypatch.setattr(triton_backend, "_run", triton_selected)
+    monkeypatch.setattr(branches, "selected_branch_triton_backward", flex_fwd_triton_bwd)
+    monkeypatch.setattr(branches, "run_flex", flex)
 
 
 def _compact(events: list[str]) -> str:
@@ -136,7 +131,7 @@ def _attend_events(case, monkeypatch) -> str:
 def _decode_events(case, monkeypatch) -> str:
     fused, m = case.split("-")
     events: list[str] = []
-    decode = cache_mod._decode
+    decode = decode_mod._decode_torch
 
     def torch_step(*args, **kwargs):
         events.append("decode:torch")
@@ -144,11 +139,11 @@ def _decode_events(case, monkeypatch) -> str:
 
     def fused_step(cache, q, k, v, gates, config, scale, compress_k, compress_v, splits=None):
         events.append("decode:fused")
-        return decode(cache, q, k, v, gates, config, scale, cache_mod._compressor(compress_k, config),
-                      cache_mod._compressor(compress_v, config))
+        return decode(cache, q, k, v, gates, config, scale, cache_mod.compressor_or_mean(compress_k, config),
+                      cache_mod.compressor_or_mean(compress_v, config))
 
-    monkeypatch.setattr(cache_mod, "_decode", torch_step)
-    monkeypatch.setattr(cache_mod, "_decode_fused", fused_step)
+    monkeypatch.setattr(decode_mod, "_decode_torch", torch_step)
+    monkeypatch.setattr(decode_mod, "launch_decode", fused_step)
     cache = NSACache(1, 1, T, 16, config=CONFIG)
     m = int(m[1:])
     g = torch.Generator().manual_seed(1)

@@ -139,7 +139,7 @@ def test_steps_reject_bad_input():
 @given(configs(), st.integers(1, 300), st.integers(1, 2), st.integers(0, 2**31 - 1))
 def test_fused_scores_kernel_matches_reference(G, config, T, Hkv, seed):
     # The Triton scoring kernel (CUDA's default path) under the CPU interpreter, float32.
-    from nsa_flex.selection import _select_fused
+    from nsa_flex.ops.scoring import launch_scoring as _select_fused
 
     shape = Shape(1, Hkv, G, T, 32, 16)
     q, k, _ = make_qkv(shape, seed)
@@ -161,7 +161,8 @@ def test_top_n_kernel_is_top_n_blocks_exactly(keys_in_registers, config, T, C, s
     # scores with many exact ties, zeros and neighbours a float32 step apart: the tie rule
     # (equal scores: the lower block first) fixes one answer, so the indices must be equal.
     from nsa_flex import tuning
-    from nsa_flex.selection import _top_n_fused, top_n_blocks
+    from nsa_flex.ops.scoring import launch_top_n as _top_n_fused
+    from nsa_flex.top_n import top_n_blocks
 
     gen = torch.Generator().manual_seed(seed)
     ns = config.num_select_blocks(T)
@@ -186,8 +187,8 @@ def test_fused_scores_from_the_compressed_branch_lse(config, T, grad, seed):
     # attend() on CUDA hands the scoring kernel the compressed branch's log-sum-exp (one pass
     # instead of two): FlexAttention's, as compressed_branch returns it, with or without
     # autograd (on the CPU those are different FlexAttention paths).
-    from nsa_flex import flex_backend
-    from nsa_flex.selection import _select_fused
+    from nsa_flex.flex import branches as flex_backend
+    from nsa_flex.ops.scoring import launch_scoring as _select_fused
 
     q, k, v = make_qkv(Shape(2, 2, 3, T, 32, 16), seed)
     q, k_cmp, v_cmp = q.float(), mean_compress(k, config).float(), mean_compress(v, config).float()
@@ -213,8 +214,8 @@ def test_fused_scores_read_the_given_lse():
     # The kernel really reads the lse it is given (per batch row and head): lowering one head's
     # log-sum-exp by 30 weighs that head e^30 times more in the group's sum, so the selection
     # becomes that head's own; what the unchanged lse gives differs from it.
-    from nsa_flex import flex_backend
-    from nsa_flex.selection import _select_fused
+    from nsa_flex.flex import branches as flex_backend
+    from nsa_flex.ops.scoring import launch_scoring as _select_fused
 
     config = NSAConfig(compress_block=8, compress_stride=4, select_block=8, num_selected=4, num_initial=1,
                        num_local=1, window=16)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from nsa_flex import NSAConfig, attend, mean_compress, reference as R, select_blocks, triton_backend, tuning
+from nsa_flex.ops import selected as ops_selected
 from nsa_flex.triton_backend import available, invert_selection, selected_attention
 from nsa_flex.varlen import documents
 
@@ -170,7 +171,7 @@ def crowded_selection(B, Hkv, T, select_block, seed):
 def assert_split(idx, select_block, T):
     # the selection does take the split path at the patched segment size
     qlist, qstart = invert_selection(triton_backend.kernel_indices(idx, select_block, T), -(-T // select_block))
-    slots, slot_block = triton_backend._segments(qstart, qlist.shape[-1], tuning.dkdv_segment(qlist.shape[-1]))
+    slots, slot_block = ops_selected._segments(qstart, qlist.shape[-1], tuning.dkdv_segment(qlist.shape[-1]))
     assert slots[..., -1].min() > 0 and (slot_block == slots.shape[-1] - 1).any(), "no split, or no surplus slot"
 
 
@@ -229,7 +230,7 @@ def test_segments():
     # lists of 0, 1, 4, 5, 9 and 12 queries at segment 4: later segments 0, 0, 0, 1, 2, 2
     counts = torch.tensor([0, 1, 4, 5, 9, 12])
     qstart = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)]).to(torch.int32).view(1, 1, 7)
-    slots, slot_block = triton_backend._segments(qstart, 31, 4)
+    slots, slot_block = ops_selected._segments(qstart, 31, 4)
     assert slots.tolist() == [[[0, 0, 0, 0, 1, 3, 5]]]
     assert slot_block.tolist() == [[[3, 4, 4, 5, 5, 6, 6]]]  # 31 // 4 = 7 slots, 2 surplus
 
@@ -243,14 +244,14 @@ def test_dkdv_settings_override():
     do = torch.randn(o.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE)
     delta = (do * o).sum(-1).contiguous()
     qlist, qstart = invert_selection(idx, 5)
-    base = triton_backend._dkdv(q, k, v, do, lse, delta, qlist, qstart, select_block, 0.3)
+    base = ops_selected.launch_dkdv(q, k, v, do, lse, delta, qlist, qstart, select_block, 0.3)
     meta = dict(tuning.selected_kernel_meta(3, 16, 16, select_block, torch.float32, "dkdv"), BLOCK_R=16, num_warps=2)
-    for other in (triton_backend._dkdv(q, k, v, do, lse, delta, qlist, qstart, select_block, 0.3, meta=meta, segment=2),
-                  triton_backend._dkdv(q, k, v, do, lse, delta, qlist, qstart, select_block, 0.3, segment=8)):
+    for other in (ops_selected.launch_dkdv(q, k, v, do, lse, delta, qlist, qstart, select_block, 0.3, meta=meta, segment=2),
+                  ops_selected.launch_dkdv(q, k, v, do, lse, delta, qlist, qstart, select_block, 0.3, segment=8)):
         for a, b in zip(other, base):
             assert rel_err(a, b) < 1e-6
     with pytest.raises(ValueError, match="power of two"):
-        triton_backend._dkdv(q, k, v, do, lse, delta, qlist, qstart, select_block, 0.3, segment=6)
+        ops_selected.launch_dkdv(q, k, v, do, lse, delta, qlist, qstart, select_block, 0.3, segment=6)
 
 
 def test_selected_attention_validates():
@@ -274,7 +275,7 @@ def test_flex_forward_with_triton_backward(shape, select_block):
     # The flex backend's selected branch for half-precision CUDA training: FlexAttention's
     # forward (one-token tiles), the Triton backward from its output and log-sum-exp. Run
     # here in float32 on the CPU (FlexAttention eager, Triton interpreted).
-    from nsa_flex.flex_backend import _flex_forward_triton_backward
+    from nsa_flex.flex.branches import selected_branch_triton_backward as _flex_forward_triton_backward
 
     config = config_for(select_block)
     q, k, _ = make_qkv(shape, 2)

@@ -388,7 +388,7 @@ def test_bench_varlen_part_runs_quick(tmp_path):
 def test_packed_rows_keep_the_default_selected_tiles(monkeypatch):
     # doc-local blocks start anywhere, so one-block KV tiles do not apply: the 128x128 default,
     # not a dense count over (16-row, l'-key) tiles, which would be T*G/16 x T/l' per KV head
-    from nsa_flex import flex_backend
+    from nsa_flex.flex import branches as flex_backend
 
     sizes = []
     build = flex_backend._selection_block_mask
