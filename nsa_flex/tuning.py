@@ -315,6 +315,7 @@ class DecodeTiles(NamedTuple):
     block_l: int  # tokens of a compressed block, for the mean the first kernel computes
     block_s1: int  # the compressed splits that the block-keys kernel merges
     block_p: int  # partial states the combine kernel merges at once
+    num_warps: int  # every one of the four kernels
 
 
 def decode_tiles(G: int, Dk: int, Dv: int, config: NSAConfig, tc: int, s1: int) -> DecodeTiles:
@@ -327,5 +328,5 @@ def decode_tiles(G: int, Dk: int, Dv: int, config: NSAConfig, tc: int, s1: int) 
     return DecodeTiles(
         block_n=block_n, tile=tile, n_window=nw, block_c_split=min(64, pow2(-(-tc // s1))), block_g=pow2(G),
         block_dk=pow2(Dk), block_dv=pow2(Dv), block_l=pow2(config.compress_block, 1), block_s1=pow2(s1, 1),
-        block_p=min(64, pow2(max(s1, n, nw))),
+        block_p=min(64, pow2(max(s1, n, nw))), num_warps=4,
     )

@@ -1,7 +1,5 @@
 """select_blocks (the chunked selection every backend shares) against the reference."""
 
-from unittest import mock
-
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -150,34 +148,6 @@ def test_fused_scores_kernel_matches_reference(G, config, T, Hkv, seed):
     assert torch.equal((idx >= 0).sum(-1), (ref_idx >= 0).sum(-1))
     torch.testing.assert_close(chosen_scores(idx, ref_scores), chosen_scores(ref_idx, ref_scores), rtol=1e-5, atol=1e-6)
     assert_ascending_then_padding(idx)
-
-
-@needs_triton
-@pytest.mark.parametrize("keys_in_registers", [2048, 16])  # one tile; tiles re-read each round
-@settings(max_examples=15)
-@given(configs(), st.integers(1, 700), st.integers(1, 24), st.integers(0, 2**31 - 1))
-def test_top_n_kernel_is_top_n_blocks_exactly(keys_in_registers, config, T, C, seed):
-    # The Triton top-n (CUDA's default, here under the interpreter) against top_n_blocks on
-    # scores with many exact ties, zeros and neighbours a float32 step apart: the tie rule
-    # (equal scores: the lower block first) fixes one answer, so the indices must be equal.
-    from nsa_flex import tuning
-    from nsa_flex.ops.scoring import launch_top_n as _top_n_fused
-    from nsa_flex.top_n import top_n_blocks
-
-    gen = torch.Generator().manual_seed(seed)
-    ns = config.num_select_blocks(T)
-    C = min(C, T)  # the last C queries (few programs: the interpreter is slow)
-    start = T - C
-    levels = torch.tensor([0.0, 0.25, 0.5, 0.5 + 2**-24, 1.0, 3.0])
-    scores = levels[torch.randint(0, len(levels), (1, 2, C, ns), generator=gen)]
-    expected = top_n_blocks(scores, config, start)
-    # as the scoring kernel writes them: forced blocks +inf (non-candidates are never read)
-    pos = torch.arange(start, T)[:, None] // config.select_block
-    j = torch.arange(ns)
-    forced = (j <= pos) & ((j < config.num_initial) | (j > pos - config.num_local))
-    with mock.patch.object(tuning, "KEYS_IN_REGISTERS", keys_in_registers):
-        got = _top_n_fused(scores.masked_fill(forced, float("inf")), config, start)
-    assert torch.equal(got, expected)
 
 
 @needs_triton

@@ -48,7 +48,7 @@ def test_decode_splits_and_tiles(monkeypatch):
     cuda = types.SimpleNamespace(type="cuda", index=0)
     assert tuning.decode_splits(cuda, 4, 4095, 1024, 3) == (66, 57)
     assert tuning.decode_splits(torch.device("cpu"), 1, 100, 10, 3) == (4, 4)
-    assert tuple(tuning.decode_tiles(16, 128, 128, NSAConfig(), 4095, 66)) == (64, 64, 8, 64, 16, 128, 128, 32, 128, 64)
+    assert tuple(tuning.decode_tiles(16, 128, 128, NSAConfig(), 4095, 66)) == (64, 64, 8, 64, 16, 128, 128, 32, 128, 64, 4)
 
 
 def test_flex_tiles():
@@ -83,3 +83,27 @@ def test_kernel_tiles_divide_small_block_masks(size, dim, block_size):
     if block_size != (128, 128):
         assert qb % o["bwd_BLOCK_M1"] == 0 and kb % o["bwd_BLOCK_N1"] == 0 and o["bwd_BLOCK_N1"] % o["bwd_BLOCK_M1"] == 0
         assert qb % o["bwd_BLOCK_M2"] == 0 and kb % o["bwd_BLOCK_N2"] == 0 and o["bwd_BLOCK_M2"] % o["bwd_BLOCK_N2"] == 0
+
+
+@pytest.mark.parametrize(
+    "dtype, D, G, select_block, block_n, block_n_dkdv",
+    [(torch.bfloat16, 128, 16, 64, 32, 64), (torch.bfloat16, 256, 16, 64, 32, 32), (torch.float32, 128, 16, 64, 32, 64),
+     (torch.float32, 256, 16, 64, 16, 32), (torch.float32, 192, 16, 64, 16, 32), (torch.bfloat16, 64, 16, 8, 16, 16),
+     (torch.bfloat16, 64, 16, 48, 32, 64), (torch.float32, 256, 64, 64, 16, 16), (torch.bfloat16, 256, 64, 64, 32, 32),
+     (torch.float16, 64, 1, 64, 32, 64)],
+)
+def test_tiles_fit_shared_memory(dtype, D, G, select_block, block_n, block_n_dkdv):
+    size = torch.empty((), dtype=dtype).element_size()
+    # an upper bound on each kernel's shared memory if every loop-carried load were pipelined:
+    # forward/dQ stream K and V tiles past resident q (and dO); dK/dV streams q and dO rows
+    # past resident K and V tiles, staging p^T and dS^T for the products
+    for kernel in ("fwd", "dq"):
+        meta = tuning.selected_kernel_meta(G, D, D, select_block, dtype, kernel)
+        assert meta["BLOCK_N"] == block_n
+        g, n, dk, dv, stages = meta["BLOCK_G"], meta["BLOCK_N"], meta["BLOCK_DK"], meta["BLOCK_DV"], meta["num_stages"]
+        resident = g * (dk if kernel == "fwd" else dk + dv) * size
+        assert resident + stages * n * (dk + dv) * size <= tuning.SMEM_BUDGET <= 200 * 2**10  # the H200 has 227 KiB per block
+    meta = tuning.selected_kernel_meta(G, D, D, select_block, dtype, "dkdv")
+    assert meta["BLOCK_N"] == block_n_dkdv and meta["BLOCK_R"] >= G
+    r, n, dk, dv, stages = meta["BLOCK_R"], meta["BLOCK_N"], meta["BLOCK_DK"], meta["BLOCK_DV"], meta["num_stages"]
+    assert n * (dk + dv) * size + stages * r * (dk + dv) * size + 2 * r * n * size <= tuning.SMEM_BUDGET

@@ -52,7 +52,7 @@ def launch_decode(cache, q, k, v, gates, config, scale, compress_k, compress_v, 
     kc, vc = cache._k_cmp, cache._v_cmp
     scale_log2 = scale * tuning.LOG2E
     ieee = q.dtype == torch.float32
-    dims = dict(G=G, BLOCK_G=tiles.block_g, BLOCK_DV=tiles.block_dv, num_warps=4)
+    dims = dict(G=G, BLOCK_G=tiles.block_g, BLOCK_DV=tiles.block_dv, num_warps=tiles.num_warps)
 
     compressed_split_kernel[(rows, s1)](
         q, cache._k, cache._v, k, v, kc, vc, cache.lengths, logits, pm, pl, pacc,
@@ -66,7 +66,7 @@ def launch_decode(cache, q, k, v, gates, config, scale, compress_k, compress_v, 
         cache.lengths, logits, pm, pl, keys, Hkv, L, tc, ns, P, s1,
         G=G, CMP_BLOCK=l, CMP_STRIDE=d, SEL_BLOCK=ls, N_INITIAL=config.num_initial, N_LOCAL=config.num_local,
         BLOCK_G=tiles.block_g, BLOCK_S1=tiles.block_s1, BLOCK_C=block_c, BLOCK_S=tuning.pow2(step), SEL_STEP=step,
-        num_warps=4,
+        num_warps=tiles.num_warps,
     )
     sparse_split_kernel[(rows, n + nw)](
         q, cache._k, cache._v, cache.lengths, keys, idx, pm, pl, pacc,
@@ -80,6 +80,6 @@ def launch_decode(cache, q, k, v, gates, config, scale, compress_k, compress_v, 
         pm, pl, pacc, gates if gates is not None else out, out, cache.lengths,
         g_strides[0], g_strides[1], g_strides[3], out.stride(0), out.stride(1), out.stride(3),
         Hq, L, P, s1, G=G, N_SEL=n, DV=Dv, BLOCK_DV=tiles.block_dv, BLOCK_P=tiles.block_p,
-        GATED=gates is not None, num_warps=4,
+        GATED=gates is not None, num_warps=tiles.num_warps,
     )
     return out, idx.view(B, Hkv, 1, n)

@@ -1,4 +1,4 @@
-"""Pieces of the flex backend that the end-to-end tests cannot see on the CPU."""
+"""nsa_flex.flex: how FlexAttention is called (flex.call) and the branches on it, the pieces the end-to-end tests cannot see on the CPU."""
 
 import torch
 
