@@ -2,6 +2,7 @@
 
 import torch
 
+from nsa_flex import _layout
 from nsa_flex.flex import branches, call
 
 
@@ -111,3 +112,15 @@ def test_compressed_lse_without_deprecation_warnings():
     expected = torch.logsumexp(scores.masked_fill(~visible, float("-inf")), dim=-1)
     assert torch.equal(torch.isinf(lse), torch.isinf(expected))
     assert torch.allclose(lse[~torch.isinf(lse)].double(), expected[~torch.isinf(expected)], atol=1e-5)
+
+
+def test_fold_and_unfold_rows_are_inverse():
+    q = torch.randn(2, 6, 5, 4)  # Hq = 6, G = 3
+    rows = _layout.fold_rows(q, 3)
+    assert rows.shape == (2, 2, 15, 4)
+    assert torch.equal(rows[1, 1, 4 * 3 + 2], q[1, 1 * 3 + 2, 4])  # row t*G + g of KV head h is head h*G + g
+    assert torch.equal(_layout.unfold_rows(rows, 3), q)
+    out = torch.empty_like(q)
+    assert _layout.unfold_rows(rows, 3, out=out) is out and torch.equal(out, q)
+    lse = rows[..., 0]  # (B, Hkv, T*G) without a trailing dim
+    assert torch.equal(_layout.unfold_rows(lse, 3), q[..., 0])

@@ -157,7 +157,7 @@ def test_fused_scores_from_the_compressed_branch_lse(config, T, grad, seed):
     # attend() on CUDA hands the scoring kernel the compressed branch's log-sum-exp (one pass
     # instead of two): FlexAttention's, as compressed_branch returns it, with or without
     # autograd (on the CPU those are different FlexAttention paths).
-    from nsa_flex.flex import branches as flex_backend
+    from nsa_flex.flex import branches
     from nsa_flex.ops.scoring import launch_scoring as _select_fused
 
     q, k, v = make_qkv(Shape(2, 2, 3, T, 32, 16), seed)
@@ -166,7 +166,7 @@ def test_fused_scores_from_the_compressed_branch_lse(config, T, grad, seed):
     if k_cmp.shape[2] == 0:
         return  # nothing compressed: select_blocks never calls the kernel
     with torch.set_grad_enabled(grad):
-        _, lse = flex_backend.compressed_branch(q.requires_grad_(grad), k_cmp, v_cmp, config, 0.3, return_lse=True)
+        _, lse = branches.compressed_branch(q.requires_grad_(grad), k_cmp, v_cmp, config, 0.3, return_lse=True)
     q, lse = q.detach(), lse.detach()
     # natural log, -inf for a query that sees no block
     s = (q.double() @ k_cmp.double().repeat_interleave(3, dim=1).transpose(-1, -2)) * 0.3
@@ -184,14 +184,14 @@ def test_fused_scores_read_the_given_lse():
     # The kernel really reads the lse it is given (per batch row and head): lowering one head's
     # log-sum-exp by 30 weighs that head e^30 times more in the group's sum, so the selection
     # becomes that head's own; what the unchanged lse gives differs from it.
-    from nsa_flex.flex import branches as flex_backend
+    from nsa_flex.flex import branches
     from nsa_flex.ops.scoring import launch_scoring as _select_fused
 
     config = NSAConfig(compress_block=8, compress_stride=4, select_block=8, num_selected=4, num_initial=1,
                        num_local=1, window=16)
     q, k, v = make_qkv(Shape(2, 1, 3, 160, 32, 16), 3)
     q, k_cmp, v_cmp = q.float(), mean_compress(k, config).float(), mean_compress(v, config).float()
-    _, lse = flex_backend.compressed_branch(q, k_cmp, v_cmp, config, 0.3, return_lse=True)
+    _, lse = branches.compressed_branch(q, k_cmp, v_cmp, config, 0.3, return_lse=True)
     shifted = lse.clone()
     shifted[1, 2] -= 30.0  # batch row 1, head 2
     idx = _select_fused(q, k_cmp, config, 0.3, lse=lse)
