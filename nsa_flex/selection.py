@@ -20,7 +20,7 @@ from ._validation import check_callable, check_int, check_qk_cmp, resolve_scale
 from .block_indices import sort_unique_blocks
 from .config import NSAConfig, resolve_config
 from .ops.scoring import select_blocks_fused_op
-from .scoring import block_importance
+from .scoring import block_importance, straight_through_score_mod  # noqa: F401 (a documented path)
 from .top_n import top_n_blocks
 from .varlen import Documents, resolve, shift_mask_mod, shift_score_mod
 
@@ -173,9 +173,9 @@ def select_blocks(
             is not callable, a `chunk_size` that is not an int (`TypeError`) or below 1
             (`ValueError`).
 
-    `nsa_flex.selection` also re-exports the steps it is made of: `block_importance`
-    (:mod:`nsa_flex.scoring`), `top_n_blocks` (:mod:`nsa_flex.top_n`) and `sort_unique_blocks`
-    (:mod:`nsa_flex.block_indices`). Compute a selection once and reuse it:
+    `nsa_flex.selection` also re-exports the steps it is made of: `block_importance` and
+    `straight_through_score_mod` (:mod:`nsa_flex.scoring`), `top_n_blocks` (:mod:`nsa_flex.top_n`)
+    and `sort_unique_blocks` (:mod:`nsa_flex.block_indices`). Compute a selection once and reuse it:
 
     ```python
     import torch

@@ -144,3 +144,43 @@ def test_modules_stay_small():
     long = {name: len(path.read_text().splitlines()) for name, path in modules().items()}
     long = {name: n for name, n in long.items() if n > MAX_LINES}
     assert set(long) <= set(LONG_MODULES), long
+
+
+# The public names before the restructure (issue 15): each __all__ then, and the paths the docs
+# named. Moves must keep every one importable from the same place.
+PUBLIC = {
+    "nsa_flex": ["BACKENDS", "BlockCompressor", "NSAAux", "NSACache", "NSAConfig", "SparseAttention", "attend",
+                 "block_scores", "decode_step", "masks", "mean_compress", "prefill", "reference", "select_blocks",
+                 "varlen"],
+    "nsa_flex.masks": ["KV_BLOCK", "Q_BLOCK", "block_mask_from_tiles", "causal_mask", "compressed_block_mask",
+                       "compressed_mask", "compressed_varlen_block_mask", "document_mask", "selection_bits",
+                       "selection_block_mask", "selection_mask", "selection_tile", "sliding_window_block_mask",
+                       "sliding_window_mask", "sliding_window_varlen_block_mask"],
+    "nsa_flex.reference": ["ReferenceOutput", "attend", "compressed_attention", "compressed_kv_positions",
+                           "masked_attention", "mean_compress", "overlap_matrix", "select_blocks",
+                           "selected_attention", "selection_scores", "top_n", "window_attention"],
+    "nsa_flex.varlen": ["Documents", "compressed_cu_seqlens", "documents"],
+    "nsa_flex.compression": ["BlockCompressor", "block_view", "mean_compress"],
+    "nsa_flex.rotary": ["RotaryEmbedding", "rotate_half"],
+    "nsa_flex.buckets": ["bucket_length", "check_length_buckets", "pad_documents"],
+    "nsa_flex.selection": ["block_importance", "block_scores", "select_blocks", "sort_unique_blocks", "top_n_blocks",
+                           "straight_through_score_mod"],
+    "nsa_flex.triton_backend": ["available", "invert_selection", "selected_attention", "selected_branch",
+                                "kernel_indices"],
+    "nsa_flex.api": ["attend", "NSAAux", "BACKENDS"],
+    "nsa_flex.module": ["SparseAttention"],
+    "nsa_flex.config": ["NSAConfig"],
+}
+OPS = ["selected_attention", "selected_attention_backward", "attach_selected_backward", "select_blocks_fused"]
+
+
+def test_public_names_stay_where_they_were():
+    import importlib
+
+    import torch
+
+    for module, names in PUBLIC.items():
+        mod = importlib.import_module(module)
+        assert [n for n in names if not hasattr(mod, n)] == [], module
+    for op in OPS:  # the registered operator names
+        assert hasattr(torch.ops.nsa_flex, op), op
