@@ -1,63 +1,69 @@
 """Input checks shared by the public entry points.
 
-Every check runs before any kernel and raises ``TypeError``/``ValueError`` naming the argument.
-Checks that need tensor values (index ranges) read them from the device, so they are skipped
-while tracing under ``torch.compile`` or capturing a CUDA graph, where a host sync is not
-allowed; shapes, dtypes and devices are always checked.
+Every check runs before any kernel and raises ``TypeError`` for a wrong type and ``ValueError``
+for a wrong value, naming the argument. Checks that need tensor values (index ranges) read them
+from the device, so they are skipped while tracing under ``torch.compile`` or capturing a CUDA
+graph, where a host sync is not allowed; shapes, dtypes and devices are always checked.
+
+The config's own checks (``check_config``, ``resolve_config``) live beside ``NSAConfig`` in
+:mod:`nsa_flex.config`, which builds on this module.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from .config import NSAConfig
+if TYPE_CHECKING:
+    from .config import NSAConfig
+
+BACKENDS = ("flex", "triton", "reference")
+
+# The head dims the kernels take: up to 256 (docs/semantics.md), and on CUDA at least 16,
+# FlexAttention's smallest (its kernels' tiles).
+MAX_HEAD_DIM = 256
+FLEX_MIN_HEAD_DIM_CUDA = 16
 
 
-def check_config(config, name: str = "config") -> NSAConfig:
-    """``config`` itself: an :class:`NSAConfig` (where one is required; see :func:`resolve_config`)."""
-    if not isinstance(config, NSAConfig):
-        raise TypeError(f"{name} must be an NSAConfig, got {type(config).__name__}")
-    return config
-
-
-def resolve_config(config) -> NSAConfig:
-    """An optional ``config``: ``None`` is ``NSAConfig()``."""
-    if config is None:
-        return NSAConfig()
-    return check_config(config)
-
-
-def check_int(name: str, value, minimum: int | None = None) -> None:
-    """An ``int`` (a ``bool`` is refused) of at least ``minimum``.
+def check_int(name: str, value, minimum: int | None = None):
+    """An ``int`` (a ``bool`` is refused) of at least ``minimum``; returned.
 
     A symbolic int (a size while tracing under ``torch.compile``) passes unchecked: it comes
     from a tensor's shape, and comparing it would add a guard to the graph.
     """
     if isinstance(value, torch.SymInt):
-        return
+        return value
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if minimum is not None and value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
 
 
-def check_positive_int(name: str, value) -> None:
-    """An ``int`` ``>= 1`` (a ``bool`` is refused; a symbolic int passes, as in :func:`check_int`)."""
-    if isinstance(value, torch.SymInt):
+def check_bool(name: str, value, allow_none: bool = False) -> None:
+    if allow_none and value is None:
         return
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
-    if value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-
-
-def check_bool(name: str, value) -> None:
     if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+        raise TypeError(f"{name} must be a bool{' or None' if allow_none else ''}, got {type(value).__name__}")
+
+
+def check_real(name: str, value, greater_than: float) -> float:
+    """A real number (a ``bool`` is refused), finite and ``> greater_than``; returned as a float."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if not (value > greater_than and math.isfinite(value)):
+        raise ValueError(f"{name} must be finite and > {greater_than:g}, got {value}")
+    return float(value)
+
+
+def check_backend(backend) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    return backend
 
 
 def check_block_size(block_size, name: str = "block_size") -> tuple[int, int]:
@@ -65,7 +71,7 @@ def check_block_size(block_size, name: str = "block_size") -> tuple[int, int]:
     if not isinstance(block_size, (tuple, list)) or len(block_size) != 2:
         raise TypeError(f"{name} must be a pair of ints (Q tile, KV tile), got {block_size!r}")
     for i, size in enumerate(block_size):
-        check_positive_int(f"{name}[{i}]", size)
+        check_int(f"{name}[{i}]", size, 1)
     return tuple(block_size)
 
 
@@ -101,7 +107,7 @@ def check_callable(name: str, fn) -> None:
         raise TypeError(f"{name} must be callable or None, got {type(fn).__name__}")
 
 
-def _tensor(name: str, x, ndim: int | None, floating: bool = True) -> Tensor:
+def check_tensor(name: str, x, ndim: int | None, floating: bool = True) -> Tensor:
     """A tensor of ``ndim`` dimensions (any when ``None``), of a floating dtype if ``floating``."""
     if not isinstance(x, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
@@ -114,17 +120,37 @@ def _tensor(name: str, x, ndim: int | None, floating: bool = True) -> Tensor:
 
 def check_index_tensor(name: str, x, ndim: int | None) -> Tensor:
     """An int32 or int64 tensor of ``ndim`` dimensions (any when ``None``)."""
-    _tensor(name, x, ndim, floating=False)
+    check_tensor(name, x, ndim, floating=False)
     if x.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"{name} must be int32 or int64, got {x.dtype}")
+    return x
+
+
+def check_int_tensor(name: str, x) -> Tensor:
+    """A tensor of an integer dtype (any width; ``bool`` refused), of any shape."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.is_floating_point() or x.is_complex() or x.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor, got {x.dtype}")
+    return x
+
+
+def check_floating(name: str, x, min_dim: int = 1) -> Tensor:
+    """A floating tensor of at least ``min_dim`` dimensions."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must have a floating dtype, got {x.dtype}")
+    if x.dim() < min_dim:
+        raise ValueError(f"{name} must have at least {min_dim} dimensions, got shape {tuple(x.shape)}")
     return x
 
 
 def check_index_range(name: str, x: Tensor, low: int, high: int, seq_len=None) -> None:
     """Every value of ``x`` in ``[low, high)``; ``seq_len``, when given, is named in the message
     (``high`` being its ``Ns`` selection blocks). Reads the device once; skipped while tracing
-    or capturing (:func:`_can_read_values`)."""
-    if x.numel() == 0 or not _can_read_values(x):
+    or capturing (:func:`can_read_values`)."""
+    if x.numel() == 0 or not can_read_values(x):
         return
     lo, hi = (int(v) for v in torch.aminmax(x))  # one read of the device
     if lo < low or hi >= high:
@@ -132,24 +158,24 @@ def check_index_range(name: str, x: Tensor, low: int, high: int, seq_len=None) -
         raise ValueError(f"{name} must lie in [{low}, {high}){where}; found values in [{lo}, {hi}]")
 
 
-def _same_device(name: str, x: Tensor, q: Tensor, q_name: str = "q") -> None:
+def check_same_device(name: str, x: Tensor, q: Tensor, q_name: str = "q") -> None:
     if x.device != q.device:
         raise ValueError(f"{name} is on {x.device} but {q_name} is on {q.device}")
 
 
-def _same_dtype(name: str, x: Tensor, q: Tensor) -> None:
+def check_same_dtype(name: str, x: Tensor, q: Tensor) -> None:
     if x.dtype != q.dtype:
         raise TypeError(f"{name} has dtype {x.dtype} but q has {q.dtype}")
 
 
 def check_qkv(q, k, v) -> None:
     """q ``(B, Hq, T, Dk)``, k ``(B, Hkv, T, Dk)``, v ``(B, Hkv, T, Dv)``, Hkv dividing Hq."""
-    _tensor("q", q, 4)
-    _tensor("k", k, 4)
-    _tensor("v", v, 4)
+    check_tensor("q", q, 4)
+    check_tensor("k", k, 4)
+    check_tensor("v", v, 4)
     for name, x in (("k", k), ("v", v)):
-        _same_device(name, x, q)
-        _same_dtype(name, x, q)
+        check_same_device(name, x, q)
+        check_same_dtype(name, x, q)
     B, Hq, T, Dk = q.shape
     if k.shape[0] != B or v.shape[0] != B:
         raise ValueError(f"batch sizes differ: q {B}, k {k.shape[0]}, v {v.shape[0]}")
@@ -171,14 +197,13 @@ def check_qkv(q, k, v) -> None:
 
 
 def check_kernel_head_dims(q: Tensor, v: Tensor, backend: str) -> None:
-    """The kernels take head dims from 16 (FlexAttention's CUDA floor) to 256 (the range
-    docs/semantics.md states)."""
+    """The kernels take head dims from ``FLEX_MIN_HEAD_DIM_CUDA`` (on CUDA) to ``MAX_HEAD_DIM``."""
     Dk, Dv = q.shape[-1], v.shape[-1]
-    if max(Dk, Dv) > 256:
-        raise ValueError(f"the {backend} backend takes head dims up to 256; got Dk={Dk}, Dv={Dv}")
-    if q.is_cuda and min(Dk, Dv) < 16:
+    if max(Dk, Dv) > MAX_HEAD_DIM:
+        raise ValueError(f"the {backend} backend takes head dims up to {MAX_HEAD_DIM}; got Dk={Dk}, Dv={Dv}")
+    if q.is_cuda and min(Dk, Dv) < FLEX_MIN_HEAD_DIM_CUDA:
         raise ValueError(
-            f"the {backend} backend on CUDA needs head dims of at least 16 (FlexAttention's "
+            f"the {backend} backend on CUDA needs head dims of at least {FLEX_MIN_HEAD_DIM_CUDA} (FlexAttention's "
             f"kernels); got Dk={Dk}, Dv={Dv}"
         )
 
@@ -188,10 +213,10 @@ def check_qk_cmp(
 ) -> None:
     """``k_cmp``/``v_cmp``: ``(B, Hkv, Tc, D)`` with ``Tc = config.num_compressed(T)``, or
     ``num_blocks`` when given (a packed row: the documents' blocks together)."""
-    _tensor("q", q, 4)
-    _tensor(name, k_cmp, 4)
-    _same_device(name, k_cmp, q)
-    _same_dtype(name, k_cmp, q)
+    check_tensor("q", q, 4)
+    check_tensor(name, k_cmp, 4)
+    check_same_device(name, k_cmp, q)
+    check_same_dtype(name, k_cmp, q)
     B, Hq, T, Dk = q.shape
     if k_cmp.shape[0] != B:
         raise ValueError(f"{name} has batch {k_cmp.shape[0]} but q has {B}")
@@ -217,14 +242,15 @@ def check_qk_cmp(
 
 
 def check_gates(gates, q: Tensor) -> None:
-    _tensor("gates", gates, 4)
-    _same_device("gates", gates, q)
+    check_tensor("gates", gates, 4)
+    check_same_device("gates", gates, q)
     B, Hq, T, _ = q.shape
     if tuple(gates.shape) != (B, Hq, T, 3):
         raise ValueError(f"gates must have shape (B, Hq, T, 3) = {(B, Hq, T, 3)}, got {tuple(gates.shape)}")
 
 
-def _can_read_values(x: Tensor) -> bool:
+def can_read_values(x: Tensor) -> bool:
+    """Whether ``x``'s values may be read on the host now: not while compiling or capturing."""
     if torch.compiler.is_compiling():
         return False
     return not (x.is_cuda and torch.cuda.is_current_stream_capturing())
@@ -235,7 +261,7 @@ def check_block_indices(
 ) -> None:
     """``(B, Hkv, T, n)`` integers in ``[-1, num_blocks)``; ``n`` is ``num_selected`` if given."""
     check_index_tensor("block_indices", block_indices, 4)
-    _same_device("block_indices", block_indices, q)
+    check_same_device("block_indices", block_indices, q)
     B, _, T, _ = q.shape
     n = block_indices.shape[-1] if num_selected is None else num_selected
     expected = (B, num_kv_heads, T, n)

@@ -1,4 +1,11 @@
-"""``attend()``: the whole NSA layer as one function."""
+"""`attend()`: the whole NSA layer as one function.
+
+It validates every argument, asks :func:`nsa_flex.dispatch.plan` which path each branch takes,
+runs the branches (FlexAttention's in :mod:`nsa_flex.flex`, the Triton selected branch in
+:mod:`nsa_flex.triton_backend`, selection in :mod:`nsa_flex.selection`) and gates them
+(:mod:`nsa_flex.gating`). `BACKENDS = ("flex", "triton", "reference")` are the accepted values
+of `backend`.
+"""
 
 from __future__ import annotations
 
@@ -7,49 +14,32 @@ from typing import Callable, NamedTuple
 import torch
 from torch import Tensor
 
-from . import flex_backend, reference, selection, triton_backend, varlen
+from . import dispatch, reference, selection, triton_backend, varlen
 from ._validation import (
+    BACKENDS,
+    check_backend,
     check_block_indices,
+    check_bool,
     check_callable,
     check_gates,
     check_kernel_head_dims,
     check_qk_cmp,
     check_qkv,
-    resolve_config,
     resolve_scale,
 )
 from .compression import mean_compress
-from .config import NSAConfig
-from .selection import block_scores, select_blocks, straight_through_score_mod
+from .config import NSAConfig, resolve_config
+from .flex import branches
+from .gating import gate
+from .scoring import straight_through_score_mod
+from .selection import block_scores
+from .triton_support import check_triton
 
 __all__ = ["attend", "NSAAux", "BACKENDS"]
 
-BACKENDS = ("flex", "triton", "reference")
 
-
-def _gate(o_cmp: Tensor, o_slc: Tensor, o_swa: Tensor, gates: Tensor | None) -> Tensor:
-    """``g[..., 0] * o_cmp + g[..., 1] * o_slc + g[..., 2] * o_swa`` (eq. 5).
-
-    Eagerly, one product and two in-place ``addcmul_``: no temporary beyond the output, and
-    autograd keeps nothing new (the branch outputs it needs are already saved by the branches'
-    own backward). Under ``torch.compile`` the same sum is written as a reduction over a stacked
-    last axis, for Inductor to fuse: the plain elementwise sum would be fused into the CPU
-    FlexAttention template as an epilogue, which the template then refuses (torch 2.13,
-    "Unsupported for `epilogue_nodes`").
-    """
-    if torch.compiler.is_compiling():
-        branches = torch.stack((o_cmp, o_slc, o_swa), dim=-1)  # (B, Hq, T, Dv, 3)
-        if gates is None:
-            return branches.sum(dim=-1)
-        return (branches * gates.to(branches.dtype)[..., None, :]).sum(dim=-1)
-    if gates is None:
-        return (o_cmp + o_slc).add_(o_swa)
-    g = gates.to(o_cmp.dtype).unsqueeze(-2)  # (B, Hq, T, 1, 3)
-    return (o_cmp * g[..., 0]).addcmul_(o_slc, g[..., 1]).addcmul_(o_swa, g[..., 2])
-
-
-def _check_triton(q: Tensor, score_mod, mask_mod) -> None:
-    triton_backend.check_runnable(q)
+def _check_triton_args(q: Tensor, score_mod, mask_mod) -> None:
+    check_triton(q)
     if score_mod is not None or mask_mod is not None:
         raise ValueError(
             "the triton backend's selected-branch kernel runs no score_mod or mask_mod; "
@@ -58,11 +48,13 @@ def _check_triton(q: Tensor, score_mod, mask_mod) -> None:
 
 
 class NSAAux(NamedTuple):
-    """What ``attend(..., return_aux=True)`` returns beside the output.
+    """What `attend(..., return_aux=True)` (and `SparseAttention(..., return_aux=True)`) returns
+    beside the output.
 
     Attributes:
-        block_indices: ``(B, Hkv, T, n)`` int32, the selection used (given or computed).
-        o_cmp, o_slc, o_swa: ``(B, Hq, T, Dv)``, each branch's output before gating.
+        block_indices: `(B, Hkv, T, n)` int32 (or the given tensor), the selection used,
+            computed or given: valid indices ascending, then `-1`.
+        o_cmp, o_slc, o_swa: `(B, Hq, T, Dv)`, each branch's output before gating.
     """
 
     block_indices: Tensor
@@ -91,67 +83,144 @@ def attend(
 ) -> Tensor | tuple[Tensor, NSAAux]:
     """Native Sparse Attention: compressed, selected and sliding-window attention, gated.
 
-    ``o = g[..., 0] * o_cmp + g[..., 1] * o_slc + g[..., 2] * o_swa`` (paper eq. 5), causal,
+    `o = g[..., 0] * o_cmp + g[..., 1] * o_slc + g[..., 2] * o_swa` (paper eq. 5), causal,
     as defined in docs/semantics.md.
 
     Args:
-        q: ``(B, Hq, T, Dk)`` queries.
-        k: ``(B, Hkv, T, Dk)`` keys; ``Hkv`` divides ``Hq`` and query head ``h`` reads KV head
-            ``h // (Hq // Hkv)``.
-        v: ``(B, Hkv, T, Dv)`` values; ``Dv`` may differ from ``Dk``.
-        gates: ``(B, Hq, T, 3)`` branch weights in the order (compressed, selected, window);
-            ``None`` weighs each branch 1.
-        config: hyperparameters (default ``NSAConfig()``, the paper's).
-        k_cmp, v_cmp: ``(B, Hkv, Tc, Dk)`` / ``(B, Hkv, Tc, Dv)`` compressed keys and values,
-            ``Tc = config.num_compressed(T)``; each defaults to the mean over its block.
-        block_indices: ``(B, Hkv, T, n)`` int32/int64 selection in ``[-1, Ns)`` (``-1`` is
+        q: `(B, Hq, T, Dk)` floating queries.
+        k: `(B, Hkv, T, Dk)` keys, `q`'s dtype and device; `Hkv` divides `Hq` and query head
+            `h` reads KV head `h // (Hq // Hkv)`.
+        v: `(B, Hkv, T, Dv)` values, likewise; `Dv` may differ from `Dk`.
+        gates: `(B, Hq, T, 3)` floating branch weights on `q`'s device, in the order
+            (compressed, selected, window), cast to `q`'s dtype; `None` weighs each branch 1.
+        config: hyperparameters (default `NSAConfig()`, the paper's).
+        k_cmp, v_cmp: `(B, Hkv, Tc, Dk)` / `(B, Hkv, Tc, Dv)` compressed keys and values,
+            `Tc = config.num_compressed(T)`, `q`'s dtype and device; each defaults to the mean
+            over its block (`mean_compress`).
+        block_indices: `(B, Hkv, T, n)` int32/int64 selection in `[-1, Ns)` (`-1` is
             padding, a repeated block counts once); when given, scoring is skipped.
-        scale: score scale (default ``Dk ** -0.5``).
-        score_mod: a FlexAttention ``score_mod(score, b, h, q_idx, kv_idx)`` applied in every
-            branch (and to the scores selection ranks by). ``kv_idx`` is a token position; in
-            the compressed branch block ``i`` is at its last token, ``i*d + l - 1``.
-        mask_mod: a FlexAttention ``mask_mod(b, h, q_idx, kv_idx)`` ANDed into every branch,
-            with the same coordinates (e.g. to keep packed documents apart).
-        backend: ``"flex"`` (FlexAttention), ``"triton"`` (the hand-written selected-branch
-            kernel; compressed and window branches on FlexAttention; no ``score_mod`` or
-            ``mask_mod``; needs the ``triton`` package; CUDA, or the CPU under
-            ``TRITON_INTERPRET=1``) or ``"reference"``
-            (the dense oracle, for checks).
+        scale: score scale, a finite real (default `Dk ** -0.5`).
+        score_mod: a FlexAttention `score_mod(score, b, h, q_idx, kv_idx) -> score` applied in
+            every branch and to the scores selection ranks by.
+        mask_mod: a FlexAttention `mask_mod(b, h, q_idx, kv_idx) -> bool` ANDed into every
+            branch and into selection's scoring.
+        backend: `"flex"` (FlexAttention), `"triton"` (the hand-written selected-branch
+            kernel, compressed and window branches on FlexAttention; no `score_mod` or
+            `mask_mod`; float16/bfloat16/float32; needs the `triton` package; CUDA, or the CPU
+            under `TRITON_INTERPRET=1`) or `"reference"` (the dense oracle of
+            `nsa_flex.reference`, for checks: `T x T` work, in query chunks of bounded memory).
+            Which implementation runs each branch is :func:`nsa_flex.dispatch.plan`'s choice.
         return_aux: also return :class:`NSAAux`.
-        cu_seqlens: documents packed in one row (``B = 1``), FlashAttention's convention:
-            ``(N+1,)`` int32/int64 offsets from 0 to ``T``, nondecreasing (empty documents
+        cu_seqlens: documents packed in one row (`B = 1`), FlashAttention's convention:
+            `(N+1,)` int32/int64 offsets from 0 to `T`, nondecreasing (empty documents
             allowed), or a :class:`nsa_flex.varlen.Documents` made from them. Each document is
-            attended as if alone (docs/varlen.md): ``k_cmp``/``v_cmp`` then hold each document's
-            compressed blocks concatenated (``Tc = sum_n config.num_compressed(len_n)``),
-            ``block_indices`` count from each token's document start, and the mods see packed
+            attended as if alone ([varlen.md](varlen.md)): `k_cmp`/`v_cmp` then hold each
+            document's compressed blocks concatenated (`Tc = sum_n config.num_compressed(len_n)`),
+            `block_indices` count from each token's document start, and the mods see packed
             positions. A tensor is read on the host once per call.
-        selection_grad: gradients through the selection (straight-through): the selected
-            branch's scores are multiplied by ``1 + imp - imp.detach()``, where ``imp`` is each
-            (query, block) pair's importance (:func:`nsa_flex.block_scores`). The forward is
-            unchanged; the selected branch's gradient then also reaches ``q`` and ``k_cmp``
-            through the probabilities selection ranked by. It costs a differentiable
-            ``(B, Hkv, T, Ns)`` importance tensor and, on CUDA, FlexAttention's 128x128-tile
-            backward for the selected branch. Not with ``backend="triton"`` (its kernel runs
-            no score_mod) or ``cu_seqlens``.
+        selection_grad: gradients through the selection, straight-through (below); `"flex"`
+            and `"reference"` only, not with `cu_seqlens`.
 
     Returns:
-        ``out (B, Hq, T, Dv)`` in ``q``'s dtype, or ``(out, aux)``.
+        `out (B, Hq, T, Dv)` in `q`'s dtype, or `(out, aux)` when `return_aux=True`.
 
     Raises:
-        TypeError, ValueError: naming the argument, before any kernel runs.
-        ImportError: ``backend="triton"`` without the ``triton`` package (saying what to install).
+        TypeError: a tensor argument is not a tensor or not floating point (`block_indices`:
+            not int32/int64); `k`, `v`, `k_cmp`, `v_cmp` differ in dtype from `q`; `config` is
+            not an `NSAConfig`; `scale` is not a real number; `score_mod`/`mask_mod` not
+            callable; `return_aux` or `selection_grad` not a `bool`.
+        ValueError: wrong rank; batch sizes, sequence lengths or head sizes that disagree; `Hq`
+            not a multiple of `Hkv`; a tensor on another device than `q`; `gates` not
+            `(B, Hq, T, 3)`; `k_cmp`/`v_cmp` not holding `Tc` blocks, or with other heads than
+            `k`; `block_indices` not `(B, Hkv, T, n)`, or with a value outside `[-1, Ns)`; a
+            `scale` that is NaN or infinite; an unknown `backend`; `Dk` or `Dv` above 256, or
+            below 16 with the flex or triton backend on CUDA (FlexAttention's kernels need at
+            least 16); with `backend="triton"`, a `score_mod` or `mask_mod`, or a CPU tensor
+            outside Triton's interpreter (a float64 input is a `TypeError` there).
+        ImportError: `backend="triton"` without the `triton` package (the message says what to
+            install). Nothing else in `attend` needs Triton: on CUDA without it, block
+            selection runs in PyTorch.
 
-    The layout is heads first, ``(B, H, T, D)``, as ``F.scaled_dot_product_attention`` takes it;
-    transpose sequence-first tensors ``(B, T, H, D)`` (FlashAttention's layout) before calling.
-    The checks cannot always catch the wrong layout: when ``Hq != Hkv``, sequence-first tensors
-    disagree in their third dimension and raise, but when ``Hq == Hkv`` they are also valid
-    heads-first shapes (``T`` heads of ``H`` tokens) and are attended as such, without an error.
+    All of these are raised before any kernel runs. The value check on `block_indices` reads the
+    tensor, so it is skipped while tracing under `torch.compile` and while capturing a CUDA
+    graph; the `scale` check is also skipped while tracing (Dynamo may hand it over as a
+    symbolic value). Shapes, dtypes and devices are always checked.
 
-    Gradients flow to ``q, k, v, gates, k_cmp, v_cmp`` through the attention; the selection
-    itself is not differentiable, unless ``selection_grad=True`` adds its straight-through path.
-    With the flex or triton backend, under ``torch.compile(fullgraph=True)`` this traces without
-    graph breaks, forward and backward (value checks on ``block_indices`` are skipped while
-    tracing; the Triton kernels are custom operators, docs/compile.md).
+    **Layout.** Heads first, `(B, H, T, D)`, as `F.scaled_dot_product_attention` takes it.
+    Tensors in FlashAttention's sequence-first layout `(B, T, H, D)` must be transposed
+    (`x.transpose(1, 2)`) before the call, and the checks cannot always tell: with `Hq != Hkv`
+    such tensors disagree in their third dimension and raise (`sequence lengths differ`), but
+    with `Hq == Hkv` they are valid heads-first shapes as well (`T` heads of `H` tokens each)
+    and are attended as such, with no error.
+
+    **Coordinates seen by `score_mod` and `mask_mod`.** Always `(b, query head h in [0, Hq),
+    query token q_idx in [0, T), key position kv_idx)`, whatever the branch does internally:
+
+    - sliding-window and selected branches: `kv_idx` is the key's token position. (The selected
+      branch runs on folded queries, see [design.md](design.md); the wrapper unfolds the
+      indices before calling your function.)
+    - compressed branch and selection scoring: `kv_idx` is the position of compressed block
+      `i`'s **last token**, `i*d + l - 1` (the position from which the block is visible).
+
+    The causal and branch masks are applied in addition to yours; a `mask_mod` can only remove
+    keys. As in FlexAttention, write the mods with elementwise tensor operations (no Python `if`
+    on index values). Selection scoring calls them once on broadcastable index tensors
+    (`b (B,1,1,1)`, `h (1,Hq,1,1)`, `q_idx (1,1,C,1)`, `kv_idx (1,1,1,Tc)`, int32) rather than
+    per element, so indexing a captured tensor (`doc_id[q_idx]`) works in both places. A query
+    whose branch has no key left gets 0 from that branch, never NaN.
+
+    **Gradients** reach `q, k, v, gates, k_cmp, v_cmp` (and, through `mean_compress` or a
+    learned compressor, whatever produced them), and tensors a `score_mod` captures (a learned
+    ALiBi slope, say). The selection itself is not differentiable. With `selection_grad=True`
+    the selected branch's scores are multiplied by `w = 1 + imp - imp.detach()`, where `imp` is
+    the (query, block) pair's importance from :func:`nsa_flex.block_scores`, before the user's
+    `score_mod`. `w` is exactly 1, so the output is unchanged; the selected branch's gradient
+    then also reaches `q` and `k_cmp` (so a learned key compressor learns from what selection
+    needed) through the compressed probabilities that ranked the blocks. Cost: a differentiable
+    `(B, Hkv, T, Ns)` importance (its chunks recomputed in the backward), and on CUDA the
+    selected branch's FlexAttention backward over 128x128 tiles; [training.md](training.md)
+    measured it. `tests/test_selection_grad.py` checks the gradient against finite differences
+    of the surrogate whose weight is `imp - imp_0 + 1`.
+
+    **Compiling.** With the flex or triton backend, under `torch.compile(fullgraph=True)` this
+    traces without graph breaks, forward and backward (the Triton kernels are custom operators,
+    [compile.md](compile.md)).
+
+    Example: two documents packed into one sequence, kept apart by a `mask_mod`, with an
+    ALiBi-style `score_mod`; the flex backend checked against the reference:
+
+    ```python
+    import torch
+    import nsa_flex
+    from nsa_flex import NSAConfig
+
+    torch.manual_seed(0)
+    config = NSAConfig(num_selected=4, window=128)
+    B, Hq, Hkv, T, D = 1, 4, 2, 512, 32
+    q = torch.randn(B, Hq, T, D, dtype=torch.float64)
+    k = torch.randn(B, Hkv, T, D, dtype=torch.float64)
+    v = torch.randn(B, Hkv, T, D, dtype=torch.float64)
+
+    doc = (torch.arange(T) >= 300).int()  # tokens 0..299 and 300..511
+    slopes = torch.tensor([0.5, 0.25, 0.125, 0.0625], dtype=torch.float64)
+
+    def same_doc(b, h, q_idx, kv_idx):
+        return doc[q_idx] == doc[kv_idx]
+
+    def alibi(score, b, h, q_idx, kv_idx):
+        return score - slopes[h] * (q_idx - kv_idx)
+
+    out, aux = nsa_flex.attend(q, k, v, config=config, mask_mod=same_doc, score_mod=alibi, return_aux=True)
+    ref = nsa_flex.attend(q, k, v, config=config, mask_mod=same_doc, score_mod=alibi, backend="reference")
+    print(out.shape, aux.block_indices.shape)  # torch.Size([1, 4, 512, 32]) torch.Size([1, 2, 512, 4])
+    print(((out - ref).norm() / ref.norm()).item() < 1e-10)  # True
+    ```
+
+    In the compressed branch a block is judged by its last token, so with a document mask a
+    compressed block that straddles a document boundary is visible to the later document (it
+    mixes tokens of both). To keep packed documents fully apart (no block straddles two
+    documents, blocks counted from each document's start), pass `cu_seqlens=` instead
+    ([varlen.md](varlen.md)).
     """
     check_qkv(q, k, v)
     config = resolve_config(config)
@@ -179,22 +248,21 @@ def attend(
             varlen.check_block_indices(block_indices, docs, config.select_block)
     check_callable("score_mod", score_mod)
     check_callable("mask_mod", mask_mod)
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    check_backend(backend)
     if backend != "reference":
         check_kernel_head_dims(q, v, backend)
     if backend == "triton":
-        _check_triton(q, score_mod, mask_mod)
-    if not isinstance(return_aux, bool):
-        raise TypeError(f"return_aux must be a bool, got {type(return_aux).__name__}")
-    if not isinstance(selection_grad, bool):
-        raise TypeError(f"selection_grad must be a bool, got {type(selection_grad).__name__}")
+        _check_triton_args(q, score_mod, mask_mod)
+    check_bool("return_aux", return_aux)
+    check_bool("selection_grad", selection_grad)
     if selection_grad and backend == "triton":
         raise ValueError("selection_grad needs backend='flex' or 'reference': the triton kernel runs no score_mod")
     if selection_grad and docs is not None:
         raise ValueError("selection_grad is not supported with cu_seqlens yet")
 
-    if backend == "reference":
+    paths = dispatch.plan(q, k, v, backend=backend, score_mod=score_mod, mask_mod=mask_mod, docs=docs,
+                          block_indices=block_indices, selection_grad=selection_grad)
+    if paths.compressed == "reference":
         cu = None if docs is None else torch.tensor((0, *docs.lengths)).cumsum(0)
         r = reference.attend(
             q, k, v, gates, config=config, k_cmp=k_cmp, v_cmp=v_cmp,
@@ -202,33 +270,43 @@ def attend(
             cu_seqlens=cu, selection_grad=selection_grad,
         )
         out, aux = r.out, NSAAux(r.block_indices, r.o_cmp, r.o_slc, r.o_swa)
+        return (out, aux) if return_aux else out
+
+    k_cmp = mean_compress(k, config, docs) if k_cmp is None else k_cmp
+    v_cmp = mean_compress(v, config, docs) if v_cmp is None else v_cmp
+    if paths.scoring == "triton_lse":
+        o_cmp, lse = branches.compressed_branch(q, k_cmp, v_cmp, config, scale, return_lse=True)
+        block_indices = selection._select_row(q, k_cmp, config, scale, None, None, None, "triton", lse)
     else:
-        k_cmp = mean_compress(k, config, docs) if k_cmp is None else k_cmp
-        v_cmp = mean_compress(v, config, docs) if v_cmp is None else v_cmp
-        if (block_indices is None and docs is None and q.dtype in (torch.float16, torch.bfloat16)
-                and selection._fused_ok(q, score_mod, mask_mod)):
-            # The compressed branch first: its log-sum-exp saves the scoring kernel a pass.
-            # (float32 keeps the kernel's own: FlexAttention's float32 products follow the
-            # global TF32 setting, the kernel's are exact, and p = exp(s - lse) mixes the two.)
-            o_cmp, lse = flex_backend.compressed_branch(q, k_cmp, v_cmp, config, scale, return_lse=True)
-            block_indices = selection._select(q, k_cmp, config, scale, None, None, None, lse)
-        else:
-            if block_indices is None:
-                block_indices = select_blocks(
-                    q, k_cmp, config=config, scale=scale, score_mod=score_mod, mask_mod=mask_mod, cu_seqlens=docs
-                )
-            o_cmp = flex_backend.compressed_branch(q, k_cmp, v_cmp, config, scale, score_mod, mask_mod, docs=docs)
-        if backend == "triton":
-            o_slc = triton_backend.selected_branch(q, k, v, block_indices, config, scale, docs=docs)
-        else:
-            slc_score_mod = score_mod
-            if selection_grad:
-                importance = block_scores(q, k_cmp, config=config, scale=scale, score_mod=score_mod, mask_mod=mask_mod)
-                slc_score_mod = straight_through_score_mod(importance, config.select_block, q.shape[1] // k.shape[1], score_mod)
-            o_slc = flex_backend.selected_branch(
-                q, k, v, block_indices, config, scale, slc_score_mod, mask_mod, docs=docs
-            )
-        o_swa = flex_backend.window_branch(q, k, v, config, scale, score_mod, mask_mod, docs=docs)
-        out = _gate(o_cmp, o_slc, o_swa, gates)
-        aux = NSAAux(block_indices, o_cmp, o_slc, o_swa)
-    return (out, aux) if return_aux else out
+        if paths.scoring != "given":
+            block_indices = selection._select_rows(q, k_cmp, config, scale, score_mod, mask_mod, None, docs,
+                                                   paths.scoring)
+        o_cmp = branches.compressed_branch(q, k_cmp, v_cmp, config, scale, score_mod, mask_mod, docs=docs)
+    slc_score_mod = score_mod
+    if selection_grad:
+        importance = block_scores(q, k_cmp, config=config, scale=scale, score_mod=score_mod, mask_mod=mask_mod)
+        slc_score_mod = straight_through_score_mod(importance, config.select_block, q.shape[1] // k.shape[1], score_mod)
+    o_slc = _run_selected(paths.selected, q, k, v, block_indices, config, scale, slc_score_mod, mask_mod, docs)
+    o_swa = branches.window_branch(q, k, v, config, scale, score_mod, mask_mod, docs=docs)
+    out = gate(o_cmp, o_slc, o_swa, gates)
+    return (out, NSAAux(block_indices, o_cmp, o_slc, o_swa)) if return_aux else out
+
+
+def _run_selected(path: str, q, k, v, block_indices, config, scale, score_mod=None, mask_mod=None, docs=None) -> Tensor:
+    """The selected branch on ``path`` (:func:`nsa_flex.dispatch.selected_path`); every path
+    takes the same arguments."""
+    if path == "triton":
+        return triton_backend.selected_branch(q, k, v, block_indices, config, scale, score_mod, mask_mod, docs)
+    if path == "flex_fwd_triton_bwd":
+        return branches.selected_branch_triton_backward(q, k, v, block_indices, config, scale, score_mod, mask_mod, docs)
+    return branches.selected_branch(q, k, v, block_indices, config, scale, score_mod, mask_mod, docs)
+
+
+def _selected_branch(q, k, v, block_indices, config, scale, score_mod=None, mask_mod=None, docs=None, *,
+                     backend: str = "flex") -> Tensor:
+    """``o_slc (B, Hq, T, Dv)`` of the selected branch alone, planned and run as ``attend``
+    would (arguments valid, as ``attend`` checks them): what the bench and the tests time and
+    compile."""
+    path = dispatch.selected_path(q, k, v, backend=backend, has_score_mod=score_mod is not None,
+                                  has_mask_mod=mask_mod is not None, packed=docs is not None)
+    return _run_selected(path, q, k, v, block_indices, config, scale, score_mod, mask_mod, docs)

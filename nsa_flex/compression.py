@@ -1,8 +1,20 @@
 """Compression of keys and values into overlapping blocks (paper eq. 7).
 
-Compressed block ``i`` covers tokens ``[i*d, i*d + l - 1]`` (``l = compress_block``,
-``d = compress_stride``); a sequence of ``T`` tokens has ``Tc = (T - l) // d + 1`` of them
-(0 when ``T < l``).
+Compressed block `i` covers tokens `[i*d, i*d + l - 1]` (`l = compress_block`,
+`d = compress_stride`); a sequence of `T` tokens has `Tc = (T - l) // d + 1` of them
+(0 when `T < l`). All of these map `(B, H, T, D) -> (B, H, Tc, D)` (`block_view`: to the
+blocks themselves).
+
+```python
+import torch
+from nsa_flex import BlockCompressor, NSAConfig, mean_compress
+
+config = NSAConfig()
+k = torch.randn(1, 2, 100, 64)
+print(mean_compress(k, config).shape)               # torch.Size([1, 2, 5, 64])
+print(BlockCompressor(64, config)(k).shape)         # torch.Size([1, 2, 5, 64])
+print(mean_compress(k[:, :, :20], config).shape)    # torch.Size([1, 2, 0, 64])
+```
 """
 
 from __future__ import annotations
@@ -12,8 +24,8 @@ import math
 import torch
 from torch import Tensor, nn
 
-from ._validation import _tensor, check_bool, check_config, check_positive_int
-from .config import NSAConfig
+from ._validation import check_bool, check_int, check_tensor
+from .config import NSAConfig, check_config
 from .varlen import resolve
 
 __all__ = ["block_view", "mean_compress", "BlockCompressor"]
@@ -54,7 +66,7 @@ def block_view(x: Tensor, config: NSAConfig, cu_seqlens=None) -> Tensor:
 
 
 def _check_x(x, floating: bool = True) -> None:
-    _tensor("x", x, None, floating)
+    check_tensor("x", x, None, floating)
     if x.dim() != 4:
         raise ValueError(f"x must be (B, H, T, D), got shape {tuple(x.shape)}")
 
@@ -76,8 +88,10 @@ def mean_compress(x: Tensor, config: NSAConfig, cu_seqlens=None) -> Tensor:
 class BlockCompressor(nn.Module):
     """Learned compression ``phi``: an MLP over each block, with an intra-block position embedding.
 
-    ``phi(block) = mean(block) + MLP(flatten(block + pos))``: the mean keeps the layer close to
-    mean pooling at initialisation, and the MLP learns what the mean misses.
+    ``phi(block) = mean(block) + MLP(flatten(block + pos))``, where ``pos (l, D)`` is a learned
+    intra-block position embedding and the MLP is ``Linear(l*D, hidden) -> GELU ->
+    Linear(hidden, D)``: the mean keeps the layer close to mean pooling at initialisation, and
+    the MLP learns what the mean misses.
 
     Args:
         dim_head: ``D``, the feature size of the keys or values it compresses.
@@ -86,6 +100,11 @@ class BlockCompressor(nn.Module):
         out_bias: whether the MLP's last layer has a bias. Leave it off for keys: a bias added
             to every compressed key shifts all of a query's compressed scores by the same
             amount, which softmax ignores, so it would never learn.
+
+    Raises:
+        TypeError: `dim_head` or `hidden` not an int, `config` not an `NSAConfig`, `out_bias`
+            not a bool.
+        ValueError: `dim_head` or `hidden` below 1.
 
     Shapes:
         ``(B, H, T, D) -> (B, H, Tc, D)``; all heads share the parameters.
@@ -96,8 +115,8 @@ class BlockCompressor(nn.Module):
     ) -> None:
         super().__init__()
         hidden = dim_head if hidden is None else hidden
-        check_positive_int("dim_head", dim_head)
-        check_positive_int("hidden", hidden)
+        check_int("dim_head", dim_head, 1)
+        check_int("hidden", hidden, 1)
         check_config(config)
         check_bool("out_bias", out_bias)
         self.config = config

@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import torch
 from torch import Tensor, nn
 
-from ._validation import _tensor, check_positive_int
-from .api import BACKENDS, NSAAux, attend
+from ._validation import check_backend, check_bool, check_int, check_real, check_tensor
+from .api import NSAAux, attend
 from .buckets import bucket_length, check_length_buckets, pad_documents
-from .cache import NSACache, decode_step, prefill
+from .inference import NSACache, decode_step, prefill
+from .inference.cache import check_cache
 from .compression import BlockCompressor
-from .config import NSAConfig
+from .config import NSAConfig, resolve_config
 from .rotary import RotaryEmbedding
 from .varlen import Documents, resolve
 
@@ -89,12 +89,69 @@ class SparseAttention(nn.Module):
             (``prefill``/``decode`` never pad). Checked when set; may be changed after
             construction.
 
-    Shapes:
-        ``forward(x)``: ``x (B, T, dim) -> (B, T, dim)``.
+    Raises:
+        TypeError: a non-int size, a non-`NSAConfig` config, a non-bool `rotary`, `bias` or
+            `selection_grad`, a non-number `rotary_base`, or a `length_buckets` that is neither
+            `None`, a string nor a sequence of ints.
+        ValueError: a size below 1, `heads` not divisible by `kv_heads`, an odd `dim_head`
+            with `rotary=True`, a `rotary_base` that is not finite and `> 1`, an unknown
+            `backend`, or a `length_buckets` that is another string than `"pow2"`, empty, holds
+            a length below 1 or is not strictly increasing (setting `layer.length_buckets`
+            checks the same).
 
-    Inference (see ``docs/inference.md``): ``cache = layer.new_cache(B, max_len)``, then
-    ``layer.prefill(prompt, cache)`` and ``layer.decode(x_new, cache)`` per step; their outputs
-    equal ``forward`` over the whole sequence.
+    Shapes:
+        `forward(x)`: `x (B, T, dim) -> (B, T, dim)`.
+
+    What it learns (submodules):
+
+    - `to_q`, `to_k`, `to_v`: `Linear(dim, heads*dim_head)`, `Linear(dim, kv_heads*dim_head)`,
+      `Linear(dim, kv_heads*dim_head_v)`;
+    - `compress_k`, `compress_v`: a `BlockCompressor` each (`phi` of eq. 7), shared by all
+      heads; `compress_k` has no output bias (`out_bias=False`);
+    - `to_gates`: `Linear(dim, heads*3)`; the gates are `sigmoid` of it, one triple per head and
+      token;
+    - `to_out`: `Linear(heads*dim_head_v, dim)`;
+    - `rotary`: a parameter-free `nsa_flex.rotary.RotaryEmbedding`, or `None`.
+
+    **Length buckets** ([compile.md](compile.md#changing-lengths-length-buckets)): with
+    `length_buckets`, `forward` pads `x` with zeros at the end to `(B, T_bucket, dim)`,
+    `T_bucket` the smallest bucket `>= T` (`nsa_flex.buckets.bucket_length`), runs the layer on
+    that, and returns the first `T` tokens (and `aux` cut back to `T` tokens). Attention is
+    causal, so outputs, `aux` and gradients equal the unpadded layer's; the point is that a
+    compiled model then compiles one graph per bucket instead of one per length.
+
+    - `T` above a tuple's largest bucket: `ValueError` naming `length_buckets` (no silent
+      fallback, which would compile a graph per length again).
+    - `cu_seqlens`: the padding becomes one more document after the last, so the real
+      documents are attended exactly as without it.
+    - `score_mod`/`mask_mod` are called at the padded positions `T .. T_bucket - 1` too (what
+      they return there reaches no returned output): a per-token tensor they index, e.g.
+      document ids for a document mask, must be at least `T_bucket` long. Under
+      `torch.compile`, give it one size for all lengths (the largest bucket's): on the CPU,
+      Inductor's FlexAttention template failed to compile a mod capturing a tensor whose size
+      changed with `T` (a C++ compile error, torch 2.13).
+    - `prefill` and `decode` never pad: a cache holds real tokens only, and its `max_len`
+      need not reach the bucket.
+    - An empty `x` (`T = 0`) is not padded; it raises as without buckets.
+
+    Inference ([inference.md](inference.md)): `cache = layer.new_cache(B, max_len)`, then
+    `layer.prefill(prompt, cache)` and `layer.decode(x_new, cache)` per step; their outputs
+    equal `forward` over the whole sequence.
+
+    ```python
+    import torch
+    from nsa_flex import NSAConfig, SparseAttention
+
+    layer = SparseAttention(256, heads=8, kv_heads=2, dim_head=32, config=NSAConfig(num_selected=8, window=128))
+    x = torch.randn(2, 300, 256)
+    y, aux = layer(x, return_aux=True)
+    print(y.shape)                   # torch.Size([2, 300, 256])
+    print(aux.block_indices.shape)   # torch.Size([2, 2, 300, 8])
+    print(aux.o_slc.shape)           # torch.Size([2, 8, 300, 32])
+    y.sum().backward()
+    print(layer.compress_k.pos.grad.shape, layer.to_gates.weight.grad.shape)
+    # torch.Size([32, 32]) torch.Size([24, 256])
+    ```
     """
 
     def __init__(
@@ -124,26 +181,18 @@ class SparseAttention(nn.Module):
             ("dim_head", dim_head),
             ("dim_head_v", dim_head_v),
         ]:
-            check_positive_int(name, value)
+            check_int(name, value, 1)
         if compress_hidden is not None:
-            check_positive_int("compress_hidden", compress_hidden)
+            check_int("compress_hidden", compress_hidden, 1)
         if heads % kv_heads:
             raise ValueError(f"heads ({heads}) must be divisible by kv_heads ({kv_heads})")
-        config = NSAConfig() if config is None else config
-        if not isinstance(config, NSAConfig):
-            raise TypeError(f"config must be an NSAConfig, got {type(config).__name__}")
-        if not isinstance(rotary, bool):
-            raise TypeError(f"rotary must be a bool, got {type(rotary).__name__}")
+        config = resolve_config(config)
+        check_bool("rotary", rotary)
         if rotary and dim_head % 2:
             raise ValueError(f"dim_head must be even when rotary=True, got {dim_head}")
-        if isinstance(rotary_base, bool) or not isinstance(rotary_base, (int, float)):
-            raise TypeError(f"rotary_base must be a number, got {type(rotary_base).__name__}")
-        if not (rotary_base > 1.0 and math.isfinite(rotary_base)):
-            raise ValueError(f"rotary_base must be finite and > 1, got {rotary_base}")
-        if not isinstance(bias, bool):
-            raise TypeError(f"bias must be a bool, got {type(bias).__name__}")
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        check_real("rotary_base", rotary_base, 1.0)
+        check_bool("bias", bias)
+        check_backend(backend)
 
         self.dim = dim
         self.heads = heads
@@ -152,8 +201,7 @@ class SparseAttention(nn.Module):
         self.dim_head_v = dim_head_v
         self.config = config
         self.backend = backend
-        if not isinstance(selection_grad, bool):
-            raise TypeError(f"selection_grad must be a bool, got {type(selection_grad).__name__}")
+        check_bool("selection_grad", selection_grad)
         self.selection_grad = selection_grad
         self.length_buckets = length_buckets
 
@@ -211,15 +259,23 @@ class SparseAttention(nn.Module):
             ``(B, T, dim)``, or ``(out, aux)`` when ``return_aux``; ``aux``'s tensors are cut
             back to ``T`` tokens too when ``length_buckets`` pads.
 
-        With ``length_buckets``, ``x`` is padded with zeros to ``(B, T_bucket, dim)``, attended,
-        and the output cut back to ``(B, T, dim)``. ``score_mod``/``mask_mod`` are then called at
-        the padded positions ``T .. T_bucket - 1`` too: a mod that indexes a per-token tensor
-        needs it ``T_bucket`` long (``nsa_flex.buckets.bucket_length(T, layer.length_buckets)``);
-        what it returns there reaches no returned output.
+        Raises:
+            TypeError: `x` is not a floating tensor, or (outside autocast) not of the
+                parameters' dtype; a mod is not callable.
+            ValueError: `x` is not `(B, T, dim)`, is on another device than the parameters, or
+                is longer than the largest length bucket; `attend` checks the rest.
+
+        The forward pass: project `q, k, v`; rotate `q` and `k` with RoPE; compress the
+        **rotated** keys (`compress_k(k)`) and the values (`compress_v(v)`); compute the gates;
+        call `attend(q, k, v, gates, config=..., k_cmp=..., v_cmp=..., backend=self.backend,
+        ...)`; merge the heads and apply `to_out`. With `length_buckets`, `x` is padded with
+        zeros to `(B, T_bucket, dim)`, attended, and the output cut back to `(B, T, dim)`
+        (`score_mod`/`mask_mod` are then called at the padded positions too: a mod that indexes
+        a per-token tensor needs it `bucket_length(T, layer.length_buckets)` long).
         """
         # Shape/dtype/device checks only: they are static under torch.compile, so forward
         # stays one graph.
-        _tensor("x", x, None, floating=False)
+        check_tensor("x", x, None, floating=False)
         if x.dim() != 3:
             raise ValueError(f"x must be (B, T, dim), got shape {tuple(x.shape)}")
         if x.shape[-1] != self.dim:
@@ -295,7 +351,7 @@ class SparseAttention(nn.Module):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> NSACache:
-        """An empty :class:`~nsa_flex.cache.NSACache` for this layer: ``batch_size`` rows of up to
+        """An empty :class:`~nsa_flex.NSACache` for this layer: ``batch_size`` rows of up to
         ``max_len`` tokens, on the parameters' device and dtype unless given (give ``dtype``
         when running under autocast)."""
         weight = self.to_q.weight
@@ -305,8 +361,7 @@ class SparseAttention(nn.Module):
         )
 
     def _check_cached_input(self, x, cache) -> None:
-        if not isinstance(cache, NSACache):
-            raise TypeError(f"cache must be an NSACache, got {type(cache).__name__}")
+        check_cache(cache)
         if not isinstance(x, Tensor):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
         if x.dim() != 3 or x.shape[-1] != self.dim:

@@ -23,6 +23,22 @@ Nothing here validates its input, unlike the rest of the public API: kept free o
 reads as the definition, the oracle is meant to be called through
 ``nsa_flex.attend(..., backend="reference")``, which checks every argument first. Called
 directly with bad input, these functions raise whatever torch raises, or return nonsense.
+
+```python
+import torch
+import nsa_flex
+from nsa_flex import NSAConfig, reference
+
+config = NSAConfig(compress_block=8, compress_stride=4, select_block=8, num_selected=3, window=8)
+q = torch.randn(1, 2, 40, 8, dtype=torch.float64)
+k = torch.randn(1, 1, 40, 8, dtype=torch.float64)
+v = torch.randn(1, 1, 40, 8, dtype=torch.float64)
+
+r = reference.attend(q, k, v, config=config)
+print(r.out.shape, r.p_cmp.shape)  # torch.Size([1, 2, 40, 8]) torch.Size([1, 2, 40, 9])
+out = nsa_flex.attend(q, k, v, config=config)
+print(((out - r.out).norm() / r.out.norm()).item() < 1e-10)  # True
+```
 """
 
 from __future__ import annotations

@@ -6,12 +6,10 @@ rotating pair, turned by the angle ``pos * base ** (-2i / D)``.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor, nn
 
-from ._validation import _same_device, _tensor, check_int
+from ._validation import check_int, check_int_tensor, check_real, check_same_device, check_tensor
 
 __all__ = ["RotaryEmbedding", "rotate_half"]
 
@@ -24,7 +22,7 @@ def rotate_half(x: Tensor) -> Tensor:
         TypeError: ``x`` is not a tensor.
         ValueError: ``x`` is 0-d or its last dimension is odd.
     """
-    _tensor("x", x, None, floating=False)
+    check_tensor("x", x, None, floating=False)
     if x.dim() < 1 or x.shape[-1] % 2:
         raise ValueError(f"x's last dimension must be even (two halves), got shape {tuple(x.shape)}")
     x1, x2 = x.chunk(2, dim=-1)
@@ -41,6 +39,10 @@ class RotaryEmbedding(nn.Module):
         dim: ``D``, the feature size it rotates; must be even.
         base: the wavelength base; pair ``i`` turns by ``base ** (-2i / D)`` radians per position.
 
+    Raises:
+        TypeError: `dim` not an int, `base` not a number.
+        ValueError: `dim` odd or below 2, `base` not finite and `> 1`.
+
     Shapes:
         ``forward(x)``: ``(B, H, T, D) -> (B, H, T, D)``, same dtype as ``x``.
 
@@ -51,16 +53,11 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, dim: int, base: float = 10000.0) -> None:
         super().__init__()
-        if isinstance(dim, bool) or not isinstance(dim, int):
-            raise TypeError(f"dim must be an int, got {type(dim).__name__}")
-        if dim < 2 or dim % 2:
-            raise ValueError(f"dim must be a positive even int, got {dim}")
-        if isinstance(base, bool) or not isinstance(base, (int, float)):
-            raise TypeError(f"base must be a number, got {type(base).__name__}")
-        if not (base > 1.0 and math.isfinite(base)):
-            raise ValueError(f"base must be finite and > 1, got {base}")
+        check_int("dim", dim, 2)
+        if dim % 2:
+            raise ValueError(f"dim must be even, got {dim}")
         self.dim = dim
-        self.base = float(base)
+        self.base = check_real("base", base, 1.0)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, base={self.base}"
@@ -102,8 +99,14 @@ class RotaryEmbedding(nn.Module):
 
         Returns:
             ``(B, H, T, D)``, same dtype as ``x``.
+
+        Raises:
+            TypeError: `x` not a floating tensor, `offset` not an int, `positions` not an
+                integer tensor (bool and float refused).
+            ValueError: `x` of another shape, a negative `offset`, `positions` of another
+                shape.
         """
-        _tensor("x", x, None, floating=False)
+        check_tensor("x", x, None, floating=False)
         if x.dim() != 4:
             raise ValueError(f"x must be (B, H, T, D), got shape {tuple(x.shape)}")
         if x.shape[-1] != self.dim:
@@ -129,14 +132,18 @@ class RotaryEmbedding(nn.Module):
         Returns:
             ``(B, H, T, D)``, same dtype as ``x``; bitwise what :meth:`forward` gives at those
             positions.
+
+        Raises:
+            TypeError, ValueError: as :meth:`forward`, and `positions` on another device than
+                `x`.
         """
-        _tensor("x", x, None, floating=False)
+        check_tensor("x", x, None, floating=False)
         if x.dim() != 4 or x.shape[-1] != self.dim:
             raise ValueError(f"x must be (B, H, T, {self.dim}), got shape {tuple(x.shape)}")
         if not x.is_floating_point():
             raise TypeError(f"x must be floating point, got {x.dtype}")
         _check_positions(positions, (x.shape[0], x.shape[2]), "(B, T)")
-        _same_device("positions", positions, x, "x")
+        check_same_device("positions", positions, x, "x")
         compute = torch.promote_types(x.dtype, torch.float32)
         # the same operations as cos_sin, so that decoding rotates exactly as the full forward
         exponent = torch.arange(0, self.dim, 2, device=x.device, dtype=compute) / self.dim
@@ -148,9 +155,6 @@ class RotaryEmbedding(nn.Module):
 
 
 def _check_positions(positions, shape: tuple, layout: str) -> None:
-    if not isinstance(positions, Tensor):
-        raise TypeError(f"positions must be an integer tensor, got {type(positions).__name__}")
-    if positions.is_floating_point() or positions.is_complex() or positions.dtype == torch.bool:
-        raise TypeError(f"positions must be an integer tensor, got {positions.dtype}")
+    check_int_tensor("positions", positions)
     if tuple(positions.shape) != tuple(shape):
         raise ValueError(f"positions must be {layout} = {tuple(shape)}, got {tuple(positions.shape)}")

@@ -1,363 +1,32 @@
-"""The triton backend's selected branch: launch code around ``triton_kernels``.
+"""The triton backend's selected branch: the hand-written Triton kernels, forward and backward.
 
-The forward and dQ kernels run one program per (query position, batch row, KV head), the G
-query heads of the group as the rows of every tile. The dK/dV pass inverts the selection with a
-sort (for each block, the queries that selected it) and gathers over those lists, several
-queries a step; a list longer than one segment (block 0 is in every query's list) is cut, its
-later segments summed into a float32 scratch by one kernel and added in order by the kernel
-that owns the block's keys (``_dkdv``). Every key has one writer and every sum a fixed order, so
-the gradients are deterministic without atomics. Nothing here reads device values on the host,
-so forward and backward can be captured in a CUDA graph.
-
-Autograd and ``torch.compile`` see the launches as the custom operators of :mod:`nsa_flex.ops`
-(``nsa_flex::selected_attention`` and ``nsa_flex::selected_attention_backward``), so the
-branch runs inside a ``torch.compile(fullgraph=True)`` graph, forward and backward, as eagerly.
+:func:`selected_attention` is the validated public entry (``(o, lse)`` for given
+``block_indices``); :func:`selected_branch` is what ``attend`` runs on the ``"triton"`` path
+(:mod:`nsa_flex.dispatch`). Both go through the custom operator ``nsa_flex::selected_attention``
+(:mod:`nsa_flex.ops.selected`, where the launch code, the dK/dV pass and
+:func:`invert_selection` live), so the branch runs inside a ``torch.compile(fullgraph=True)``
+graph, forward and backward, as eagerly.
 
 On the CPU the kernels run only under Triton's interpreter (``TRITON_INTERPRET=1`` set before
-``nsa_flex`` is imported), which is slow and meant for tests on tiny shapes.
+``nsa_flex`` is imported), which is slow and meant for tests on tiny shapes; :func:`available`
+says where they run.
 """
 
 from __future__ import annotations
 
-import os
-from typing import NamedTuple
+from typing import Callable
 
-import torch
 from torch import Tensor
 
-from . import ops
-from ._optional import triton_missing
-from ._validation import (
-    check_block_indices,
-    check_index_range,
-    check_index_tensor,
-    check_int,
-    check_kernel_head_dims,
-    check_positive_int,
-    check_qkv,
-    resolve_device,
-    resolve_scale,
-)
-from .config import NSAConfig
-from .selection import _pow2, _sort_unique_blocks
+from ._validation import check_block_indices, check_int, check_kernel_head_dims, check_qkv, resolve_scale
+from .block_indices import drop_past_query, kernel_indices
+from .config import NSAConfig, num_select_blocks
+from .ops.selected import PackedRow, invert_selection, selected_attention_op
+from .triton_support import available, check_triton
 from .varlen import Documents, resolve
 from .varlen import check_block_indices as varlen_check_block_indices
 
-__all__ = ["selected_attention", "selected_branch", "invert_selection", "available"]
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def available(device: torch.device) -> tuple[bool, str]:
-    """Whether the kernels can run on ``device`` (a ``torch.device`` or a string), and why not."""
-    device = resolve_device(device)
-    missing = triton_missing("the triton backend")
-    if missing:
-        return False, missing
-    if device.type == "cuda" or _interpreting():
-        return True, ""
-    return False, (
-        f"the triton backend runs on CUDA tensors (got {device}); on the CPU only under "
-        "Triton's interpreter, TRITON_INTERPRET=1 set before importing nsa_flex"
-    )
-
-
-def check_runnable(q: Tensor) -> None:
-    """Raise unless the kernels can run on ``q``'s device and dtype: ``ImportError`` without
-    Triton (naming what to install), ``ValueError``/``TypeError`` for the device or dtype."""
-    missing = triton_missing("the triton backend")
-    if missing:
-        raise ImportError(missing)
-    ok, why = available(q.device)
-    if not ok:
-        raise ValueError(why)
-    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise TypeError(f"the triton backend takes float16, bfloat16 or float32, got {q.dtype}")
-    if q.dtype == torch.bfloat16 and q.device.type == "cpu":
-        # Triton's interpreter computes bf16 tl.dot wrongly (seen with triton 3.9); refuse
-        # rather than return garbage. float16 and float32 interpret fine.
-        raise TypeError("the triton backend under Triton's CPU interpreter takes float16 or float32, not bfloat16")
-
-
-# A budget for each kernel's shared memory, under the H200's 227 KiB per block with room for
-# Triton's own staging: an upper bound counting every loop-carried load as pipelined.
-_SMEM_BUDGET = 192 * 2**10
-
-
-def _meta(G: int, Dk: int, Dv: int, select_block: int, dtype: torch.dtype, kernel: str = "fwd") -> dict:
-    """Tile sizes and launch settings of one kernel: ``"fwd"``, ``"dq"`` or ``"dkdv"`` (both
-    dK/dV kernels).
-
-    ``fwd``/``dq`` stream key tiles of ``BLOCK_N`` keys past the group's ``BLOCK_G`` resident
-    rows; ``dkdv`` streams row tiles of ``BLOCK_R`` (several queries' heads) past a resident
-    ``BLOCK_N``-key tile and its float32 dK/dV accumulators. Tiles shrink (pipeline stages
-    first) until the shared-memory bound fits ``_SMEM_BUDGET`` for every dtype, head dim up to
-    256 and group size.
-    """
-    block_g, block_dk, block_dv = _pow2(G), _pow2(Dk), _pow2(Dv)
-    size = torch.empty((), dtype=dtype).element_size()
-    half = dtype != torch.float32
-    d = block_dk + block_dv
-    meta = dict(G=G, SEL_BLOCK=select_block, DK=Dk, DV=Dv, BLOCK_DK=block_dk, BLOCK_DV=block_dv,
-                # float32 inputs get true float32 products (Triton's default would be TF32)
-                IEEE=not half)
-    if kernel in ("fwd", "dq"):
-        # Best of the sweep on an H200 (bf16, D=128, G=16): 32 keys, 2 warps, 2 stages (forward
-        # 20.0 ms against 22.9 at 64 keys and 4 warps; dQ 19.2 against 26.2). Wider rows or
-        # head dims keep 4 warps for the accumulator's registers. float32's exact products run
-        # without tensor cores: past 16 rows of D=128, 16-key tiles and 8 warps, or registers
-        # spill (seen compiling for sm_90).
-        wide = not half and block_g * d > 16 * 256
-        block_n = min(16 if wide else 32, _pow2(select_block))
-        stages = 2
-        if half:
-            warps = 2 if block_g <= 16 and max(block_dk, block_dv) <= 128 else 4
-        else:
-            warps = 8 if wide else 4
-        resident = block_g * (block_dk if kernel == "fwd" else d) * size  # q (and dO)
-
-        def smem(n, st):
-            return resident + st * n * d * size
-    elif kernel == "dkdv":
-        # Key tile: up to 64 keys, fewer where the two float32 accumulators (BLOCK_N x D each,
-        # in registers: 64 a thread at 8 warps) would pass 64 KiB, i.e. past D=128. Row tile: up
-        # to 64 rows (at least the group), fewer where a q+dO tile would pass 64 KiB, or 16 KiB
-        # in float32, whose exact products run without tensor cores and spill registers on
-        # wider tiles (seen compiling for sm_90).
-        block_n = min(64, _pow2(select_block))
-        while block_n > 16 and block_n * d * 4 > 64 * 2**10:
-            block_n //= 2
-        rows = max(64, block_g)
-        while rows > block_g and rows * d * size > (64 if half else 16) * 2**10:
-            rows //= 2
-        stages = 2
-
-        def smem(n, st):
-            # K, V resident; q, dO pipelined; p and dS staged for the products
-            return n * d * size + st * rows * d * size + 2 * rows * n * size
-        meta["BLOCK_R"] = rows
-    else:
-        raise ValueError(f"kernel must be 'fwd', 'dq' or 'dkdv', got {kernel!r}")
-    while smem(block_n, stages) > _SMEM_BUDGET and (stages > 1 or block_n > 16):
-        if stages > 1:
-            stages -= 1
-        else:
-            block_n //= 2
-    if kernel == "dkdv":
-        if half:
-            # 4 warps, one stage: the fastest of 36 settings on the H200 at the reference shape
-            # (bf16, G=16, D=128, T=64k; scripts/profile_selected.py --sweep=dkdv): 16.1 ms
-            # against 24.5 ms at 8 warps and two stages, although 4 warps spill a few registers
-            warps, stages = 4, 1
-        else:
-            # float32: 8 warps, as at 4 the accumulators and score tiles spill registers (seen
-            # compiling for sm_90 at G=3, D=64 and G=16, D=128); 4 for tiles too small for 8
-            warps = 8 if block_n * d >= 64 * 64 else 4
-    else:
-        meta["BLOCK_G"] = block_g
-    meta.update(BLOCK_N=block_n, num_warps=warps, num_stages=stages)
-    return meta
-
-
-def _strides(x: Tensor) -> tuple[int, ...]:
-    return tuple(x.stride())
-
-
-def invert_selection(idx: Tensor, num_blocks: int) -> tuple[Tensor, Tensor]:
-    """For each block, the queries that selected it.
-
-    Args:
-        idx: ``(B, Hkv, T, n)`` int, each row ascending and unique with ``-1`` last.
-
-    Returns:
-        ``(qlist (B, Hkv, T*n) int32, qstart (B, Hkv, Ns+1) int32)``: the queries that selected
-        block ``j`` are ``qlist[b, h, qstart[b, h, j] : qstart[b, h, j+1]]``, ascending.
-
-    Raises:
-        TypeError, ValueError: ``idx`` not a 4-D int32/int64 tensor with values in
-            ``[-1, num_blocks)`` (a device read, skipped while tracing or capturing);
-            ``num_blocks`` not an int ``>= 0``.
-    """
-    check_index_tensor("idx", idx, 4)
-    check_int("num_blocks", num_blocks, minimum=0)
-    check_index_range("idx", idx, -1, num_blocks)
-    return _invert_selection(idx, num_blocks)
-
-
-def _invert_selection(idx: Tensor, num_blocks: int) -> tuple[Tensor, Tensor]:
-    """:func:`invert_selection` after validation (the backward's: its selection was checked
-    before the forward)."""
-    B, H, T, n = idx.shape
-    valid = idx >= 0
-    t = torch.arange(T, device=idx.device).view(1, 1, T, 1)
-    block = torch.where(valid, idx.long(), num_blocks)
-    key = (block * T + t).view(B, H, T * n)  # padding sorts after every real block
-    qlist = (torch.sort(key, dim=-1).values % T).to(torch.int32)
-    counts = torch.zeros(B, H, num_blocks + 1, dtype=torch.int64, device=idx.device)
-    counts.scatter_add_(-1, block.view(B, H, T * n), torch.ones_like(key))
-    qstart = torch.zeros_like(counts)
-    qstart[..., 1:] = torch.cumsum(counts[..., :num_blocks], dim=-1)
-    return qlist.contiguous(), qstart.to(torch.int32).contiguous()
-
-
-def selected_forward(q, k, v, idx, select_block: int, scale: float, packed=None) -> tuple[Tensor, Tensor]:
-    """``(o (B, Hq, T, Dv), lse (B, Hq, T) float32)`` of the forward kernel; ``q, k, v``
-    contiguous, ``idx`` as :func:`kernel_indices` makes it, ``packed`` a :class:`_Packed` for a
-    packed row. Autograd and ``torch.compile`` reach it through ``nsa_flex::selected_attention``
-    (:mod:`nsa_flex.ops`)."""
-    from .triton_kernels import selected_fwd_kernel
-
-    B, Hq, T, Dk = q.shape
-    Hkv, Dv = k.shape[1], v.shape[-1]
-    meta = _meta(Hq // Hkv, Dk, Dv, select_block, q.dtype)
-    o = torch.empty(B, Hq, T, Dv, device=q.device, dtype=q.dtype)
-    lse = torch.empty(B, Hq, T, device=q.device, dtype=torch.float32)
-    doc_start = idx if packed is None else packed.doc_start  # idx: a placeholder, never read
-    selected_fwd_kernel[(T, B * Hkv)](
-        q, k, v, idx, doc_start, o, lse,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(idx), *_strides(o), *_strides(lse),
-        T, Hkv, scale, N_SEL=idx.shape[-1], VARLEN=packed is not None, **meta,
-    )
-    return o, lse
-
-
-def selected_backward(q, k, v, idx, o, lse, do, select_block: int, scale: float, packed=None):
-    """``(dq, dk, dv)`` of selected attention from the forward's output ``o (B, Hq, T, Dv)`` and
-    natural log-sum-exp ``lse (B, Hq, T)`` float32 (``-inf`` for empty rows), whichever kernel
-    produced them. ``idx`` as the forward kernel takes it: ascending, unique, ``-1`` last.
-    ``dq, dk, dv`` take the strides of ``q, k, v``. Autograd and ``torch.compile`` reach it
-    through ``nsa_flex::selected_attention_backward`` (:mod:`nsa_flex.ops`)."""
-    from .triton_kernels import selected_dq_kernel
-
-    B, Hq, T, Dk = q.shape
-    Hkv, Dv = k.shape[1], v.shape[-1]
-    meta = _meta(Hq // Hkv, Dk, Dv, select_block, q.dtype, "dq")
-    do = do.to(q.dtype).contiguous()
-    # the kernels read lse and delta at the same offsets: both contiguous (B, Hq, T)
-    lse = lse.float().contiguous()
-    delta = torch.empty_like(lse)  # rowsum(dO * O), written by the dQ kernel
-    dq = torch.empty_like(q)
-    selected_dq_kernel[(T, B * Hkv)](
-        q, k, v, idx, idx if packed is None else packed.doc_start, do, o, lse, delta, dq,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(idx), *_strides(do), *_strides(o), *_strides(lse),
-        T, Hkv, scale, N_SEL=idx.shape[-1], VARLEN=packed is not None, **meta,
-    )
-    qlist, qstart = _inverted(idx, select_block, T, packed)
-    dk, dv = _dkdv(q, k, v, do, lse, delta, qlist, qstart, select_block, scale, packed)
-    return dq, dk, dv
-
-
-def _inverted(idx: Tensor, select_block: int, T: int, packed=None) -> tuple[Tensor, Tensor]:
-    """``invert_selection`` over the blocks the dK/dV kernels number: ``ceil(T / select_block)``,
-    or, packed, every document's blocks one after another (so each key has one owner)."""
-    if packed is None:
-        return _invert_selection(idx, -(-T // select_block))
-    return _invert_selection(torch.where(idx >= 0, idx + packed.first_block, -1), packed.num_blocks)
-
-
-# Segments of a block's query list (see selected_dkdv_partial_kernel): at least _SEGMENT
-# queries each, more where the scratch would pass _MAX_SLOTS slots per (batch row, KV head).
-_SEGMENT = 1024
-_MAX_SLOTS = 512
-
-
-def _segment_size(list_len: int) -> int:
-    """Queries per segment when the lists of one (batch row, head) hold ``list_len = T * n``
-    entries in all: a power of two, at least ``_SEGMENT``, and large enough that the later
-    segments fit ``_MAX_SLOTS`` slots."""
-    return max(_SEGMENT, _pow2(-(-list_len // _MAX_SLOTS), least=1))
-
-
-def _segments(qstart: Tensor, list_len: int, segment: int) -> tuple[Tensor, Tensor]:
-    """Scratch slots of the lists' later segments, built on the device without a sync.
-
-    Block ``j`` with ``c`` queries has ``ceil(c / segment)`` segments, the first summed by
-    ``selected_dkdv_kernel``, the ``(c - 1) // segment`` others one slot each. Their number is
-    at most ``list_len // segment`` per (batch row, head), a bound known on the host.
-
-    Returns:
-        ``(slots (B, H, Ns+1) int32, slot_block (B, H, list_len // segment) int32)``: block
-        ``j``'s slots are ``slots[b, h, j] .. slots[b, h, j+1] - 1``; ``slot_block`` the block of
-        each slot, ``Ns`` for a slot past the last.
-    """
-    counts = (qstart[..., 1:] - qstart[..., :-1]).long()
-    later = (counts - 1).clamp_min(0) // segment
-    B, H, ns1 = qstart.shape
-    slots = torch.zeros(B, H, ns1, device=qstart.device, dtype=torch.int64)
-    slots[..., 1:] = torch.cumsum(later, dim=-1)
-    each = torch.arange(list_len // segment, device=qstart.device).expand(B, H, -1).contiguous()
-    slot_block = torch.searchsorted(slots[..., 1:].contiguous(), each, right=True, out_int32=True)
-    return slots.to(torch.int32), slot_block
-
-
-def _dkdv(q, k, v, do, lse, delta, qlist, qstart, select_block: int, scale: float, packed=None,
-          meta: dict | None = None, segment: int | None = None):
-    """``(dk, dv)`` from the inverted selection (``invert_selection``'s ``qlist``, ``qstart``)
-    and the backward's ``do``, ``lse`` and ``delta = rowsum(dO * O)`` (contiguous
-    ``(B, Hq, T)``).
-
-    Two launches. ``selected_dkdv_partial_kernel`` first: one program per (later segment of a
-    long list, key tile, batch row and KV head), into a float32 scratch; then
-    ``selected_dkdv_kernel``: one program per (block, key tile, batch row and KV head), summing
-    the list's first segment and adding the block's slots in order. Without the split, a block
-    every query selects (block 0, forced) would be one program walking all ``T`` queries.
-
-    Scratch: ``B * Hkv * (T * n // segment)`` slots of ``select_block`` (rounded up to the key
-    tile) rows by ``Dk + Dv`` float32, at most ``_MAX_SLOTS`` slots per (batch row, head): at
-    the reference shape (``B=1, Hkv=4, T=65536, n=16``, 64-key blocks, ``D=128``) the segment is
-    2048 queries, 512 slots, and the scratch 4 * 512 * 64 * 256 * 4 bytes = 128 MiB.
-
-    ``meta`` (``_meta(..., "dkdv")``'s keys) and ``segment`` (a power of two) override the
-    defaults, for tuning; the result is deterministic for any fixed choice.
-    """
-    from .triton_kernels import selected_dkdv_kernel, selected_dkdv_partial_kernel
-
-    B, Hq, T, Dk = q.shape
-    Hkv, Dv = k.shape[1], v.shape[-1]
-    G = Hq // Hkv
-    meta = dict(meta or _meta(G, Dk, Dv, select_block, q.dtype, "dkdv"))
-    if meta["BLOCK_R"] < G:
-        raise ValueError(f"BLOCK_R={meta['BLOCK_R']} holds fewer rows than one query's {G} heads")
-    meta["QUERIES"] = meta["BLOCK_R"] // G
-    list_len = qlist.shape[-1]
-    segment = segment or _segment_size(list_len)
-    if segment & (segment - 1):
-        raise ValueError(f"segment must be a power of two, got {segment}")
-    # the kernels read qstart and slots at the same offsets, lists with unit stride
-    qlist, qstart = qlist.contiguous(), qstart.contiguous()
-    ns = qstart.shape[-1] - 1
-    chunks = -(-select_block // meta["BLOCK_N"])
-    slots, slot_block = _segments(qstart, list_len, segment)
-    n_slots = slot_block.shape[-1]
-    blk_start, blk_end = (qstart, qstart) if packed is None else (packed.block_start, packed.block_end)
-    dk, dv = torch.empty_like(k), torch.empty_like(v)
-    if n_slots:
-        part_dk = torch.empty(B * Hkv, n_slots, chunks * meta["BLOCK_N"], Dk, device=q.device, dtype=torch.float32)
-        part_dv = torch.empty(B * Hkv, n_slots, chunks * meta["BLOCK_N"], Dv, device=q.device, dtype=torch.float32)
-    else:
-        part_dk, part_dv = dk, dv  # placeholders, never read
-    common = (*_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(lse),
-              *_strides(qlist)[:2], *_strides(qstart)[:2])
-    if n_slots:
-        selected_dkdv_partial_kernel[(n_slots * chunks, B * Hkv)](
-            q, k, v, do, lse, delta, qlist, qstart, slots, slot_block, blk_start, blk_end, part_dk, part_dv,
-            *common, *_strides(slot_block)[:2], *_strides(part_dk), *_strides(part_dv),
-            T, Hkv, ns, scale, SEGMENT=segment, CHUNKS=chunks, VARLEN=packed is not None, **meta,
-        )
-    selected_dkdv_kernel[(ns * chunks, B * Hkv)](
-        q, k, v, do, lse, delta, qlist, qstart, slots, blk_start, blk_end, part_dk, part_dv, dk, dv,
-        *common, *_strides(part_dk), *_strides(part_dv),
-        T, Hkv, scale, SEGMENT=segment, SPLIT=n_slots > 0, CHUNKS=chunks, VARLEN=packed is not None, **meta,
-    )
-    return dk, dv
-
-
-def kernel_indices(block_indices: Tensor, select_block: int, T: int) -> Tensor:
-    """``block_indices`` as the kernels read them: each row ascending and unique, ``-1`` last."""
-    idx, valid = _sort_unique_blocks(block_indices, -(-T // select_block))
-    return torch.where(valid, idx, -1).to(torch.int32).contiguous()
+__all__ = ["selected_attention", "selected_branch", "invert_selection", "available", "kernel_indices"]
 
 
 def selected_attention(
@@ -384,51 +53,46 @@ def selected_attention(
             not a positive int; a device, dtype or head dim the kernels do not take.
     """
     check_qkv(q, k, v)
-    check_runnable(q)
+    check_triton(q)
     check_kernel_head_dims(q, v, "triton")
-    check_positive_int("select_block", select_block)
+    check_int("select_block", select_block, 1)
     scale = resolve_scale(scale, q)
     docs = None
-    num_blocks = -(-q.shape[2] // select_block)
+    num_blocks = num_select_blocks(q.shape[2], select_block)
     if cu_seqlens is not None:
         docs = resolve(cu_seqlens, q.shape[2], q.device, q.shape[0])
-        num_blocks = max(-(-n // select_block) for n in docs.lengths)
+        num_blocks = max(num_select_blocks(n, select_block) for n in docs.lengths)
     check_block_indices(block_indices, q, k.shape[1], num_blocks)
     if docs is not None:
         varlen_check_block_indices(block_indices, docs, select_block)
-    return _selected(q, k, v, block_indices, select_block, scale, docs)
+    return _run(q, k, v, block_indices, select_block, scale, docs)
 
 
-class _Packed(NamedTuple):
-    """What the kernels need to know of a packed row's documents."""
-
-    doc_start: Tensor  # (T,) int32: each token's document start
-    first_block: Tensor  # (T,) int64: number of the first block of each token's document
-    block_start: Tensor  # (Nb,) int32: first key of each block, all documents' blocks in a row
-    block_end: Tensor  # (Nb,) int32: end of each block's document
-    num_blocks: int  # Nb
-
-
-def _selected(q, k, v, block_indices, select_block, scale, docs: Documents | None = None):
+def _run(q, k, v, block_indices, select_block, scale, docs: Documents | None = None) -> tuple[Tensor, Tensor]:
+    """:func:`selected_attention` after validation."""
     T = q.shape[2]
     packed = None
     if docs is not None:
-        first_block, block_start, block_end = docs.selection_blocks(select_block)
-        packed = _Packed(docs.start.contiguous(), first_block.view(1, 1, T, 1), block_start, block_end,
-                         block_start.numel())
-        # A doc-local block past the query's own selects nothing; drop it here so that its
-        # number never reaches the next document's blocks in the backward's inversion.
-        pos = docs.pos.view(1, 1, T, 1).long()
-        block_indices = torch.where(block_indices.long() * select_block <= pos, block_indices, -1)
+        packed = PackedRow.from_documents(docs, select_block)
+        block_indices = drop_past_query(block_indices, select_block, docs.pos)
     idx = kernel_indices(block_indices, select_block, T)
-    docs_args = () if packed is None else packed[:4]
-    return ops.selected_attention(q.contiguous(), k.contiguous(), v.contiguous(), idx, select_block, scale, *docs_args)
+    docs_args = () if packed is None else packed.op_args()
+    return selected_attention_op(q.contiguous(), k.contiguous(), v.contiguous(), idx, select_block, scale, *docs_args)
 
 
 def selected_branch(
-    q: Tensor, k: Tensor, v: Tensor, block_indices: Tensor, config: NSAConfig, scale: float,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    block_indices: Tensor,
+    config: NSAConfig,
+    scale: float,
+    score_mod: Callable | None = None,
+    mask_mod: Callable | None = None,
     docs: Documents | None = None,
 ) -> Tensor:
-    """``o_slc (B, Hq, T, Dv)`` for ``attend(..., backend="triton")``, which has validated
-    (``docs``: a packed row, doc-local ``block_indices``)."""
-    return _selected(q, k, v, block_indices, config.select_block, scale, docs)[0]
+    """``o_slc (B, Hq, T, Dv)`` for ``attend`` on the ``"triton"`` path, which has validated
+    (``docs``: a packed row, doc-local ``block_indices``). The kernels run no mods: the path is
+    planned only without them, and ``score_mod``/``mask_mod`` (every selected branch's
+    signature) are ``None``."""
+    return _run(q, k, v, block_indices, config.select_block, scale, docs)[0]

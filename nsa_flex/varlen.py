@@ -19,8 +19,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ._validation import _can_read_values, check_config, check_int, check_positive_int, resolve_device
-from .config import NSAConfig
+from ._validation import can_read_values, check_int, resolve_device
+from .config import NSAConfig, check_config, num_select_blocks
 
 __all__ = ["Documents", "documents", "compressed_cu_seqlens"]
 
@@ -88,6 +88,23 @@ class Documents:
     def compressed_blocks(self, config: NSAConfig) -> tuple[Tensor, Tensor]:
         """``(first, doc)``, each ``(Tc,)`` int64: the packed position of each compressed block's
         first token and its document, in ``k_cmp``'s order."""
+        start, local, doc = self._compressed_block_index(config)
+        first = start + local * config.compress_stride
+        return first.to(self.device), doc.to(self.device)
+
+    def compressed_last_tokens(self, config: NSAConfig, num_blocks: int | None = None) -> Tensor:
+        """``(Tc,)`` int32: the packed position of each compressed block's last token, where it
+        becomes visible and where a user's mods see it, in ``k_cmp``'s order; padded to
+        ``num_blocks`` (``>= Tc``) with ``T - 1``, a valid position."""
+        start, local, _ = self._compressed_block_index(config)
+        last = (start + config.compressed_last_token(local)).to(device=self.device, dtype=torch.int32)
+        if num_blocks is not None and num_blocks != last.numel():
+            last = torch.nn.functional.pad(last, (0, num_blocks - last.numel()), value=self.seq_len - 1)
+        return last
+
+    def _compressed_block_index(self, config: NSAConfig) -> tuple[Tensor, Tensor, Tensor]:
+        """Each compressed block's document start, doc-local index and document, ``(Tc,)`` int64
+        on the host."""
         check_config(config)
         counts = torch.tensor([config.num_compressed(n) for n in self.lengths], dtype=torch.int64)
         tc = int(counts.sum())
@@ -95,8 +112,7 @@ class Documents:
         first_of_doc = torch.cumsum(counts, 0) - counts  # each document's first block
         local = torch.arange(tc) - first_of_doc[doc]
         starts = torch.tensor(self.starts, dtype=torch.int64)
-        first = starts[doc] + local * config.compress_stride
-        return first.to(self.device), doc.to(self.device)
+        return starts[doc], local, doc
 
     def selection_blocks(self, select_block: int) -> tuple[Tensor, Tensor, Tensor]:
         """Every document's selection blocks, numbered one after another across documents.
@@ -107,9 +123,9 @@ class Documents:
             ``first_block[t] + j``); ``block_start``, ``block_end`` ``(Nb,)`` int32, the packed
             tokens ``[start, end)`` block ``b`` may cover (``end`` is its document's end).
         """
-        check_positive_int("select_block", select_block)
+        check_int("select_block", select_block, 1)
         ls = select_block
-        counts = torch.tensor([-(-n // ls) for n in self.lengths], dtype=torch.int64)
+        counts = torch.tensor([num_select_blocks(n, ls) for n in self.lengths], dtype=torch.int64)
         nb = int(counts.sum())
         doc = torch.repeat_interleave(torch.arange(len(self.lengths)), counts, output_size=nb)
         first_of_doc = torch.cumsum(counts, 0) - counts
@@ -188,9 +204,9 @@ def check_block_indices(block_indices: Tensor, docs: Documents, select_block: in
     """Doc-local ``block_indices (B, Hkv, T, n)`` (shape already checked): each below its
     token's document's number of selection blocks. Reads the device (skipped while tracing or
     capturing a CUDA graph)."""
-    if not _can_read_values(block_indices):
+    if not can_read_values(block_indices):
         return
-    ns = torch.tensor([-(-n // select_block) for n in docs.lengths], device=docs.device)[docs.doc_id.long()]
+    ns = torch.tensor([num_select_blocks(n, select_block) for n in docs.lengths], device=docs.device)[docs.doc_id.long()]
     bad = block_indices >= ns.view(1, 1, -1, 1).to(block_indices.dtype)
     if bool(bad.any()):
         t = int(bad.nonzero()[0, 2])

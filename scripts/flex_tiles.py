@@ -5,7 +5,7 @@
 
 The reference shape of docs/semantics.md (B=1, Hq=64, Hkv=4, D=128, bf16, default config). Each
 branch's forward (no_grad, as the benchmark times it) through ``torch.compile(flex_attention)``
-with the BlockMask the flex backend builds, under ``flex_backend._tile_options`` (the default)
+with the BlockMask the flex backend builds, under ``tuning.flex_tile_options`` (the default)
 and under other tiles / warps / stages; do_bench medians and the relative error against the
 default's output.
 """
@@ -16,8 +16,9 @@ import torch
 from torch.nn.attention.flex_attention import flex_attention
 from triton.testing import do_bench
 
-from nsa_flex import NSAConfig, flex_backend, masks
+from nsa_flex import NSAConfig, masks, tuning
 from nsa_flex.compression import mean_compress
+from nsa_flex.flex.call import room_to_recompile
 
 T = int(sys.argv[1]) if len(sys.argv) > 1 else 65536
 B, Hq, Hkv, D = 1, 64, 4, 128
@@ -29,14 +30,14 @@ branches = {
     "compressed": (k_cmp, v_cmp, masks.compressed_block_mask(T, config, device="cuda")),
     "window": (k, v, masks.sliding_window_block_mask(T, config.window, device="cuda")),
 }
-default = flex_backend._tile_options(2, D)
+default = tuning.flex_tile_options(2, D)
 print(f"T={T} torch {torch.__version__} {torch.cuda.get_device_name()} default {default}", flush=True)
 candidates = [default] + [
     dict(BLOCK_M=m, BLOCK_N=n, fwd_num_warps=w, fwd_num_stages=s)
     for m, n, w, s in ((128, 64, 8, 3), (128, 64, 8, 2), (128, 128, 8, 2), (128, 64, 4, 3), (64, 128, 4, 2))
 ]
 compiled = torch.compile(flex_attention, dynamic=False)
-with torch.no_grad(), flex_backend._room_to_recompile():
+with torch.no_grad(), room_to_recompile():
     for name, (kk, vv, mask) in branches.items():
         ref = None
         for opts in candidates:

@@ -14,10 +14,12 @@ import sys
 import torch
 from triton.testing import do_bench
 
-from nsa_flex import NSAConfig, flex_backend, select_blocks
-from nsa_flex import selection
+from nsa_flex import NSAConfig, select_blocks, selection, tuning
 from nsa_flex.compression import mean_compress
-from nsa_flex.selection_kernels import block_scores_kernel, top_n_kernel
+from nsa_flex.flex import compressed_branch
+from nsa_flex.kernels.scoring import block_scores_kernel
+from nsa_flex.kernels.top_n import top_n_kernel
+from nsa_flex.top_n import top_n_blocks
 
 args = [a for a in sys.argv[1:] if not a.startswith("--")]
 T = int(args[0]) if args else 65536
@@ -32,21 +34,21 @@ med = lambda f: do_bench(f, warmup=25, rep=200, return_mode="median")  # noqa: E
 print(f"T={T} torch {torch.__version__} {torch.cuda.get_device_name()}", flush=True)
 
 with torch.no_grad():
-    o_cmp, lse = flex_backend.compressed_branch(q, k_cmp, v_cmp, config, scale, return_lse=True)
+    o_cmp, lse = compressed_branch(q, k_cmp, v_cmp, config, scale, return_lse=True)
 ns, tc = config.num_select_blocks(T), k_cmp.shape[2]
-block_c, step = selection._score_tiles(config)
+block_c, step = tuning.score_tiles(config)
 scores = torch.empty(B, Hkv, T, ns, device="cuda", dtype=torch.float32)
 
 
 def score(lse_in=None, block_t=4, warps=4, stages=2):
-    block_g = selection._pow2(G, least=1)
+    block_g = tuning.pow2(G, least=1)
     block_t = max(1, block_t)
     block_scores_kernel[(-(-T // block_t), B * Hkv)](
         q, k_cmp, scores, q if lse_in is None else lse_in, *q.stride(), *k_cmp.stride(), *scores.stride(),
-        *((0, 0, 0) if lse_in is None else lse_in.stride()), tc, ns, Hkv, 0, T, scale * 1.4426950408889634,
+        *((0, 0, 0) if lse_in is None else lse_in.stride()), tc, ns, Hkv, 0, T, scale * tuning.LOG2E,
         G=G, CMP_BLOCK=config.compress_block, CMP_STRIDE=config.compress_stride, SEL_BLOCK=config.select_block,
         N_INITIAL=config.num_initial, N_LOCAL=config.num_local, DK=D, BLOCK_DK=D, BLOCK_T=block_t, BLOCK_G=block_g,
-        BLOCK_C=block_c, BLOCK_S=selection._pow2(step), SEL_STEP=step, IEEE=False, HAS_LSE=lse_in is not None,
+        BLOCK_C=block_c, BLOCK_S=tuning.pow2(step), SEL_STEP=step, IEEE=False, HAS_LSE=lse_in is not None,
         num_warps=warps, num_stages=stages,
     )
     return scores
@@ -54,11 +56,11 @@ def score(lse_in=None, block_t=4, warps=4, stages=2):
 
 def top_n(warps=None):
     out = torch.empty(B, Hkv, T, config.num_selected, device="cuda", dtype=torch.int32)
-    block_ns = selection._pow2(min(ns, selection._KEYS_IN_REGISTERS))
+    block_ns = tuning.pow2(min(ns, tuning.KEYS_IN_REGISTERS))
     top_n_kernel[(T, B * Hkv)](
         scores, out, *scores.stride(), *out.stride(), ns, Hkv, 0, SEL_BLOCK=config.select_block,
         N_SEL=config.num_selected, BLOCK_SEL=16, BLOCK_NS=block_ns, ONE_TILE=ns <= block_ns,
-        num_warps=warps or max(1, min(4, block_ns // 512)),
+        num_warps=warps or tuning.top_n_warps(block_ns),
     )
     return out
 
@@ -70,19 +72,19 @@ def picked(idx, ref_scores):
 
 rows = [
     ("select_blocks (own lse pass)", lambda: select_blocks(q, k_cmp, config=config)),
-    ("select with the branch's lse", lambda: selection._select(q, k_cmp, config, scale, None, None, None, lse)),
-    ("compressed branch + its lse", lambda: flex_backend.compressed_branch(q, k_cmp, v_cmp, config, scale, return_lse=True)),
+    ("select with the branch's lse", lambda: selection._select_row(q, k_cmp, config, scale, None, None, None, "triton", lse)),
+    ("compressed branch + its lse", lambda: compressed_branch(q, k_cmp, v_cmp, config, scale, return_lse=True)),
     ("scores kernel, two passes", lambda: score()),
     ("scores kernel, lse given", lambda: score(lse)),
     ("top-n kernel", lambda: top_n()),
-    ("torch top-n (before)", lambda: selection.top_n_blocks(scores, config)),
+    ("torch top-n (before)", lambda: top_n_blocks(scores, config)),
 ]
 for name, f in rows:
     print(f"{name:32s} {med(f):8.2f} ms", flush=True)
 ref = score().clone()
 finite = ref.masked_fill(~torch.isfinite(ref), 0)
-base = picked(selection.top_n_blocks(ref, config), finite)
-err = (picked(selection._select(q, k_cmp, config, scale, None, None, None, lse), finite) - base).abs().max()
+base = picked(top_n_blocks(ref, config), finite)
+err = (picked(selection._select_row(q, k_cmp, config, scale, None, None, None, "triton", lse), finite) - base).abs().max()
 print(f"select with lse vs without: largest difference of picked scores {err:.2e}", flush=True)
 
 if "--sweep" in sys.argv:

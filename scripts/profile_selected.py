@@ -7,11 +7,11 @@ The reference shape of docs/semantics.md (B=1, Hq=64, Hkv=4, D=128, bf16), one s
 
 - each step of the Triton selected branch apart: forward kernel, dQ kernel (which also writes
   ``delta = rowsum(dO * O)``), the
-  inversion of the selection, the dK/dV kernels (``triton_backend._dkdv``: segment tables,
+  inversion of the selection, the dK/dV kernels (``ops.selected.launch_dkdv``: segment tables,
   partial sums of long lists, per-block sums);
 - how unevenly the queries spread over the blocks, and how the dK/dV pass cuts the lists
   (segment size, scratch slots used of those allotted, scratch size);
-- the peak memory of ``selected_backward`` (outputs, ``delta``, the inversion, the dK/dV
+- the peak memory of ``launch_selected_backward`` (outputs, ``delta``, the inversion, the dK/dV
   scratch);
 - with ``--sweep`` (``--sweep=dkdv`` for some kernels only): each kernel at other ``BLOCK_N`` /
   ``num_warps`` / ``num_stages`` (dK/dV: also ``BLOCK_R`` rows a step, and the segment size),
@@ -25,9 +25,11 @@ import sys
 import torch
 from triton.testing import do_bench
 
-from nsa_flex import NSAConfig, attend, select_blocks, triton_backend
+from nsa_flex import NSAConfig, attend, select_blocks, tuning
+from nsa_flex.block_indices import kernel_indices
 from nsa_flex.compression import mean_compress
-from nsa_flex.triton_kernels import selected_dq_kernel, selected_fwd_kernel
+from nsa_flex.kernels.selected import selected_dq_kernel, selected_fwd_kernel
+from nsa_flex.ops import selected as ops_selected
 
 args = [a for a in sys.argv[1:] if not a.startswith("--")]
 T = int(args[0]) if args else 65536
@@ -37,7 +39,7 @@ scale = D**-0.5
 gen = torch.Generator(device="cuda").manual_seed(0)
 q, k, v = (torch.randn(B, h, T, D, device="cuda", generator=gen, dtype=torch.bfloat16) for h in (Hq, Hkv, Hkv))
 do = torch.randn(B, Hq, T, D, device="cuda", generator=gen, dtype=torch.bfloat16)
-idx = triton_backend.kernel_indices(select_blocks(q, mean_compress(k, config), config=config), 64, T)
+idx = kernel_indices(select_blocks(q, mean_compress(k, config), config=config), 64, T)
 S = lambda x: tuple(x.stride())  # noqa: E731
 med = lambda f: do_bench(f, warmup=50, rep=300, return_mode="median")  # noqa: E731
 print(f"T={T} torch {torch.__version__} {torch.cuda.get_device_name()}", flush=True)
@@ -51,7 +53,7 @@ def fwd(meta):
     return o, lse
 
 
-base = {kernel: triton_backend._meta(Hq // Hkv, D, D, 64, q.dtype, kernel) for kernel in ("fwd", "dq", "dkdv")}
+base = {kernel: tuning.selected_kernel_meta(Hq // Hkv, D, D, 64, q.dtype, kernel) for kernel in ("fwd", "dq", "dkdv")}
 print("settings:", {kernel: {k: m[k] for k in ("BLOCK_N", "BLOCK_R", "num_warps", "num_stages") if k in m}
                     for kernel, m in base.items()}, flush=True)
 o, lse = fwd(base["fwd"])
@@ -67,34 +69,34 @@ def dq(meta):
 
 
 ns = -(-T // 64)
-qlist, qstart = triton_backend.invert_selection(idx, ns)
+qlist, qstart = ops_selected.invert_selection(idx, ns)
 
 
 def dkdv(meta, segment=None):
-    return triton_backend._dkdv(q, k, v, do, lse, delta, qlist, qstart, 64, scale, meta=meta, segment=segment)
+    return ops_selected.launch_dkdv(q, k, v, do, lse, delta, qlist, qstart, 64, scale, meta=meta, segment=segment)
 
 
 counts = (qstart[..., 1:] - qstart[..., :-1]).float()
 print(f"queries per block: mean {counts.mean():.0f}, max {counts.max():.0f} (block {int(counts[0, 0].argmax())}), "
       f"blocks over 4x the mean: {(counts > 4 * counts.mean()).sum().item()} of {counts.numel()}", flush=True)
-segment = triton_backend._segment_size(qlist.shape[-1])
-slots, slot_block = triton_backend._segments(qstart, qlist.shape[-1], segment)
+segment = tuning.dkdv_segment(qlist.shape[-1])
+slots, slot_block = ops_selected._segments(qstart, qlist.shape[-1], segment)
 scratch = B * Hkv * slot_block.shape[-1] * 64 * 2 * D * 4
 print(f"dK/dV segments of {segment} queries: scratch slots used {slots[..., -1].tolist()} of {slot_block.shape[-1]} "
       f"per head, scratch {scratch / 2**20:.0f} MiB", flush=True)
 rows = [
     ("forward kernel", lambda: fwd(base["fwd"])),
     ("dq kernel (and delta)", lambda: dq(base["dq"])),
-    ("invert_selection", lambda: triton_backend.invert_selection(idx, ns)),
+    ("invert_selection", lambda: ops_selected.invert_selection(idx, ns)),
     ("dkdv (tables + kernels)", lambda: dkdv(base["dkdv"])),
-    ("selected_backward (all)", lambda: triton_backend.selected_backward(q, k, v, idx, o, lse, do, 64, scale)),
+    ("selected_backward (all)", lambda: ops_selected.launch_selected_backward(q, k, v, idx, o, lse, do, 64, scale)),
 ]
 for name, f in rows:
     print(f"{name:28s} {med(f):8.2f} ms", flush=True)
 torch.cuda.synchronize()
 before = torch.cuda.memory_allocated()
 torch.cuda.reset_peak_memory_stats()
-triton_backend.selected_backward(q, k, v, idx, o, lse, do, 64, scale)
+ops_selected.launch_selected_backward(q, k, v, idx, o, lse, do, 64, scale)
 torch.cuda.synchronize()
 print(f"selected_backward peak memory above its inputs: {(torch.cuda.max_memory_allocated() - before) / 2**20:.0f} MiB",
       flush=True)

@@ -46,7 +46,7 @@ def test_quick_bench_runs_and_writes_results(tmp_path):
 
 
 def test_measure_checks_before_timing_and_survives_failures():
-    from nsa_flex.bench import _measure
+    from nsa_flex.bench.timing import _measure
 
     x = torch.randn(8, 8)
     row = _measure("p", "twice", 8, lambda: x * 2, (), torch.device("cpu"), 1, check=(x * 2 * (1 + 1e-3), lambda o: o))
@@ -80,26 +80,26 @@ def test_quick_decode_part(tmp_path):
 
 def test_merge_joins_runs_of_other_lengths(tmp_path):
     # runs of one length each (one per GPU, say) become one table, results.json and plot
-    from nsa_flex import bench
+    from nsa_flex.bench import cli, timing
 
     for T in (64, 128):
-        row = bench.Row("full", "SDPA cuDNN", T, fwd_ms=2.0 * T, fwd_bwd_ms=6.0 * T)
-        mine = bench.Row("layer", "nsa_flex flex", T, fwd_ms=1.0 * T, fwd_bwd_ms=2.0 * T)
+        row = timing.Row("full", "SDPA cuDNN", T, fwd_ms=2.0 * T, fwd_bwd_ms=6.0 * T)
+        mine = timing.Row("layer", "nsa_flex flex", T, fwd_ms=1.0 * T, fwd_bwd_ms=2.0 * T)
         (tmp_path / f"r{T}").mkdir()
         data = dict(meta=dict(T=T), rows=[vars(row), vars(mine)])
         (tmp_path / f"r{T}" / "results.json").write_text(json.dumps(data))
     out = tmp_path / "merged"
-    assert bench.main(["--merge", str(tmp_path / "r128" / "results.json"), str(tmp_path / "r64" / "results.json"),
+    assert cli.main(["--merge", str(tmp_path / "r128" / "results.json"), str(tmp_path / "r64" / "results.json"),
                        "--out", str(out)]) == 0
     merged = json.loads((out / "results.json").read_text())
     assert [(r["T"], r["name"]) for r in merged["rows"]] == [
         (64, "SDPA cuDNN"), (64, "nsa_flex flex"), (128, "SDPA cuDNN"), (128, "nsa_flex flex")]
     assert [m["T"] for m in merged["meta"]["merged"]] == [128, 64]
-    table = bench._table([bench.Row(**r) for r in merged["rows"]])
+    table = cli._table([timing.Row(**r) for r in merged["rows"]])
     assert table.count("cuDNN/this: fwd 2.00x, fwd+bwd 3.00x") == 2  # each length against its own cuDNN row
     # one length in two files would mix two runs' rows under one cuDNN row
     with pytest.raises(ValueError, match="SDPA cuDNN at T=64 is in more than one file"):
-        bench.main(["--merge", str(tmp_path / "r64" / "results.json"), str(tmp_path / "r64" / "results.json"),
+        cli.main(["--merge", str(tmp_path / "r64" / "results.json"), str(tmp_path / "r64" / "results.json"),
                     "--out", str(out)])
 
 
@@ -107,19 +107,19 @@ def test_plot_draws_a_panel_per_time_measured(tmp_path):
     pytest.importorskip("matplotlib")
     import matplotlib.pyplot as plt
 
-    from nsa_flex import bench
+    from nsa_flex.bench import cli, timing
 
-    fwd_only = [bench.Row("layer", "nsa_flex flex", T, fwd_ms=0.1 * T) for T in (64, 128)]
-    skipped = bench.Row("layer", "nsa_flex triton", 64, note="skipped: needs CUDA")
-    fig = bench._figure(fwd_only + [skipped])  # a CPU run: no backward timed
+    fwd_only = [timing.Row("layer", "nsa_flex flex", T, fwd_ms=0.1 * T) for T in (64, 128)]
+    skipped = timing.Row("layer", "nsa_flex triton", 64, note="skipped: needs CUDA")
+    fig = cli._figure(fwd_only + [skipped])  # a CPU run: no backward timed
     assert [ax.get_title() for ax in fig.axes] == ["forward"]
     assert [line.get_label() for line in fig.axes[0].lines] == ["layer: nsa_flex flex"]
     plt.close(fig)
-    both = fwd_only + [bench.Row("full", "SDPA cuDNN", 64, fwd_ms=1.0, fwd_bwd_ms=3.0)]
-    fig = bench._figure(both)
+    both = fwd_only + [timing.Row("full", "SDPA cuDNN", 64, fwd_ms=1.0, fwd_bwd_ms=3.0)]
+    fig = cli._figure(both)
     assert [ax.get_title() for ax in fig.axes] == ["forward", "forward + backward"]
     assert [line.get_label() for line in fig.axes[1].lines] == ["full: SDPA cuDNN"]
     plt.close(fig)
-    assert bench._figure([skipped]) is None
-    assert bench._plot([skipped], tmp_path / "times.png") == "nothing was timed: no plot"
+    assert cli._figure([skipped]) is None
+    assert cli._plot([skipped], tmp_path / "times.png") == "nothing was timed: no plot"
     assert not (tmp_path / "times.png").exists()

@@ -221,7 +221,7 @@ def test_prefill_and_decode_do_not_pad():
 def test_block_mask_caches_stay_bounded():
     """Many lengths: the cached compressed/window BlockMasks never exceed the LRU bound, and
     with buckets a run over many lengths adds one entry per bucket."""
-    caches = (masks._compressed_block_mask_cached, masks._window_block_mask_cached)
+    caches = (masks.block_masks._compressed_block_mask_cached, masks.block_masks._window_block_mask_cached)
     for cache in caches:
         cache.cache_clear()
     config = NSAConfig(compress_block=16, compress_stride=8, select_block=16, num_selected=3, window=32)

@@ -5,9 +5,9 @@ On the CPU the kernels run under Triton's interpreter (tiny shapes), and the gra
 with backend="aot_eager": Inductor's CPU FlexAttention refuses backward, and the point here
 is the trace (no graph break, the ops in the graph, AOTAutograd's backward through
 register_autograd), not Inductor's code. Training the whole layer compiled on the CPU also
-needs FlexAttention's refusal of CPU gradients relaxed (the cpu_flex_backward fixture). The fast paths are CUDA-only by their dispatch rules
-(selection._fused_ok, flex_backend._triton_backward_applies); tests that need them on the CPU
-patch that rule. tests/test_gpu_compile.py runs the real thing with Inductor on a GPU.
+needs FlexAttention's refusal of CPU gradients relaxed (the cpu_flex_backward fixture). The fast
+paths are picked unasked only on CUDA (nsa_flex.dispatch._picks_kernels); tests that need them on
+the CPU patch that one seam. tests/test_gpu_compile.py runs the real thing with Inductor on a GPU.
 """
 
 import copy
@@ -15,8 +15,9 @@ import copy
 import pytest
 import torch
 
-from nsa_flex import NSAConfig, SparseAttention, attend, flex_backend, mean_compress, ops, selection, select_blocks
-from nsa_flex import triton_backend
+from nsa_flex import NSAConfig, SparseAttention, attend, dispatch, mean_compress, ops, select_blocks, triton_backend
+from nsa_flex.api import _selected_branch
+from nsa_flex.block_indices import kernel_indices
 from nsa_flex.varlen import documents
 
 import strategies
@@ -88,7 +89,7 @@ def _opcheck_cases():
     q, k, v = inputs(shape, 1)
     Hq, T, D = shape.Hq, shape.T, shape.Dv
     k_cmp = mean_compress(k.detach(), CONFIG)
-    idx = triton_backend.kernel_indices(selection_for(q, k), CONFIG.select_block, T)
+    idx = kernel_indices(selection_for(q, k), CONFIG.select_block, T)
     gen = torch.Generator().manual_seed(2)
     o, lse, do = (torch.randn(*s, generator=gen).to(DEVICE) for s in ((1, Hq, T, D), (1, Hq, T), (1, Hq, T, D)))
     frozen = [x.detach() for x in (q, k, v)]
@@ -97,17 +98,17 @@ def _opcheck_cases():
     first_block, block_start, block_end = docs.selection_blocks(CONFIG.select_block)
     packed = (docs.start.contiguous(), first_block.view(1, 1, T, 1), block_start, block_end)
     pos = docs.pos.view(1, 1, T, 1)
-    local = triton_backend.kernel_indices(torch.where(idx * 8 <= pos, idx, -1), 8, T)  # as _selected makes them
+    local = kernel_indices(torch.where(idx * 8 <= pos, idx, -1), 8, T)  # as triton_backend._run makes them
     return {
-        "selected_attention": (ops.selected_attention, (q, k, v, idx, 8, 0.3)),
-        "selected_attention_packed": (ops.selected_attention, (q, k, v, local, 8, 0.3, *packed)),
-        "selected_attention_backward": (ops.selected_attention_backward, (*frozen, idx, o, lse, do, 8, 0.3)),
+        "selected_attention": (ops.selected_attention_op, (q, k, v, idx, 8, 0.3)),
+        "selected_attention_packed": (ops.selected_attention_op, (q, k, v, local, 8, 0.3, *packed)),
+        "selected_attention_backward": (ops.selected_attention_backward_op, (*frozen, idx, o, lse, do, 8, 0.3)),
         "attach_selected_backward": (
-            ops.attach_selected_backward, (q, k, v, idx, o.view(1, 1, T * Hq, D), lse, 8, 0.3)
+            ops.attach_selected_backward_op, (q, k, v, idx, o.view(1, 1, T * Hq, D), lse, 8, 0.3)
         ),
-        "select_blocks_fused": (ops.select_blocks_fused, (frozen[0], k_cmp, 8, 4, 8, 3, 1, 1, 0.3, None)),
+        "select_blocks_fused": (ops.select_blocks_fused_op, (frozen[0], k_cmp, 8, 4, 8, 3, 1, 1, 0.3, None)),
         "select_blocks_fused_lse": (
-            ops.select_blocks_fused, (frozen[0], k_cmp, 8, 4, 8, 3, 1, 1, 0.3, None, torch.randn_like(lse))
+            ops.select_blocks_fused_op, (frozen[0], k_cmp, 8, 4, 8, 3, 1, 1, 0.3, None, torch.randn_like(lse))
         ),
     }
 
@@ -138,32 +139,28 @@ def test_triton_selected_attention_compiles():
     assert_compiles_like_eager(selected, q, k, v, idx, "selected_attention")
 
 
-def _triton_backward_anywhere(q, k, v, score_mod, mask_mod):
-    # flex_backend._triton_backward_applies without its CUDA condition
-    return score_mod is None and mask_mod is None and flex_backend._needs_backward(q, k, v)
+def _kernels_anywhere(monkeypatch):
+    """The paths CUDA takes, on the CPU too (the kernels under Triton's interpreter)."""
+    monkeypatch.setattr(dispatch, "_picks_kernels", lambda device: True)
 
 
 def test_flex_selected_branch_with_triton_backward_compiles(monkeypatch):
-    # What the flex backend's selected branch does in a CUDA training graph: FlexAttention's
-    # forward traced in the graph, the Triton backward through attach_selected_backward.
-    monkeypatch.setattr(flex_backend, "_triton_backward_applies", _triton_backward_anywhere)
+    # The flex backend's selected branch for eager CUDA training, traced: FlexAttention's
+    # forward in the graph, the Triton backward through attach_selected_backward. (A compiled
+    # CUDA graph plans the Triton op instead; on the CPU the compiled plan is this one.)
+    _kernels_anywhere(monkeypatch)
     shape = Shape(1, 2, 3, 40, 16, 24)
     q, k, v = inputs(shape, 3)
     idx = selection_for(q, k)
 
     def selected(q, k, v, idx):
-        return flex_backend.selected_branch(q, k, v, idx, CONFIG, 0.3)
+        return _selected_branch(q, k, v, idx, CONFIG, 0.3, backend="flex")
 
     assert_compiles_like_eager(selected, q, k, v, idx, "attach_selected_backward")
 
 
-def _fused_anywhere(q, score_mod, mask_mod):
-    # selection._fused_ok without its CUDA condition
-    return score_mod is None and mask_mod is None
-
-
 def test_select_blocks_fused_compiles(monkeypatch):
-    monkeypatch.setattr(selection, "_fused_ok", _fused_anywhere)
+    _kernels_anywhere(monkeypatch)
     q, k, _ = inputs(Shape(2, 2, 3, 50, 16, 16), 4, requires_grad=False)
     k_cmp = mean_compress(k, CONFIG)
 
@@ -191,7 +188,7 @@ def test_select_blocks_fused_compiles(monkeypatch):
 def cpu_flex_backward(monkeypatch):
     """Let traced FlexAttention take CPU inputs that require grad. The public flex_attention
     refuses them (its ``_validate_device``) although its operator differentiates them eagerly,
-    as flex_backend._cpu_flex_with_grad relies on; under aot_eager that operator is what runs.
+    as nsa_flex.flex.call._cpu_flex_with_grad relies on; under aot_eager that operator is what runs.
     Without it, compiled training on the CPU stops at the compressed and window branches."""
     import torch.nn.attention.flex_attention as fa
 
@@ -203,8 +200,7 @@ def cpu_flex_backward(monkeypatch):
 
 @pytest.mark.parametrize("backend, selected_op", [("triton", "selected_attention"), ("flex", "attach_selected_backward")])
 def test_attend_trains_compiled(backend, selected_op, monkeypatch, cpu_flex_backward):
-    monkeypatch.setattr(selection, "_fused_ok", _fused_anywhere)
-    monkeypatch.setattr(flex_backend, "_triton_backward_applies", _triton_backward_anywhere)
+    _kernels_anywhere(monkeypatch)
     shape = Shape(1, 1, 2, 30, 16, 16)
     q, k, v = inputs(shape, 5)
     gates = torch.rand(1, 2, 30, 3, generator=torch.Generator().manual_seed(6)).to(DEVICE).requires_grad_()

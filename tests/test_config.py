@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 from nsa_flex import NSAConfig
 
@@ -52,3 +53,18 @@ def test_config_is_hashable_and_frozen():
     assert hash(c) == hash(NSAConfig())
     with pytest.raises(Exception):
         c.window = 3
+
+
+@pytest.mark.parametrize("l, d", [(32, 16), (8, 4), (16, 16), (4, 1)])
+def test_the_compressed_block_rule(l, d):
+    # block i covers tokens i*d .. i*d + l - 1 and is visible from its last token on; the int
+    # and tensor forms agree with counting the blocks by hand
+    config = NSAConfig(compress_block=l, compress_stride=d, select_block=2 * l)
+    for t in range(-3, 5 * l):
+        seen = sum(1 for i in range(5 * l) if i * d + l - 1 <= t)
+        assert config.num_visible_compressed(t) == seen, t
+        assert int(config.num_visible_compressed(torch.tensor(t))) == seen, t
+        assert config.num_compressed(t + 1) == seen if t >= 0 else True
+    i = torch.arange(10)
+    assert torch.equal(config.compressed_last_token(i), i * d + l - 1)
+    assert config.compressed_last_token(3) == 3 * d + l - 1

@@ -156,7 +156,7 @@ def test_a_users_compiled_flex_attention_does_not_use_up_ours():
     reaches it (each length is a graph) must leave the flex backend compiling its own."""
     from torch.nn.attention.flex_attention import flex_attention
 
-    from nsa_flex import flex_backend
+    from nsa_flex.flex import call as flex_call
 
     theirs = torch.compile(flex_attention, backend="eager", dynamic=False)
     with dynamo_limits(8, 4096):
@@ -172,4 +172,4 @@ def test_a_users_compiled_flex_attention_does_not_use_up_ours():
     assert counters["stats"]["unique_graphs"] > before  # ours compiled
     ref = R.attend(q.double(), k.double(), v.double(), config=config).out
     assert rel_err(out, ref) < TOL[torch.float32]
-    assert flex_backend._compiled_flex()._torchdynamo_orig_callable is flex_backend._flex_call
+    assert flex_call._compiled_flex()._torchdynamo_orig_callable is flex_call._flex_call

@@ -216,7 +216,9 @@ def test_fused_decode_at_the_reference_shape_in_a_cuda_graph(B, T):
     rounding (the two sum their products in different orders): there the chosen blocks'
     float64 importances must agree. Outputs agree to bf16 rounding wherever the blocks do.
     """
-    from nsa_flex.cache import _compressor, _decode, _decode_fused
+    from nsa_flex.inference.cache import compressor_or_mean as _compressor
+    from nsa_flex.inference.decode import _decode_torch as _decode
+    from nsa_flex.inference.decode_fused import launch_decode as _decode_fused
 
     torch.manual_seed(T + B)
     config, dtype = NSAConfig(), torch.bfloat16

@@ -12,7 +12,8 @@ import copy
 import pytest
 import torch
 
-from nsa_flex import NSAConfig, SparseAttention, attend, selection, triton_backend
+from nsa_flex import NSAConfig, SparseAttention, attend
+from nsa_flex.ops import scoring as ops_scoring, selected as ops_selected
 
 import strategies
 from strategies import Shape, ops_in, rel_err
@@ -33,8 +34,9 @@ def fresh_dynamo(gpu_numerics):
 
 @pytest.fixture
 def launches(monkeypatch):
-    """How often each launch function behind the ops ran, by name (the ops look them up when
-    they run, so the patched ones are counted)."""
+    """How often each launch function behind the ops ran, by name (the op bodies look them up
+    in their own modules, nsa_flex.ops.scoring and nsa_flex.ops.selected, when they run, so the
+    patched ones are counted)."""
     calls = collections.Counter()
 
     def count(module, name):
@@ -46,9 +48,9 @@ def launches(monkeypatch):
 
         monkeypatch.setattr(module, name, counted)
 
-    count(selection, "_select_fused")
-    count(triton_backend, "selected_forward")
-    count(triton_backend, "selected_backward")
+    count(ops_scoring, "launch_scoring")
+    count(ops_selected, "launch_selected_forward")
+    count(ops_selected, "launch_selected_backward")
     return calls
 
 
@@ -93,9 +95,9 @@ def test_compiled_training_takes_the_triton_paths(backend, dtype, launches):
 
     assert counter.frame_count == 1
     # on both backends the selected branch of a compiled CUDA graph is the Triton op, forward
-    # and backward (flex_backend.selected_branch says why)
+    # and backward (nsa_flex.dispatch.selected_path says why)
     assert ops_in(counter) == {"select_blocks_fused", "selected_attention"}
-    assert ran == {"_select_fused", "selected_forward", "selected_backward"}
+    assert ran == {"launch_scoring", "launch_selected_forward", "launch_selected_backward"}
     assert torch.equal(aux.block_indices, ref_aux.block_indices)
     assert rel_err(out, ref) < TOL[dtype]
     for name, a, b in zip(("q", "k", "v", "gates", "k_cmp", "v_cmp"), grads, ref_grads):
@@ -116,7 +118,7 @@ def test_compiled_inference_takes_the_fused_selection(launches):
         ran = set(launches)
         ref = layer(*inputs)
     assert ops_in(counter) == {"select_blocks_fused", "selected_attention"}
-    assert ran == {"_select_fused", "selected_forward"}
+    assert ran == {"launch_scoring", "launch_selected_forward"}
     assert rel_err(out, ref) < TOL[torch.bfloat16]
 
 
@@ -137,7 +139,7 @@ def test_compiled_sparse_attention_on_the_triton_backend(launches):
 
     assert counter.frame_count == 1
     assert ops_in(counter) == {"select_blocks_fused", "selected_attention"}
-    assert ran == {"_select_fused", "selected_forward", "selected_backward"}
+    assert ran == {"launch_scoring", "launch_selected_forward", "launch_selected_backward"}
     same = (aux.block_indices == ref_aux.block_indices).all(-1).all(1)  # (B, T)
     assert same.float().mean() > 0.99
     assert rel_err(out[same], ref[same]) < 1e-4

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from nsa_flex import NSAConfig, attend, mean_compress, reference as R, select_blocks
-from nsa_flex.flex_backend import compressed_branch, window_branch
+from nsa_flex.flex import compressed_branch, window_branch
 from nsa_flex.masks import KV_BLOCK, Q_BLOCK, compressed_block_mask, sliding_window_block_mask
 from nsa_flex.selection import top_n_blocks
 

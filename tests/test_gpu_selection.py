@@ -13,7 +13,7 @@ triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
 
 from nsa_flex import NSAConfig, attend, mean_compress, reference as R
-from nsa_flex.selection_kernels import _split_dot
+from nsa_flex.kernels.primitives import _split_dot
 
 from strategies import Shape
 

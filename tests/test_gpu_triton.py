@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from nsa_flex import NSAConfig, attend, mean_compress, reference as R, select_blocks
-from nsa_flex.flex_backend import selected_branch as flex_selected
+from nsa_flex.api import _selected_branch
 from nsa_flex.triton_backend import selected_attention
 
 from strategies import Shape, rel_err
@@ -69,7 +69,7 @@ def test_triton_against_flex_at_16k(dtype):
     scale = 128**-0.5
     w = torch.randn(1, 16, 16384, 128, device="cuda")
     out, grads = fwd_bwd(lambda q, k, v: selected_attention(q, k, v, idx, 64, scale)[0], q, k, v, w)
-    ref, ref_grads = fwd_bwd(lambda q, k, v: flex_selected(q, k, v, idx, config, scale), q, k, v, w)
+    ref, ref_grads = fwd_bwd(lambda q, k, v: _selected_branch(q, k, v, idx, config, scale, backend="flex"), q, k, v, w)
     assert rel_err(out, ref) < TOL[dtype]
     for name, a, b in zip("qkv", grads, ref_grads):
         assert rel_err(a, b) < TOL[dtype], name
@@ -86,7 +86,7 @@ def test_backward_is_deterministic_under_contention():
     out, g1 = fwd_bwd(fn, q, k, v, w)
     _, g2 = fwd_bwd(fn, q, k, v, w)
     assert all(torch.equal(a, b) for a, b in zip(g1, g2))
-    ref, ref_grads = fwd_bwd(lambda q, k, v: flex_selected(q, k, v, idx, config, 128**-0.5), q, k, v, w)
+    ref, ref_grads = fwd_bwd(lambda q, k, v: _selected_branch(q, k, v, idx, config, 128**-0.5, backend="flex"), q, k, v, w)
     assert rel_err(out, ref) < 2e-2
     for a, b in zip(g1, ref_grads):
         assert rel_err(a, b) < 2e-2

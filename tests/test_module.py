@@ -306,7 +306,7 @@ def test_demo_runs_on_cpu():
     "kwargs, exc, match",
     [
         (dict(dim_head=8.0), TypeError, "dim_head must be an int"),
-        (dict(dim_head=0), ValueError, "dim_head must be a positive int"),
+        (dict(dim_head=0), ValueError, "dim_head must be >= 1"),
         (dict(hidden=True), TypeError, "hidden must be an int"),
         (dict(config={"compress_block": 8}), TypeError, "config must be an NSAConfig"),
     ],

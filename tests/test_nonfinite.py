@@ -302,7 +302,9 @@ def test_fused_decode_chooses_what_pytorch_chooses_in_a_nan_row():
 def _fused_nan_row(device):
     """A row whose visible compressed scores hold a NaN scores every block 0 in both steps
     (select_blocks' rule): the same blocks, the same NaN outputs."""
-    from nsa_flex.cache import _compressor, _decode, _decode_fused
+    from nsa_flex.inference.cache import compressor_or_mean as _compressor
+    from nsa_flex.inference.decode import _decode_torch as _decode
+    from nsa_flex.inference.decode_fused import launch_decode as _decode_fused
 
     B, Hkv, G, D, P = 1, 1, 2, 16, 30
     q, k, v = _inputs(P + 4, torch.float32, B=B, Hkv=Hkv, G=G, D=D, seed=4, device=device)
@@ -374,7 +376,7 @@ def test_selection_grad_with_a_compressed_row_masked_whole(backend):
 def test_fused_scoring_ignores_compressed_keys_a_query_cannot_see():
     """The Triton scoring kernel: a NaN compressed key changes nothing for the queries before
     it, and rows that see it score every block 0, as the PyTorch path scores them."""
-    from nsa_flex.selection import _select_fused
+    from nsa_flex.ops.scoring import launch_scoring as _select_fused
     from nsa_flex import select_blocks
 
     T = 48

@@ -1,7 +1,5 @@
 """select_blocks (the chunked selection every backend shares) against the reference."""
 
-from unittest import mock
-
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -9,7 +7,7 @@ from torch.utils._pytree import tree_flatten
 from hypothesis import given, settings, strategies as st
 
 from nsa_flex import NSAConfig, mean_compress, reference as R, select_blocks
-from nsa_flex._optional import triton_missing
+from nsa_flex.triton_support import triton_missing
 from nsa_flex.selection import block_importance
 
 from strategies import Shape, configs, make_qkv, shapes
@@ -139,7 +137,7 @@ def test_steps_reject_bad_input():
 @given(configs(), st.integers(1, 300), st.integers(1, 2), st.integers(0, 2**31 - 1))
 def test_fused_scores_kernel_matches_reference(G, config, T, Hkv, seed):
     # The Triton scoring kernel (CUDA's default path) under the CPU interpreter, float32.
-    from nsa_flex.selection import _select_fused
+    from nsa_flex.ops.scoring import launch_scoring as _select_fused
 
     shape = Shape(1, Hkv, G, T, 32, 16)
     q, k, _ = make_qkv(shape, seed)
@@ -153,41 +151,14 @@ def test_fused_scores_kernel_matches_reference(G, config, T, Hkv, seed):
 
 
 @needs_triton
-@pytest.mark.parametrize("keys_in_registers", [2048, 16])  # one tile; tiles re-read each round
-@settings(max_examples=15)
-@given(configs(), st.integers(1, 700), st.integers(1, 24), st.integers(0, 2**31 - 1))
-def test_top_n_kernel_is_top_n_blocks_exactly(keys_in_registers, config, T, C, seed):
-    # The Triton top-n (CUDA's default, here under the interpreter) against top_n_blocks on
-    # scores with many exact ties, zeros and neighbours a float32 step apart: the tie rule
-    # (equal scores: the lower block first) fixes one answer, so the indices must be equal.
-    from nsa_flex import selection
-    from nsa_flex.selection import _top_n_fused, top_n_blocks
-
-    gen = torch.Generator().manual_seed(seed)
-    ns = config.num_select_blocks(T)
-    C = min(C, T)  # the last C queries (few programs: the interpreter is slow)
-    start = T - C
-    levels = torch.tensor([0.0, 0.25, 0.5, 0.5 + 2**-24, 1.0, 3.0])
-    scores = levels[torch.randint(0, len(levels), (1, 2, C, ns), generator=gen)]
-    expected = top_n_blocks(scores, config, start)
-    # as the scoring kernel writes them: forced blocks +inf (non-candidates are never read)
-    pos = torch.arange(start, T)[:, None] // config.select_block
-    j = torch.arange(ns)
-    forced = (j <= pos) & ((j < config.num_initial) | (j > pos - config.num_local))
-    with mock.patch.object(selection, "_KEYS_IN_REGISTERS", keys_in_registers):
-        got = _top_n_fused(scores.masked_fill(forced, float("inf")), config, start)
-    assert torch.equal(got, expected)
-
-
-@needs_triton
 @settings(max_examples=10)
 @given(configs(), st.integers(1, 200), st.booleans(), st.integers(0, 2**31 - 1))
 def test_fused_scores_from_the_compressed_branch_lse(config, T, grad, seed):
     # attend() on CUDA hands the scoring kernel the compressed branch's log-sum-exp (one pass
     # instead of two): FlexAttention's, as compressed_branch returns it, with or without
     # autograd (on the CPU those are different FlexAttention paths).
-    from nsa_flex import flex_backend
-    from nsa_flex.selection import _select_fused
+    from nsa_flex.flex import branches
+    from nsa_flex.ops.scoring import launch_scoring as _select_fused
 
     q, k, v = make_qkv(Shape(2, 2, 3, T, 32, 16), seed)
     q, k_cmp, v_cmp = q.float(), mean_compress(k, config).float(), mean_compress(v, config).float()
@@ -195,7 +166,7 @@ def test_fused_scores_from_the_compressed_branch_lse(config, T, grad, seed):
     if k_cmp.shape[2] == 0:
         return  # nothing compressed: select_blocks never calls the kernel
     with torch.set_grad_enabled(grad):
-        _, lse = flex_backend.compressed_branch(q.requires_grad_(grad), k_cmp, v_cmp, config, 0.3, return_lse=True)
+        _, lse = branches.compressed_branch(q.requires_grad_(grad), k_cmp, v_cmp, config, 0.3, return_lse=True)
     q, lse = q.detach(), lse.detach()
     # natural log, -inf for a query that sees no block
     s = (q.double() @ k_cmp.double().repeat_interleave(3, dim=1).transpose(-1, -2)) * 0.3
@@ -213,14 +184,14 @@ def test_fused_scores_read_the_given_lse():
     # The kernel really reads the lse it is given (per batch row and head): lowering one head's
     # log-sum-exp by 30 weighs that head e^30 times more in the group's sum, so the selection
     # becomes that head's own; what the unchanged lse gives differs from it.
-    from nsa_flex import flex_backend
-    from nsa_flex.selection import _select_fused
+    from nsa_flex.flex import branches
+    from nsa_flex.ops.scoring import launch_scoring as _select_fused
 
     config = NSAConfig(compress_block=8, compress_stride=4, select_block=8, num_selected=4, num_initial=1,
                        num_local=1, window=16)
     q, k, v = make_qkv(Shape(2, 1, 3, 160, 32, 16), 3)
     q, k_cmp, v_cmp = q.float(), mean_compress(k, config).float(), mean_compress(v, config).float()
-    _, lse = flex_backend.compressed_branch(q, k_cmp, v_cmp, config, 0.3, return_lse=True)
+    _, lse = branches.compressed_branch(q, k_cmp, v_cmp, config, 0.3, return_lse=True)
     shifted = lse.clone()
     shifted[1, 2] -= 30.0  # batch row 1, head 2
     idx = _select_fused(q, k_cmp, config, 0.3, lse=lse)

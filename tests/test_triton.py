@@ -7,7 +7,8 @@ no GPU), so the shapes stay tiny; tests/test_gpu_triton.py runs the large ones o
 import pytest
 import torch
 
-from nsa_flex import NSAConfig, attend, mean_compress, reference as R, select_blocks, triton_backend
+from nsa_flex import NSAConfig, attend, mean_compress, reference as R, select_blocks, triton_backend, tuning
+from nsa_flex.ops import selected as ops_selected
 from nsa_flex.triton_backend import available, invert_selection, selected_attention
 from nsa_flex.varlen import documents
 
@@ -124,38 +125,12 @@ def test_sparse_attention_module_on_triton_backend():
     assert all(p.grad is not None for p in layer.parameters())
 
 
-@pytest.mark.parametrize(
-    "dtype, D, G, select_block, block_n, block_n_dkdv",
-    [(torch.bfloat16, 128, 16, 64, 32, 64), (torch.bfloat16, 256, 16, 64, 32, 32), (torch.float32, 128, 16, 64, 32, 64),
-     (torch.float32, 256, 16, 64, 16, 32), (torch.float32, 192, 16, 64, 16, 32), (torch.bfloat16, 64, 16, 8, 16, 16),
-     (torch.bfloat16, 64, 16, 48, 32, 64), (torch.float32, 256, 64, 64, 16, 16), (torch.bfloat16, 256, 64, 64, 32, 32),
-     (torch.float16, 64, 1, 64, 32, 64)],
-)
-def test_tiles_fit_shared_memory(dtype, D, G, select_block, block_n, block_n_dkdv):
-    from nsa_flex.triton_backend import _SMEM_BUDGET, _meta
-
-    size = torch.empty((), dtype=dtype).element_size()
-    # an upper bound on each kernel's shared memory if every loop-carried load were pipelined:
-    # forward/dQ stream K and V tiles past resident q (and dO); dK/dV streams q and dO rows
-    # past resident K and V tiles, staging p^T and dS^T for the products
-    for kernel in ("fwd", "dq"):
-        meta = _meta(G, D, D, select_block, dtype, kernel)
-        assert meta["BLOCK_N"] == block_n
-        g, n, dk, dv, stages = meta["BLOCK_G"], meta["BLOCK_N"], meta["BLOCK_DK"], meta["BLOCK_DV"], meta["num_stages"]
-        resident = g * (dk if kernel == "fwd" else dk + dv) * size
-        assert resident + stages * n * (dk + dv) * size <= _SMEM_BUDGET <= 200 * 2**10  # the H200 has 227 KiB per block
-    meta = _meta(G, D, D, select_block, dtype, "dkdv")
-    assert meta["BLOCK_N"] == block_n_dkdv and meta["BLOCK_R"] >= G
-    r, n, dk, dv, stages = meta["BLOCK_R"], meta["BLOCK_N"], meta["BLOCK_DK"], meta["BLOCK_DV"], meta["num_stages"]
-    assert n * (dk + dv) * size + stages * r * (dk + dv) * size + 2 * r * n * size <= _SMEM_BUDGET
-
-
 @pytest.fixture
 def short_segments(monkeypatch):
     """Segments of 4 queries, so that tiny shapes take the dK/dV split: later segments summed
     into scratch slots by one kernel, added up in order by the other."""
-    monkeypatch.setattr(triton_backend, "_SEGMENT", 4)
-    monkeypatch.setattr(triton_backend, "_MAX_SLOTS", 1 << 30)
+    monkeypatch.setattr(tuning, "SEGMENT", 4)
+    monkeypatch.setattr(tuning, "MAX_SLOTS", 1 << 30)
 
 
 def crowded_selection(B, Hkv, T, select_block, seed):
@@ -170,7 +145,7 @@ def crowded_selection(B, Hkv, T, select_block, seed):
 def assert_split(idx, select_block, T):
     # the selection does take the split path at the patched segment size
     qlist, qstart = invert_selection(triton_backend.kernel_indices(idx, select_block, T), -(-T // select_block))
-    slots, slot_block = triton_backend._segments(qstart, qlist.shape[-1], triton_backend._segment_size(qlist.shape[-1]))
+    slots, slot_block = ops_selected._segments(qstart, qlist.shape[-1], tuning.dkdv_segment(qlist.shape[-1]))
     assert slots[..., -1].min() > 0 and (slot_block == slots.shape[-1] - 1).any(), "no split, or no surplus slot"
 
 
@@ -187,7 +162,7 @@ SPLIT_CASES = [
 @pytest.mark.parametrize("shape, select_block", SPLIT_CASES, ids=[f"G{s.G}-T{s.T}-l{l}" for s, l in SPLIT_CASES])
 def test_split_lists_match_reference(short_segments, monkeypatch, shape, select_block):
     if shape.G == 16:
-        monkeypatch.setattr(triton_backend, "_SEGMENT", 8)
+        monkeypatch.setattr(tuning, "SEGMENT", 8)
     idx = crowded_selection(shape.B, shape.Hkv, shape.T, select_block, shape.T)
     assert_split(idx, select_block, shape.T)
     (o, _, grads), (ref, ref_grads) = run(shape, idx, select_block, torch.float32, seed=2)
@@ -229,7 +204,7 @@ def test_segments():
     # lists of 0, 1, 4, 5, 9 and 12 queries at segment 4: later segments 0, 0, 0, 1, 2, 2
     counts = torch.tensor([0, 1, 4, 5, 9, 12])
     qstart = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)]).to(torch.int32).view(1, 1, 7)
-    slots, slot_block = triton_backend._segments(qstart, 31, 4)
+    slots, slot_block = ops_selected._segments(qstart, 31, 4)
     assert slots.tolist() == [[[0, 0, 0, 0, 1, 3, 5]]]
     assert slot_block.tolist() == [[[3, 4, 4, 5, 5, 6, 6]]]  # 31 // 4 = 7 slots, 2 surplus
 
@@ -243,14 +218,14 @@ def test_dkdv_settings_override():
     do = torch.randn(o.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE)
     delta = (do * o).sum(-1).contiguous()
     qlist, qstart = invert_selection(idx, 5)
-    base = triton_backend._dkdv(q, k, v, do, lse, delta, qlist, qstart, select_block, 0.3)
-    meta = dict(triton_backend._meta(3, 16, 16, select_block, torch.float32, "dkdv"), BLOCK_R=16, num_warps=2)
-    for other in (triton_backend._dkdv(q, k, v, do, lse, delta, qlist, qstart, select_block, 0.3, meta=meta, segment=2),
-                  triton_backend._dkdv(q, k, v, do, lse, delta, qlist, qstart, select_block, 0.3, segment=8)):
+    base = ops_selected.launch_dkdv(q, k, v, do, lse, delta, qlist, qstart, select_block, 0.3)
+    meta = dict(tuning.selected_kernel_meta(3, 16, 16, select_block, torch.float32, "dkdv"), BLOCK_R=16, num_warps=2)
+    for other in (ops_selected.launch_dkdv(q, k, v, do, lse, delta, qlist, qstart, select_block, 0.3, meta=meta, segment=2),
+                  ops_selected.launch_dkdv(q, k, v, do, lse, delta, qlist, qstart, select_block, 0.3, segment=8)):
         for a, b in zip(other, base):
             assert rel_err(a, b) < 1e-6
     with pytest.raises(ValueError, match="power of two"):
-        triton_backend._dkdv(q, k, v, do, lse, delta, qlist, qstart, select_block, 0.3, segment=6)
+        ops_selected.launch_dkdv(q, k, v, do, lse, delta, qlist, qstart, select_block, 0.3, segment=6)
 
 
 def test_selected_attention_validates():
@@ -274,7 +249,7 @@ def test_flex_forward_with_triton_backward(shape, select_block):
     # The flex backend's selected branch for half-precision CUDA training: FlexAttention's
     # forward (one-token tiles), the Triton backward from its output and log-sum-exp. Run
     # here in float32 on the CPU (FlexAttention eager, Triton interpreted).
-    from nsa_flex.flex_backend import _flex_forward_triton_backward
+    from nsa_flex.flex.branches import selected_branch_triton_backward as _flex_forward_triton_backward
 
     config = config_for(select_block)
     q, k, _ = make_qkv(shape, 2)

@@ -9,7 +9,7 @@ One table: each row is a bad call, the exception it must raise, and a fragment o
 import pytest
 import torch
 
-from nsa_flex import BlockCompressor, NSAConfig, SparseAttention, buckets, compression, masks, rotary, selection
+from nsa_flex import BlockCompressor, NSAConfig, SparseAttention, buckets, compression, masks, rotary, scoring, selection
 from nsa_flex import triton_backend, varlen
 
 CFG = NSAConfig(compress_block=8, compress_stride=4, select_block=8, num_selected=3, window=8)
@@ -180,16 +180,16 @@ BAD_CALLS = [
     ("sort_unique_blocks too high", lambda: selection.sort_unique_blocks(_index(5), 5), ValueError, "block_indices must lie in"),
     ("sort_unique_blocks num_blocks float", lambda: selection.sort_unique_blocks(IDX, 2.5), TypeError, "num_blocks"),
     ("sort_unique_blocks num_blocks negative", lambda: selection.sort_unique_blocks(IDX, -1), ValueError, "num_blocks"),
-    ("straight_through_score_mod list", lambda: selection.straight_through_score_mod([1], 8, 1), TypeError, "importance"),
-    ("straight_through_score_mod integer", lambda: selection.straight_through_score_mod(IMPORTANCE.long(), 8, 1),
+    ("straight_through_score_mod list", lambda: scoring.straight_through_score_mod([1], 8, 1), TypeError, "importance"),
+    ("straight_through_score_mod integer", lambda: scoring.straight_through_score_mod(IMPORTANCE.long(), 8, 1),
      TypeError, "importance"),
-    ("straight_through_score_mod blocks", lambda: selection.straight_through_score_mod(IMPORTANCE[..., :4], 8, 1),
+    ("straight_through_score_mod blocks", lambda: scoring.straight_through_score_mod(IMPORTANCE[..., :4], 8, 1),
      ValueError, "importance"),
-    ("straight_through_score_mod select_block", lambda: selection.straight_through_score_mod(IMPORTANCE, 0, 1),
+    ("straight_through_score_mod select_block", lambda: scoring.straight_through_score_mod(IMPORTANCE, 0, 1),
      ValueError, "select_block"),
-    ("straight_through_score_mod group_size", lambda: selection.straight_through_score_mod(IMPORTANCE, 8, 0),
+    ("straight_through_score_mod group_size", lambda: scoring.straight_through_score_mod(IMPORTANCE, 8, 0),
      ValueError, "group_size"),
-    ("straight_through_score_mod score_mod", lambda: selection.straight_through_score_mod(IMPORTANCE, 8, 1, 3),
+    ("straight_through_score_mod score_mod", lambda: scoring.straight_through_score_mod(IMPORTANCE, 8, 1, 3),
      TypeError, "score_mod"),
     ("select_blocks mask_mod", lambda: selection.select_blocks(X, compression.mean_compress(X, CFG), config=CFG, mask_mod=3),
      TypeError, "mask_mod"),

@@ -388,17 +388,17 @@ def test_bench_varlen_part_runs_quick(tmp_path):
 def test_packed_rows_keep_the_default_selected_tiles(monkeypatch):
     # doc-local blocks start anywhere, so one-block KV tiles do not apply: the 128x128 default,
     # not a dense count over (16-row, l'-key) tiles, which would be T*G/16 x T/l' per KV head
-    from nsa_flex import flex_backend
+    from nsa_flex.flex import branches
 
     sizes = []
-    build = flex_backend._selection_block_mask
+    build = branches._selection_block_mask
 
     def recording(*args, **kwargs):
         mask = build(*args, **kwargs)
         sizes.append(mask.BLOCK_SIZE)
         return mask
 
-    monkeypatch.setattr(flex_backend, "_selection_block_mask", recording)
+    monkeypatch.setattr(branches, "_selection_block_mask", recording)
     config = NSAConfig(compress_block=8, compress_stride=4, select_block=16, num_selected=3, num_initial=1, num_local=1, window=12)
     q, k, v, gates, _, _ = make_inputs([20, 45], config, 1, 16, 16, 16, 0, given_cmp=False)
     with torch.no_grad():

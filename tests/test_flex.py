@@ -1,9 +1,9 @@
-"""Pieces of the flex backend that the end-to-end tests cannot see on the CPU."""
+"""nsa_flex.flex: how FlexAttention is called (flex.call) and the branches on it, the pieces the end-to-end tests cannot see on the CPU."""
 
-import pytest
 import torch
 
-from nsa_flex import flex_backend
+from nsa_flex import _layout
+from nsa_flex.flex import branches, call
 
 
 def _graphs_compiled(shapes, patch):
@@ -24,34 +24,8 @@ def test_eager_compiled_flex_has_room_for_many_lengths():
 
     shapes = range(1, 13)
     assert _graphs_compiled(shapes, contextlib.nullcontext) < 12
-    assert _graphs_compiled(shapes, flex_backend._room_to_recompile) == 12
+    assert _graphs_compiled(shapes, call.room_to_recompile) == 12
     torch._dynamo.reset()
-
-
-def test_kernel_tiles():
-    cpu = torch.empty(1, 1, 1, 64)
-    assert flex_backend._kernel_options(cpu, cpu, (128, 128)) is None  # CPU
-    for size, dim, block_n in [(2, 64, 64), (2, 256, 64), (4, 128, 64), (4, 192, 32), (4, 256, 32)]:
-        opts = flex_backend._tile_options(size, dim)
-        assert opts["BLOCK_N"] == block_n and opts["BLOCK_M"] == 64 and opts["fwd_num_stages"] == 2
-        # the BlockMask's 128-wide tiles must be multiples of the kernel's
-        assert 128 % opts["BLOCK_M"] == 0 and 128 % opts["BLOCK_N"] == 0
-        # warps and stages are the forward's: the backward keeps Inductor's own
-        assert set(opts) == {"BLOCK_M", "BLOCK_N", "fwd_num_stages", "fwd_num_warps"}
-
-
-@pytest.mark.parametrize("size", [2, 4])
-@pytest.mark.parametrize("dim", [64, 128, 256])
-@pytest.mark.parametrize("block_size", [(16, 64), (16, 16), (32, 32), (64, 128), (128, 64)])
-def test_kernel_tiles_divide_small_block_masks(size, dim, block_size):
-    # FlexAttention's rules: sparse tiles are multiples of the kernel tiles, forward and
-    # backward, and the backward's inner loops step evenly (N1 % M1 == 0, M2 % N2 == 0)
-    qb, kb = block_size
-    o = flex_backend._tile_options(size, dim, block_size)
-    assert qb % o["BLOCK_M"] == 0 and kb % o["BLOCK_N"] == 0
-    if block_size != (128, 128):
-        assert qb % o["bwd_BLOCK_M1"] == 0 and kb % o["bwd_BLOCK_N1"] == 0 and o["bwd_BLOCK_N1"] % o["bwd_BLOCK_M1"] == 0
-        assert qb % o["bwd_BLOCK_M2"] == 0 and kb % o["bwd_BLOCK_N2"] == 0 and o["bwd_BLOCK_M2"] % o["bwd_BLOCK_N2"] == 0
 
 
 # ------------------------------------------------------------------- warnings a user reads
@@ -106,7 +80,7 @@ def test_the_quiet_eager_call_hides_only_the_compile_advice():
 
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
-        with flex_backend._eager_flex_quietly():
+        with call.eager_flex_quietly():
             warnings.warn(ADVICE + "() - this will use an unfused implementation", UserWarning)
             warnings.warn("something else", UserWarning)
         warnings.warn(ADVICE + "() - outside the call", UserWarning)
@@ -127,7 +101,7 @@ def test_compressed_lse_without_deprecation_warnings():
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         with torch.no_grad():
-            out, lse = flex_backend.compressed_branch(q, k_cmp, v_cmp, config, 16**-0.5, return_lse=True)
+            out, lse = branches.compressed_branch(q, k_cmp, v_cmp, config, 16**-0.5, return_lse=True)
     assert not [w for w in seen if issubclass(w.category, (FutureWarning, DeprecationWarning))], [str(w.message) for w in seen]
     ref, p = R.compressed_attention(q, k_cmp, v_cmp, config, 16**-0.5)
     assert torch.allclose(out, ref, atol=1e-10)
@@ -138,3 +112,15 @@ def test_compressed_lse_without_deprecation_warnings():
     expected = torch.logsumexp(scores.masked_fill(~visible, float("-inf")), dim=-1)
     assert torch.equal(torch.isinf(lse), torch.isinf(expected))
     assert torch.allclose(lse[~torch.isinf(lse)].double(), expected[~torch.isinf(expected)], atol=1e-5)
+
+
+def test_fold_and_unfold_rows_are_inverse():
+    q = torch.randn(2, 6, 5, 4)  # Hq = 6, G = 3
+    rows = _layout.fold_rows(q, 3)
+    assert rows.shape == (2, 2, 15, 4)
+    assert torch.equal(rows[1, 1, 4 * 3 + 2], q[1, 1 * 3 + 2, 4])  # row t*G + g of KV head h is head h*G + g
+    assert torch.equal(_layout.unfold_rows(rows, 3), q)
+    out = torch.empty_like(q)
+    assert _layout.unfold_rows(rows, 3, out=out) is out and torch.equal(out, q)
+    lse = rows[..., 0]  # (B, Hkv, T*G) without a trailing dim
+    assert torch.equal(_layout.unfold_rows(lse, 3), q[..., 0])

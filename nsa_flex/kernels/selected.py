@@ -1,5 +1,5 @@
-"""Triton kernels of the selected branch: forward, dQ, and dK/dV (two kernels). Kernels only;
-the launch code, shapes and autograd live in ``triton_backend.py``.
+"""Triton kernels of the selected branch: forward, dQ, and dK/dV (two kernels). ``@triton.jit``
+functions only; the launch code, shapes and custom operators are ``nsa_flex.ops.selected``.
 
 Layout: ``q (B, Hq, T, Dk)``, ``k (B, Hkv, T, Dk)``, ``v (B, Hkv, T, Dv)``, ``Hq = Hkv * G``,
 ``idx (B, Hkv, T, n)`` int32 (ascending, unique, ``-1`` last). The row tile of the forward and
@@ -16,21 +16,7 @@ with nothing to attend, whose output is 0.
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def _load_rows(ptr, stride_row, stride_col, rows, cols, row_mask, col_mask):
-    return tl.load(ptr + rows[:, None] * stride_row + cols[None, :] * stride_col,
-                   mask=row_mask[:, None] & col_mask[None, :], other=0.0)
-
-
-@triton.jit
-def _dot(a, b, IEEE: tl.constexpr):
-    # float32 inputs get true float32 products; Triton's default would be TF32
-    if IEEE:
-        out = tl.dot(a, b, input_precision="ieee")
-    else:
-        out = tl.dot(a, b)
-    return out
+from .primitives import _batch_head, _dot, _load_rows
 
 
 @triton.jit
@@ -71,6 +57,25 @@ def _row_stats(LSE, DELTA, row, g_ok):
 
 
 @triton.jit
+def _group_queries(Q, sqb, sqh, sqt, sqd, Hkv, G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+                   BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """The forward's and dQ's program: query position ``t`` of batch row ``b`` and KV head ``h``
+    (program ids ``(t, b * Hkv + h)``), the tiles' index ranges and masks, and the group's ``G``
+    query rows ``q (BLOCK_G, BLOCK_DK)``."""
+    t = tl.program_id(0)
+    bh = tl.program_id(1)
+    b, h = _batch_head(bh, Hkv)
+    g = tl.arange(0, BLOCK_G)
+    dk = tl.arange(0, BLOCK_DK)
+    dv = tl.arange(0, BLOCK_DV)
+    n = tl.arange(0, BLOCK_N)
+    g_ok, dk_ok, dv_ok = g < G, dk < DK, dv < DV
+
+    q = _load_rows(Q + b * sqb + h * G * sqh + t * sqt, sqh, sqd, g, dk, g_ok, dk_ok)
+    return t, b, h, g, dk, dv, n, g_ok, dk_ok, dv_ok, q
+
+
+@triton.jit
 def selected_fwd_kernel(
     Q, K, V, IDX, DOC_START, O, LSE,
     sqb, sqh, sqt, sqd,
@@ -85,18 +90,8 @@ def selected_fwd_kernel(
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
     IEEE: tl.constexpr, VARLEN: tl.constexpr,
 ):
-    t = tl.program_id(0)
-    bh = tl.program_id(1)
-    # 64-bit offsets: B * Hq * T * D passes 2**31 at the reference shape once B >= 4
-    b = (bh // Hkv).to(tl.int64)
-    h = (bh % Hkv).to(tl.int64)
-    g = tl.arange(0, BLOCK_G)
-    dk = tl.arange(0, BLOCK_DK)
-    dv = tl.arange(0, BLOCK_DV)
-    n = tl.arange(0, BLOCK_N)
-    g_ok, dk_ok, dv_ok = g < G, dk < DK, dv < DV
-
-    q = _load_rows(Q + b * sqb + h * G * sqh + t * sqt, sqh, sqd, g, dk, g_ok, dk_ok)
+    t, b, h, g, dk, dv, n, g_ok, dk_ok, dv_ok, q = _group_queries(
+        Q, sqb, sqh, sqt, sqd, Hkv, G, DK, DV, BLOCK_G, BLOCK_N, BLOCK_DK, BLOCK_DV)
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_DV], tl.float32)
@@ -146,18 +141,8 @@ def selected_dq_kernel(
     """dQ of one query position for the G heads of a group (``DQ`` is written with ``q``'s
     strides). Also writes ``DELTA = rowsum(dO * O)`` of its rows (float32, at ``LSE``'s offsets),
     which the dK/dV kernels read after it: no separate pass over ``dO`` and ``O``."""
-    t = tl.program_id(0)
-    bh = tl.program_id(1)
-    # 64-bit offsets: B * Hq * T * D passes 2**31 at the reference shape once B >= 4
-    b = (bh // Hkv).to(tl.int64)
-    h = (bh % Hkv).to(tl.int64)
-    g = tl.arange(0, BLOCK_G)
-    dk = tl.arange(0, BLOCK_DK)
-    dv = tl.arange(0, BLOCK_DV)
-    n = tl.arange(0, BLOCK_N)
-    g_ok, dk_ok, dv_ok = g < G, dk < DK, dv < DV
-
-    q = _load_rows(Q + b * sqb + h * G * sqh + t * sqt, sqh, sqd, g, dk, g_ok, dk_ok)
+    t, b, h, g, dk, dv, n, g_ok, dk_ok, dv_ok, q = _group_queries(
+        Q, sqb, sqh, sqt, sqd, Hkv, G, DK, DV, BLOCK_G, BLOCK_N, BLOCK_DK, BLOCK_DV)
     do = _load_rows(DO + b * sdb + h * G * sdh + t * sdt, sdh, sdd, g, dv, g_ok, dv_ok)
     o = _load_rows(O + b * sob + h * G * soh + t * sot, soh, sod, g, dv, g_ok, dv_ok)
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
@@ -285,9 +270,7 @@ def selected_dkdv_partial_kernel(
     """
     pid = tl.program_id(0)
     bh = tl.program_id(1)
-    # 64-bit offsets: B * Hq * T * D passes 2**31 at the reference shape once B >= 4
-    b = (bh // Hkv).to(tl.int64)
-    h = (bh % Hkv).to(tl.int64)
+    b, h = _batch_head(bh, Hkv)
     slot = pid // CHUNKS
     off = (pid % CHUNKS) * BLOCK_N
     n = tl.arange(0, BLOCK_N)
@@ -349,9 +332,7 @@ def selected_dkdv_kernel(
     """
     pid = tl.program_id(0)
     bh = tl.program_id(1)
-    # 64-bit offsets: B * Hq * T * D passes 2**31 at the reference shape once B >= 4
-    b = (bh // Hkv).to(tl.int64)
-    h = (bh % Hkv).to(tl.int64)
+    b, h = _batch_head(bh, Hkv)
     j = pid // CHUNKS
     off = (pid % CHUNKS) * BLOCK_N
     n = tl.arange(0, BLOCK_N)

@@ -1,6 +1,7 @@
 """Triton kernels of one decode step (one new token per row), split flash-decoding style so that
-a single row still spreads over the whole GPU. Kernels only; the launch code, the split counts
-and the scratch buffers live in ``cache.py`` (``_decode_fused``).
+a single row still spreads over the whole GPU. ``@triton.jit`` functions only; the launch code
+and the scratch buffers are ``nsa_flex.inference.decode_fused``, the split counts and tiles
+``nsa_flex.tuning``.
 
 Layout: ``q (B, Hq, 1, Dk)``; the new token's ``k_new (B, Hkv, 1, Dk)``, ``v_new (B, Hkv, 1,
 Dv)``; the cache's ``k (B, Hkv, L+1, Dk)``, ``v (B, Hkv, L+1, Dv)``, ``k_cmp (B, Hkv, Lc+1,
@@ -29,14 +30,14 @@ The step, four launches:
 
 Products: float32 inputs multiply in float32 (``input_precision="ieee"``); float16/bfloat16
 multiply natively with float32 accumulation. The importances keep float32's precision
-(``selection_kernels._split_dot``).
+(``kernels.primitives._split_dot``).
 """
 
 import triton
 import triton.language as tl
 
-from .selection_kernels import _ascending_rank, _split_dot, _top_n
-from .triton_kernels import _dot, _load_rows
+from .primitives import _batch_head, _dot, _forced, _last_token, _load_rows, _num_visible, _overlap_weights, _split_dot
+from .top_n import _ascending_rank, _top_n
 
 
 @triton.jit
@@ -69,13 +70,6 @@ def _position(LEN, b, L):
 
 
 @triton.jit
-def _num_visible(t, Tc, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr):
-    """Compressed blocks whose last token ``i*d + l - 1`` is at or before ``t``."""
-    n = tl.where(t >= CMP_BLOCK - 1, (tl.maximum(t, CMP_BLOCK - 1) - (CMP_BLOCK - 1)) // CMP_STRIDE + 1, 0)
-    return tl.minimum(n, Tc)
-
-
-@triton.jit
 def _mean_block(base, new_ptr, s_row, s_col, s_new, t, cols, cols_ok, CMP_BLOCK: tl.constexpr, BLOCK_L: tl.constexpr):
     """The mean of tokens ``t - l + 1 .. t``: the cached ones and the new token at ``t``."""
     rows = t - (CMP_BLOCK - 1) + tl.arange(0, BLOCK_L)
@@ -102,8 +96,7 @@ def compressed_split_kernel(
     row = tl.program_id(0)
     split = tl.program_id(1)
     n_split = tl.num_programs(1)
-    b = (row // Hkv).to(tl.int64)
-    h = (row % Hkv).to(tl.int64)
+    b, h = _batch_head(row, Hkv)
     t = _position(LEN, b, L)
     dk = tl.arange(0, BLOCK_DK)
     dv = tl.arange(0, BLOCK_DV)
@@ -132,7 +125,7 @@ def compressed_split_kernel(
     vc_new = tl.zeros([BLOCK_DV], VC.dtype.element_ty)
     if MEAN:
         last = n_vis - 1
-        if (n_vis > 0) & (last * CMP_STRIDE + CMP_BLOCK - 1 == t) & (last >= lo) & (last < hi):
+        if (n_vis > 0) & (_last_token(last, CMP_BLOCK, CMP_STRIDE) == t) & (last >= lo) & (last < hi):
             kc_new = _mean_block(k_base, kn_ptr, skt, skd, sknd, t, dk, dk_ok, CMP_BLOCK, BLOCK_L).to(KC.dtype.element_ty)
             vc_new = _mean_block(v_base, vn_ptr, svt, svd, svnd, t, dv, dv_ok, CMP_BLOCK, BLOCK_L).to(VC.dtype.element_ty)
             tl.store(kc_base + last * skct + dk * skcd, kc_new, mask=dk_ok)
@@ -176,7 +169,7 @@ def block_keys_kernel(
     slice of the candidates, ``SEL_STEP`` blocks (``BLOCK_C`` compressed logits) at a time:
     compressed block ``i`` and selection block ``j`` share ``|[i, i+r-1] & [j*l'/d,
     (j+1)*l'/d - 1]|`` stride-chunks of ``d`` tokens, a small product at float32's precision
-    (``selection_kernels._split_dot``)."""
+    (``kernels.primitives._split_dot``)."""
     row = tl.program_id(0)
     split = tl.program_id(1)
     n_split = tl.num_programs(1)
@@ -218,11 +211,9 @@ def block_keys_kernel(
         # (a head with lse = +inf scores 0 even where its logit is NaN or +inf)
         p = tl.where(ok & (lse < float("inf"))[:, None], tl.exp2(s - lse[:, None]), 0.0)
         j = j0 + jb
-        first = tl.maximum(i[:, None], (j * PER_SEL)[None, :])
-        last = tl.minimum(i[:, None] + R - 1, (j * PER_SEL + PER_SEL - 1)[None, :])
-        w = tl.where((jb < SEL_STEP)[None, :], tl.maximum(last - first + 1, 0).to(tl.float32), 0.0)
+        w = _overlap_weights(i, j, jb, R, PER_SEL, SEL_STEP)
         imp = tl.sum(_split_dot(p, w), 0)  # (BLOCK_S,), as the full forward's scoring kernel
-        forced = (j < N_INITIAL) | (j > cur - N_LOCAL)
+        forced = _forced(j, cur, N_INITIAL, N_LOCAL)
         tl.store(KEYS + row.to(tl.int64) * Ns + j, tl.where(forced, float("inf"), imp),
                  mask=(jb < SEL_STEP) & (j < hi))
 
@@ -243,8 +234,7 @@ def sparse_split_kernel(
     program ``N_SEL + w``: window tokens ``t - W + 1 + w*TILE ..`` (at most ``TILE``, ``<= t``)."""
     row = tl.program_id(0)
     r = tl.program_id(1)
-    b = (row // Hkv).to(tl.int64)
-    h = (row % Hkv).to(tl.int64)
+    b, h = _batch_head(row, Hkv)
     t = _position(LEN, b, L)
 
     j = tl.zeros([], tl.int32) - 1

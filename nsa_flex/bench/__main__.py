@@ -1,0 +1,7 @@
+"""``python -m nsa_flex.bench``."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

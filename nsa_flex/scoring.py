@@ -1,0 +1,173 @@
+"""Block importance, the scores selection ranks by (paper eqs. 8-10), in PyTorch operations.
+
+The compressed branch's softmax over the compressed blocks a query sees (:func:`masked_softmax`),
+moved onto selection blocks by token overlap (:func:`block_importance`) and summed over the
+heads of a GQA group. Materialising it for the whole sequence costs ``B * Hq * T * Tc`` floats
+(64 GiB at T=65536 with the reference shape of docs/semantics.md), so :func:`chunk_importance`
+walks the queries in chunks sized to a fixed memory budget (``tuning.CHUNK_BYTES``). The Triton
+scoring kernel (``nsa_flex.ops.scoring``) computes the same importances without a ``T x Tc``
+tensor; :func:`straight_through_score_mod` turns differentiable ones into gradients through the
+selection.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+from . import tuning
+from ._validation import check_callable, check_floating, check_int, check_tensor
+from .config import NSAConfig, num_select_blocks, resolve_config
+
+__all__ = ["block_importance", "masked_softmax", "chunk_importance", "straight_through_score_mod"]
+
+
+def _index(n: int, device, shape) -> Tensor:
+    return torch.arange(n, device=device, dtype=torch.int32).view(shape)
+
+
+def block_importance(p_cmp: Tensor, config: NSAConfig, seq_len: int) -> Tensor:
+    """Map compressed-block probabilities onto selection blocks by token overlap (eq. 9).
+
+    Compressed block ``i`` covers the ``r = l / d`` stride-chunks ``i .. i + r - 1`` of ``d``
+    tokens; selection block ``j`` covers the ``l' / d`` chunks from ``j * l' / d``. Their
+    overlap over ``d`` is the number of chunks they share, so spreading each block's probability
+    over its chunks and summing the chunks of each selection block is the overlap rule, in
+    ``O(Tc * r)`` instead of a ``Tc x Ns`` product.
+
+    Args:
+        p_cmp: ``(..., Tc)``.
+
+    Returns:
+        ``(..., Ns)``.
+
+    Raises:
+        TypeError, ValueError: if ``p_cmp`` does not end in ``config.num_compressed(seq_len)``.
+    """
+    config = resolve_config(config)
+    check_int("seq_len", seq_len, minimum=1)
+    check_floating("p_cmp", p_cmp)
+    tc = config.num_compressed(seq_len)
+    if p_cmp.shape[-1] != tc:
+        raise ValueError(f"p_cmp must end in Tc = {tc} compressed blocks for seq_len {seq_len}, got {p_cmp.shape[-1]}")
+    d, r = config.compress_stride, config.compress_block // config.compress_stride
+    per_sel = config.select_block // d
+    ns = config.num_select_blocks(seq_len)
+    n_chunks = ns * per_sel
+    # chunk c collects p[c - k] for k in 0..r-1; pad r-1 zeros on the left and up to n_chunks
+    # on the right (Tc + r - 1 = T // d <= n_chunks).
+    padded = torch.nn.functional.pad(p_cmp, (r - 1, n_chunks - tc))
+    chunks = sum(padded[..., r - 1 - k : r - 1 - k + n_chunks] for k in range(r))
+    return chunks.unflatten(-1, (ns, per_sel)).sum(dim=-1)
+
+
+def masked_softmax(scores: Tensor, allowed: Tensor, *, inplace: bool = False) -> Tensor:
+    """Softmax of ``scores (..., S)`` over the keys ``allowed`` (bool, broadcastable) lets
+    through. A row that allows none is 0 (softmax would give NaN); only such rows: a NaN or
+    infinity that the scores a row sees hold stays, as in the forward.
+
+    ``inplace``: ``scores`` is overwritten and the result built in place where nothing
+    differentiates (selection's chunks: no second score-sized tensor).
+    """
+    if inplace:
+        p = torch.softmax(scores.masked_fill_(~allowed, float("-inf")), dim=-1)
+        return p.masked_fill_(~allowed.any(dim=-1, keepdim=True), 0.0)
+    p = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
+    return torch.where(allowed.any(dim=-1, keepdim=True), p, 0.0)
+
+
+def chunk_importance(q, k_cmp, config, scale, score_mod, mask_mod, chunk_size, differentiable=False):
+    """Yield ``(start, importance (B, Hkv, C, Ns))`` for chunks of ``C`` queries from ``start``:
+    the compressed branch's probabilities mapped onto selection blocks, summed over each group.
+
+    In place where nothing differentiates (the selection itself), out of place for
+    ``selection.block_scores``, whose chunks autograd replays; ``q (B, Hq, T, Dk)``,
+    ``k_cmp (B, Hkv, Tc, Dk)`` with ``Tc >= 1``.
+    """
+    B, Hq, T, _ = q.shape
+    Hkv, tc = k_cmp.shape[1], k_cmp.shape[2]
+    G = Hq // Hkv
+    dtype = torch.promote_types(q.dtype, torch.float32)
+    kc = k_cmp.to(dtype)[:, :, None]  # (B, Hkv, 1, Tc, Dk)
+    kv_pos = config.compressed_last_token(_index(tc, q.device, (1, 1, 1, tc)))  # the mods see a block there
+    if chunk_size is None:
+        chunk_size = tuning.importance_chunk(B, Hq, tc, dtype)
+    b_idx = _index(B, q.device, (B, 1, 1, 1))
+    h_idx = _index(Hq, q.device, (1, Hq, 1, 1))
+
+    def importance(qc, kc, start):
+        C = qc.shape[-2]
+        s = (qc.to(dtype).unflatten(1, (Hkv, G)) @ kc.transpose(-1, -2)).flatten(1, 2)  # (B, Hq, C, Tc)
+        s = s * scale if differentiable else s.mul_(scale)
+        t_idx = torch.arange(start, start + C, device=q.device, dtype=torch.int32).view(1, 1, -1, 1)
+        if score_mod is not None:
+            s = score_mod(s, b_idx, h_idx, t_idx, kv_pos).expand_as(s)
+            s = s if differentiable else s.clone()  # writable
+        allowed = kv_pos <= t_idx
+        if mask_mod is not None:
+            allowed = allowed & mask_mod(b_idx, h_idx, t_idx, kv_pos)
+        # A query that sees no compressed block (none allowed, or a score_mod sending every
+        # one to -inf) gets a row of NaN from softmax; it scores 0. (Where nothing
+        # differentiates, NaN from the data scores 0 too: the selection's rule, docs/design.md.)
+        if differentiable:
+            p = masked_softmax(s, allowed & (s != float("-inf")))
+        else:
+            p = masked_softmax(s, allowed, inplace=True).nan_to_num_(0.0)
+        p = p.unflatten(1, (Hkv, G)).sum(dim=2)  # eq. 10: heads of a group share a selection
+        return block_importance(p, config, T)
+
+    for start in range(0, T, chunk_size):
+        qc = q[:, :, start : min(T, start + chunk_size)]
+        if differentiable:
+            # recomputed in the backward, so that only one chunk's scores are ever held
+            yield start, checkpoint(importance, qc, kc, start, use_reentrant=False)
+        else:
+            yield start, importance(qc, kc, start)
+
+
+def straight_through_score_mod(
+    importance: Tensor, select_block: int, group_size: int, score_mod: Callable | None = None
+) -> Callable:
+    """The selected branch's ``score_mod`` for gradients through the selection (issue 6,
+    ``attend(..., selection_grad=True)``): each score is multiplied by
+    ``w = 1 + importance - importance.detach()`` of its (query, block) pair, then passed to the
+    user's ``score_mod``.
+
+    ``w`` is exactly 1, so the forward is unchanged; its gradient is the importance's, so the
+    gradient a block's scores receive flows into the compressed branch's probabilities that
+    chose it (``q`` and ``k_cmp``), which the top-n alone would cut.
+
+    Args:
+        importance: ``(B, Hkv, T, Ns)`` from :func:`block_scores` (differentiable),
+            ``Ns = ceil(T / select_block)``.
+        select_block: ``l'``.
+        group_size: ``G``; query head ``h`` reads row ``h // G``.
+        score_mod: the user's, applied after the weight, or ``None``.
+
+    Raises:
+        TypeError, ValueError: naming the argument: ``importance`` not a 4-D floating tensor
+            of ``ceil(T / select_block)`` blocks, ``select_block`` or ``group_size`` not a
+            positive int, ``score_mod`` not callable.
+    """
+    check_tensor("importance", importance, 4)
+    check_int("select_block", select_block, 1)
+    check_int("group_size", group_size, 1)
+    check_callable("score_mod", score_mod)
+    B, H, T, Ns = importance.shape
+    if isinstance(T, int) and isinstance(Ns, int) and Ns != num_select_blocks(T, select_block):
+        raise ValueError(
+            f"importance must hold Ns = ceil(T / select_block) = {num_select_blocks(T, select_block)} blocks for "
+            f"T = {T}, got {Ns}"
+        )
+    # flat, as selection_mask reads its bits (an Inductor CPU workaround, docs/design.md)
+    weights = (importance - importance.detach() + 1).reshape(-1)
+
+    def weighted(score, b, h, q_idx, kv_idx):
+        w = weights[((b * H + h // group_size) * T + q_idx) * Ns + kv_idx // select_block]
+        score = score * w.to(score.dtype)
+        return score if score_mod is None else score_mod(score, b, h, q_idx, kv_idx)
+
+    return weighted
