@@ -280,9 +280,13 @@ def test_a_wrong_scale_fails_in_every_branch_from_the_second_token():
     for branch in ("out", "o_slc", "o_swa"):
         assert re.search(rf"^  {branch}: rel err .* first bad row t=1 \(batch 0, head \d\)", report, re.M), report
     assert re.search(r"^  o_cmp: rel err", report, re.M)  # its first block is seen from t = 7
+    # a fn without return_aux: the output alone
     plain = lambda q, k, v, gates=None, *, config=None: wrong_scale(q, k, v, gates, config=config)  # noqa: E731
     with pytest.raises(AssertionError, match=r"out: rel err(.|\n)*fn returned no aux"):
         assert_matches_reference(plain, q, k, v, gates, config=SMALL)
+    right = lambda q, k, v, gates=None, *, config=None: attend(q, k, v, gates, config=config)  # noqa: E731
+    assert_matches_reference(right, q, k, v, gates, config=SMALL)
+    assert_causal(right, q, k, v, gates, config=SMALL)
 
 
 def with_window(extra: int):

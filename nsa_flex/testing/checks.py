@@ -355,9 +355,9 @@ def assert_matches_reference(fn: Callable, q: Tensor, k: Tensor, v: Tensor, gate
             unit = "block i" if n.endswith("_cmp") else "row t"
             rel, line = _compare(f"grad {n}", a, b, rtol, floor=GRAD_FLOOR, unit=unit)
             _record(lines, passed, f"grad {n}", rel, line)
-    note = [] if aux is not None else [
-        "(fn returned no aux: branches not compared; a return_aux argument names the branch)"]
-    _fail(f"{_name(fn)} does not match the float64 reference ({q.dtype}):", lines + note, passed)
+    if lines and aux is None:
+        lines.append("(fn returned no aux: branches not compared; a return_aux argument names the branch)")
+    _fail(f"{_name(fn)} does not match the float64 reference ({q.dtype}):", lines, passed)
 
 
 # ----------------------------------------------------------------------------- contracts
