@@ -44,6 +44,7 @@ SECTIONS = [
     ("nsa_flex.varlen", "nsa_flex.varlen", ["Documents", "documents", "compressed_cu_seqlens"]),
     ("nsa_flex.triton_backend", "nsa_flex.triton_backend", ["selected_attention", "invert_selection", "available"]),
     ("nsa_flex.dispatch", "nsa_flex.dispatch", ["plan", "Paths"]),
+    ("nsa_flex.testing", "nsa_flex.testing", []),
     ("nsa_flex.ops", "nsa_flex.ops", []),
     ("nsa_flex.bench", "nsa_flex.bench", []),
 ]

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from nsa_flex import NSACache, NSAConfig, attend, decode_step, prefill
+from nsa_flex.testing import assert_decode_matches_forward
 from nsa_flex.triton_backend import available
 
 from strategies import rel_err
@@ -135,8 +136,4 @@ def test_fused_decode_rejects_what_it_cannot_run():
 def test_module_fused_decode_matches_forward():
     layer = make_layer(SMALL, G=2, Hkv=2, dim_head=16, dtype=torch.float32, seed=3)
     x = torch.randn(2, 30, 16)
-    with torch.no_grad():
-        full = layer(x)
-        cache = layer.new_cache(2, 30)
-        outs = [layer.prefill(x[:, :9], cache)] + [layer.decode(x[:, t : t + 1], cache, fused=True) for t in range(9, 30)]
-    assert rel_err(torch.cat(outs, dim=1), full) < 1e-5
+    assert_decode_matches_forward(layer, x, prompt=9, steps=1, rtol=1e-5, fused=True)

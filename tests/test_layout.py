@@ -36,8 +36,11 @@ LAYERS = [
     ["inference"],
     ["module"],
     ["nsa_flex"],
-    # the demo and the bench sit above the package
-    ["__main__", "bench.timing"],
+    # the demo, the bench and the property-test kit sit above the package
+    ["__main__", "bench.timing", "testing.strategies"],
+    ["testing.checks"],
+    ["testing.contracts"],
+    ["testing"],
     ["bench.parts"],
     ["bench.cli"],
     ["bench", "bench.__main__"],

@@ -19,6 +19,7 @@ from nsa_flex.masks import (
     selection_block_mask,
     sliding_window_varlen_block_mask,
 )
+from nsa_flex.testing import assert_documents_isolated, assert_matches_reference
 from nsa_flex.triton_backend import available
 from nsa_flex.varlen import Documents, compressed_cu_seqlens, documents
 
@@ -207,10 +208,9 @@ def test_mods_see_packed_positions(config, lengths, seed):
     # the same mods, given packed positions, on the flex backend and the reference
     q, k, v, gates, _, _ = make_inputs(lengths, config, 1, 2, 16, 16, seed, given_cmp=False)
     cu = cu_of(lengths)
-    ref, ref_aux = attend(q, k, v, gates, config=config, backend="reference", cu_seqlens=cu, return_aux=True, **MODS)
-    out, aux = attend(q, k, v, gates, config=config, cu_seqlens=cu, return_aux=True, **MODS)
-    assert torch.equal(aux.block_indices, ref_aux.block_indices)
-    assert rel_err(out, ref) < TOL
+    # the selection, the output and each branch; and no document reaches another through them
+    assert_matches_reference(attend, q, k, v, gates, rtol=TOL, config=config, cu_seqlens=cu, **MODS)
+    assert_documents_isolated(attend, q, k, v, gates, cu_seqlens=cu, seed=seed, config=config, **MODS)
 
 
 def test_sparse_attention_packed_equals_separate():
