@@ -9,6 +9,8 @@ import pytest
 import torch
 from hypothesis import settings
 
+from nsa_flex import NSAConfig
+
 from cache_machine import cache_machine, one_thread  # noqa: F401 (the fixture)
 
 pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("gpu_numerics", "one_thread")]
@@ -20,7 +22,16 @@ TestGpuCacheFusedFloat32 = cache_machine(
 ).TestCase
 TestGpuCacheFusedFloat32.settings = settings(max_examples=25, stateful_step_count=30, deadline=None)
 
+# In bfloat16 the selection itself is not comparable with the float64 reference's: the cache
+# holds the compressed keys rounded to bfloat16 (and the reference backend prefills in
+# bfloat16), so near-tied blocks can swap, and one swapped block moves a row of this tiny shape
+# by up to 30% (seen on the CPU, where the same machine with the PyTorch step shows it). So the
+# bfloat16 machine selects every block (n = Ns = 6 at max_len 48): what it checks is the state,
+# the canaries and the arithmetic of every branch; selection is the float32 and float64
+# machines' (largest error seen so, PyTorch step on the CPU: 0.45%).
+ALL_BLOCKS = NSAConfig(compress_block=8, compress_stride=4, select_block=8, num_selected=6, num_initial=1, num_local=1,
+                       window=8)
 TestGpuCacheFusedBfloat16 = cache_machine(
-    device="cuda", dtype=torch.bfloat16, fused=True, backends=("reference",), tol=2e-2, **SHAPE
+    device="cuda", dtype=torch.bfloat16, fused=True, backends=("reference",), tol=2e-2, config=ALL_BLOCKS, **SHAPE
 ).TestCase
 TestGpuCacheFusedBfloat16.settings = settings(max_examples=25, stateful_step_count=30, deadline=None)
