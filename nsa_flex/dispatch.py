@@ -71,8 +71,14 @@ def selected_path(q: Tensor, k: Tensor, v: Tensor, *, backend: str, has_score_mo
     user's, or ``selection_grad``'s straight-through one); ``packed``: ``cu_seqlens`` given."""
     if backend == "triton":
         return "triton"
-    if packed or not _selected_kernels_apply(q, v, has_score_mod, has_mask_mod):
+    if not _selected_kernels_apply(q, v, has_score_mod, has_mask_mod):
         return "flex"
+    if packed:
+        # A packed row's doc-local blocks start anywhere, so FlexAttention would take 128x128
+        # tiles (the union of the blocks of 128 / G tokens): at 64k in 8 documents (reference
+        # shape, H200) its forward took 111 ms and its backward 339 ms, the Triton kernels'
+        # 17 and 37 (docs/benchmarks.md). The kernels take packed rows themselves.
+        return "triton"
     if q.is_cuda and torch.compiler.is_compiling():
         # Inside a CUDA graph of torch.compile the branch is the Triton kernels' op, forward and
         # backward: FlexAttention over the one-token tiles, traced into an Inductor graph, gave
@@ -93,7 +99,8 @@ def plan(q: Tensor, k: Tensor, v: Tensor, *, backend: str, score_mod, mask_mod, 
 
     The same facts give the same plan eagerly and while tracing. On CUDA: scoring
     ``"triton_lse"`` (float16/bfloat16) or ``"triton"`` (float32, packed rows) without mods;
-    selected ``"triton"`` in compiled graphs, ``"flex_fwd_triton_bwd"`` in eager training,
+    selected ``"triton"`` in compiled graphs and for packed rows, ``"flex_fwd_triton_bwd"`` in
+    eager training,
     ``"flex"`` otherwise (always ``"triton"`` with ``backend="triton"``); everything else
     ``"torch"``/``"flex"``."""
     if backend == "reference":

@@ -26,6 +26,7 @@ ap.add_argument("--docs", type=int, default=0, help="pack the row with this many
 ap.add_argument("--backends", nargs="+", default=["triton", "flex"], choices=["triton", "flex"])
 ap.add_argument("--rows", type=int, default=14, help="kernels per profiler table (default: %(default)s)")
 ap.add_argument("--no-sdpa", action="store_true", help="skip the SDPA cuDNN row")
+ap.add_argument("--cprofile", action="store_true", help="also print cProfile's costliest host functions of one forward")
 a = ap.parse_args()
 B, Hq, Hkv, D = (int(x) for x in a.shape.split(","))
 T = a.seq_len
@@ -73,6 +74,15 @@ for backend in a.backends:
         return torch.autograd.grad(out.float().sum(), leaves)
 
     report(f"nsa_flex {backend}", fwd, step)
+    if a.cprofile:
+        import cProfile
+        import pstats
+
+        torch.cuda.synchronize()
+        with cProfile.Profile() as prof:
+            fwd()
+            torch.cuda.synchronize()
+        pstats.Stats(prof).sort_stats("cumulative").print_stats(30)
 
 if not a.no_sdpa:
     G = Hq // Hkv

@@ -48,7 +48,7 @@ def test_on_cuda_the_kernels_serve_calls_without_mods(cuda_seam):
     q, k, v = qkv(torch.float16)
     assert plan(q, k, v) == Paths("flex", "triton_lse", "flex", "flex")  # no backward
     assert plan(q.float(), k.float(), v.float()).scoring == "triton"  # float32 keeps the kernel's LSE
-    assert plan(q, k, v, docs=object()) == Paths("flex", "triton", "flex", "flex")  # packed
+    assert plan(q, k, v, docs=object()) == Paths("flex", "triton", "triton", "flex")  # packed
     assert plan(q, k, v, score_mod=mod) == Paths("flex", "torch", "flex", "flex")
     assert plan(q, k, v, mask_mod=mod).scoring == "torch"
     assert plan(q, k, v, block_indices=torch.zeros(1)).scoring == "given"
@@ -58,7 +58,8 @@ def test_on_cuda_the_kernels_serve_calls_without_mods(cuda_seam):
         assert plan(q, k, v).selected == "flex"
     assert plan(q, k, v, selection_grad=True).selected == "flex"  # the straight-through score_mod
     assert plan(q, k, v, mask_mod=mod).selected == "flex"
-    assert plan(q, k, v, docs=object()).selected == "flex"
+    assert plan(q, k, v, docs=object()).selected == "triton"  # packed: FlexAttention would need 128x128 tiles
+    assert plan(q, k, v, docs=object(), mask_mod=mod).selected == "flex"  # the kernels run no mods
     assert plan(q, k, v, backend="triton").selected == "triton"
 
 

@@ -9,8 +9,10 @@ the point here, not the numbers; every path's numbers have their own tests).
 
 ``TABLE`` was recorded before issue 15 moved the code (with seams and recorders on the names
 of then: ``selection._fused_ok``, ``flex_backend._triton_kernels_apply``, ``selection._select_fused``
-...), and must stay as it is: the restructure changed where the choice is made
-(:func:`nsa_flex.dispatch.plan`), not what it is. tests/test_dispatch.py tests the plan itself.
+...); the restructure changed where the choice is made (:func:`nsa_flex.dispatch.plan`), not
+what it is. Since then one choice changed on purpose: the flex backend's packed rows without mods
+take the Triton selected kernels (``selected:triton``; docs/design.md, "Packed rows").
+tests/test_dispatch.py tests the plan itself.
 """
 
 from __future__ import annotations
@@ -163,8 +165,8 @@ flex-f16-grad-none-one-scored-plain | compressed:flex(128x128+bwd lists), scorin
 flex-f16-grad-none-one-scored-sg | compressed:flex(128x128+bwd lists), scoring:triton_lse, importance:torch, selected:flex(16x16+bwd lists), window:flex(128x128+bwd lists)
 flex-f16-grad-none-one-given-plain | compressed:flex(128x128+bwd lists), selected:flex_fwd_triton_bwd, selected:flex(16x16), window:flex(128x128+bwd lists)
 flex-f16-grad-none-one-given-sg | compressed:flex(128x128+bwd lists), importance:torch, selected:flex(16x16+bwd lists), window:flex(128x128+bwd lists)
-flex-f16-grad-none-packed-scored-plain | scoring:triton, compressed:flex(128x128+bwd lists), selected:flex(128x128+bwd lists), window:flex(128x128+bwd lists)
-flex-f16-grad-none-packed-given-plain | compressed:flex(128x128+bwd lists), selected:flex(128x128+bwd lists), window:flex(128x128+bwd lists)
+flex-f16-grad-none-packed-scored-plain | scoring:triton, compressed:flex(128x128+bwd lists), selected:triton, window:flex(128x128+bwd lists)
+flex-f16-grad-none-packed-given-plain | compressed:flex(128x128+bwd lists), selected:triton, window:flex(128x128+bwd lists)
 flex-f16-grad-score-one-scored-plain | scoring:torch, compressed:flex(128x128+bwd lists), selected:flex(16x16+bwd lists), window:flex(128x128+bwd lists)
 flex-f16-grad-score-one-scored-sg | scoring:torch, compressed:flex(128x128+bwd lists), importance:torch, selected:flex(16x16+bwd lists), window:flex(128x128+bwd lists)
 flex-f16-grad-score-one-given-plain | compressed:flex(128x128+bwd lists), selected:flex(16x16+bwd lists), window:flex(128x128+bwd lists)
@@ -181,8 +183,8 @@ flex-f16-nograd-none-one-scored-plain | compressed:flex(128x128+bwd lists), scor
 flex-f16-nograd-none-one-scored-sg | compressed:flex(128x128+bwd lists), scoring:triton_lse, importance:torch, selected:flex(16x16), window:flex(128x128+bwd lists)
 flex-f16-nograd-none-one-given-plain | compressed:flex(128x128+bwd lists), selected:flex(16x16), window:flex(128x128+bwd lists)
 flex-f16-nograd-none-one-given-sg | compressed:flex(128x128+bwd lists), importance:torch, selected:flex(16x16), window:flex(128x128+bwd lists)
-flex-f16-nograd-none-packed-scored-plain | scoring:triton, compressed:flex(128x128+bwd lists), selected:flex(128x128+bwd lists), window:flex(128x128+bwd lists)
-flex-f16-nograd-none-packed-given-plain | compressed:flex(128x128+bwd lists), selected:flex(128x128+bwd lists), window:flex(128x128+bwd lists)
+flex-f16-nograd-none-packed-scored-plain | scoring:triton, compressed:flex(128x128+bwd lists), selected:triton, window:flex(128x128+bwd lists)
+flex-f16-nograd-none-packed-given-plain | compressed:flex(128x128+bwd lists), selected:triton, window:flex(128x128+bwd lists)
 flex-f16-nograd-score-one-scored-plain | scoring:torch, compressed:flex(128x128+bwd lists), selected:flex(16x16), window:flex(128x128+bwd lists)
 flex-f16-nograd-score-one-scored-sg | scoring:torch, compressed:flex(128x128+bwd lists), importance:torch, selected:flex(16x16), window:flex(128x128+bwd lists)
 flex-f16-nograd-score-one-given-plain | compressed:flex(128x128+bwd lists), selected:flex(16x16), window:flex(128x128+bwd lists)
@@ -199,8 +201,8 @@ flex-f32-grad-none-one-scored-plain | scoring:triton, compressed:flex(128x128+bw
 flex-f32-grad-none-one-scored-sg | scoring:triton, compressed:flex(128x128+bwd lists), importance:torch, selected:flex(16x16+bwd lists), window:flex(128x128+bwd lists)
 flex-f32-grad-none-one-given-plain | compressed:flex(128x128+bwd lists), selected:flex_fwd_triton_bwd, selected:flex(16x16), window:flex(128x128+bwd lists)
 flex-f32-grad-none-one-given-sg | compressed:flex(128x128+bwd lists), importance:torch, selected:flex(16x16+bwd lists), window:flex(128x128+bwd lists)
-flex-f32-grad-none-packed-scored-plain | scoring:triton, compressed:flex(128x128+bwd lists), selected:flex(128x128+bwd lists), window:flex(128x128+bwd lists)
-flex-f32-grad-none-packed-given-plain | compressed:flex(128x128+bwd lists), selected:flex(128x128+bwd lists), window:flex(128x128+bwd lists)
+flex-f32-grad-none-packed-scored-plain | scoring:triton, compressed:flex(128x128+bwd lists), selected:triton, window:flex(128x128+bwd lists)
+flex-f32-grad-none-packed-given-plain | compressed:flex(128x128+bwd lists), selected:triton, window:flex(128x128+bwd lists)
 flex-f32-grad-score-one-scored-plain | scoring:torch, compressed:flex(128x128+bwd lists), selected:flex(16x16+bwd lists), window:flex(128x128+bwd lists)
 flex-f32-grad-score-one-scored-sg | scoring:torch, compressed:flex(128x128+bwd lists), importance:torch, selected:flex(16x16+bwd lists), window:flex(128x128+bwd lists)
 flex-f32-grad-score-one-given-plain | compressed:flex(128x128+bwd lists), selected:flex(16x16+bwd lists), window:flex(128x128+bwd lists)
@@ -217,8 +219,8 @@ flex-f32-nograd-none-one-scored-plain | scoring:triton, compressed:flex(128x128+
 flex-f32-nograd-none-one-scored-sg | scoring:triton, compressed:flex(128x128+bwd lists), importance:torch, selected:flex(16x16), window:flex(128x128+bwd lists)
 flex-f32-nograd-none-one-given-plain | compressed:flex(128x128+bwd lists), selected:flex(16x16), window:flex(128x128+bwd lists)
 flex-f32-nograd-none-one-given-sg | compressed:flex(128x128+bwd lists), importance:torch, selected:flex(16x16), window:flex(128x128+bwd lists)
-flex-f32-nograd-none-packed-scored-plain | scoring:triton, compressed:flex(128x128+bwd lists), selected:flex(128x128+bwd lists), window:flex(128x128+bwd lists)
-flex-f32-nograd-none-packed-given-plain | compressed:flex(128x128+bwd lists), selected:flex(128x128+bwd lists), window:flex(128x128+bwd lists)
+flex-f32-nograd-none-packed-scored-plain | scoring:triton, compressed:flex(128x128+bwd lists), selected:triton, window:flex(128x128+bwd lists)
+flex-f32-nograd-none-packed-given-plain | compressed:flex(128x128+bwd lists), selected:triton, window:flex(128x128+bwd lists)
 flex-f32-nograd-score-one-scored-plain | scoring:torch, compressed:flex(128x128+bwd lists), selected:flex(16x16), window:flex(128x128+bwd lists)
 flex-f32-nograd-score-one-scored-sg | scoring:torch, compressed:flex(128x128+bwd lists), importance:torch, selected:flex(16x16), window:flex(128x128+bwd lists)
 flex-f32-nograd-score-one-given-plain | compressed:flex(128x128+bwd lists), selected:flex(16x16), window:flex(128x128+bwd lists)
