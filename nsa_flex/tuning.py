@@ -167,15 +167,18 @@ def selected_kernel_meta(G: int, Dk: int, Dv: int, select_block: int, dtype: tor
                 # float32 inputs get true float32 products (Triton's default would be TF32)
                 IEEE=not half)
     if kernel in ("fwd", "dq"):
-        # 32 keys, 2 warps, 2 stages: the best of a sweep on the H200 (bf16, D=128, G=16;
-        # docs/benchmarks.md). Wider rows or head dims keep 4 warps for the accumulator's
-        # registers. float32's exact products run without tensor cores: past 16 rows of
+        # 32 keys, one warp, 2 stages: the best of 18 settings on the H200 (bf16, D=128, at
+        # G=16 and G=4; scripts/probe_selected_tma.py, docs/benchmarks.md). The kernels are a
+        # gather bound by L2 traffic, and one-warp programs keep more loads in flight per SM
+        # (forward 15.4 against 20.2 ms at two warps, dQ 17.6 against 19.7, G=16, T=64k); TMA
+        # tensor-descriptor loads were no faster. Wider rows or head dims keep 4 warps for the
+        # accumulator's registers. float32's exact products run without tensor cores: past 16 rows of
         # D=128, 16-key tiles and 8 warps, or registers spill (seen compiling for sm_90).
         wide = not half and block_g * d > 16 * 256
         block_n = min(16 if wide else 32, pow2(select_block))
         stages = 2
         if half:
-            warps = 2 if block_g <= 16 and max(block_dk, block_dv) <= 128 else 4
+            warps = 1 if block_g <= 16 and max(block_dk, block_dv) <= 128 else 4
         else:
             warps = 8 if wide else 4
         resident = block_g * (block_dk if kernel == "fwd" else d) * size  # q (and dO)

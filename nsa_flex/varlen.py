@@ -89,29 +89,40 @@ class Documents:
         """``(first, doc)``, each ``(Tc,)`` int64: the packed position of each compressed block's
         first token and its document, in ``k_cmp``'s order."""
         start, local, doc = self._compressed_block_index(config)
-        first = start + local * config.compress_stride
-        return first.to(self.device), doc.to(self.device)
+        return start + local * config.compress_stride, doc
 
     def compressed_last_tokens(self, config: NSAConfig, num_blocks: int | None = None) -> Tensor:
         """``(Tc,)`` int32: the packed position of each compressed block's last token, where it
         becomes visible and where a user's mods see it, in ``k_cmp``'s order; padded to
         ``num_blocks`` (``>= Tc``) with ``T - 1``, a valid position."""
         start, local, _ = self._compressed_block_index(config)
-        last = (start + config.compressed_last_token(local)).to(device=self.device, dtype=torch.int32)
+        last = (start + config.compressed_last_token(local)).to(torch.int32)
         if num_blocks is not None and num_blocks != last.numel():
             last = torch.nn.functional.pad(last, (0, num_blocks - last.numel()), value=self.seq_len - 1)
         return last
 
     def _compressed_block_index(self, config: NSAConfig) -> tuple[Tensor, Tensor, Tensor]:
         """Each compressed block's document start, doc-local index and document, ``(Tc,)`` int64
-        on the host."""
+        on the documents' device.
+
+        Built there from the host lengths with a handful of small kernels and no host sync: the
+        same steps on host tensors took 30-100 ms per call, torch's CPU thread pool waking for
+        each tiny op on a busy machine (``repeat_interleave`` of 8 counts took 30-50 ms on two
+        loaded cores, 0.03 ms in one thread)."""
         check_config(config)
-        counts = torch.tensor([config.num_compressed(n) for n in self.lengths], dtype=torch.int64)
-        tc = int(counts.sum())
-        doc = torch.repeat_interleave(torch.arange(len(self.lengths)), counts, output_size=tc)
-        first_of_doc = torch.cumsum(counts, 0) - counts  # each document's first block
-        local = torch.arange(tc) - first_of_doc[doc]
-        starts = torch.tensor(self.starts, dtype=torch.int64)
+        counts = [config.num_compressed(n) for n in self.lengths]
+        return self._blocks_of_documents(counts)
+
+    def _blocks_of_documents(self, counts: list[int]) -> tuple[Tensor, Tensor, Tensor]:
+        """For ``counts[i]`` blocks of document ``i``, numbered one after another: each block's
+        document start, doc-local index and document, ``(sum(counts),)`` int64 on the device."""
+        dev = self.device
+        total = sum(counts)
+        doc = torch.repeat_interleave(torch.arange(len(counts), device=dev),
+                                      torch.tensor(counts, dtype=torch.int64, device=dev), output_size=total)
+        first_of_doc = torch.tensor(list(itertools.accumulate(counts, initial=0))[:-1], dtype=torch.int64, device=dev)
+        local = torch.arange(total, device=dev) - first_of_doc[doc]
+        starts = torch.tensor(self.starts, dtype=torch.int64, device=dev)
         return starts[doc], local, doc
 
     def selection_blocks(self, select_block: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -121,20 +132,18 @@ class Documents:
             ``(first_block, block_start, block_end)``: ``first_block (T,)`` int64, the number of
             the first block of each token's document (so doc-local block ``j`` of token ``t`` is
             ``first_block[t] + j``); ``block_start``, ``block_end`` ``(Nb,)`` int32, the packed
-            tokens ``[start, end)`` block ``b`` may cover (``end`` is its document's end).
+            tokens ``[start, end)`` block ``b`` may cover (``end`` is its document's end). All
+            on the documents' device, built there (see :meth:`_compressed_block_index`).
         """
         check_int("select_block", select_block, 1)
         ls = select_block
-        counts = torch.tensor([num_select_blocks(n, ls) for n in self.lengths], dtype=torch.int64)
-        nb = int(counts.sum())
-        doc = torch.repeat_interleave(torch.arange(len(self.lengths)), counts, output_size=nb)
-        first_of_doc = torch.cumsum(counts, 0) - counts
-        starts = torch.tensor(self.starts, dtype=torch.int64)
-        ends = starts + torch.tensor(self.lengths, dtype=torch.int64)
-        block_start = starts[doc] + (torch.arange(nb) - first_of_doc[doc]) * ls
+        counts = [num_select_blocks(n, ls) for n in self.lengths]
+        start, local, doc = self._blocks_of_documents(counts)
         dev = self.device
-        first_block = first_of_doc.to(dev)[self.doc_id.long()]
-        return first_block, block_start.to(dev, torch.int32), ends[doc].to(dev, torch.int32)
+        ends = torch.tensor([a + n for a, n in zip(self.starts, self.lengths)], dtype=torch.int64, device=dev)
+        first_of_doc = torch.tensor(list(itertools.accumulate(counts, initial=0))[:-1], dtype=torch.int64, device=dev)
+        first_block = first_of_doc[self.doc_id.long()]
+        return first_block, (start + local * ls).to(torch.int32), ends[doc].to(torch.int32)
 
 
 def documents(cu_seqlens, *, device=None) -> Documents:

@@ -18,7 +18,7 @@ def test_selected_kernel_meta_at_the_reference_shape():
     bf16 = dict(G=16, SEL_BLOCK=64, DK=128, DV=128, BLOCK_DK=128, BLOCK_DV=128, IEEE=False)
     for kernel in ("fwd", "dq"):
         assert tuning.selected_kernel_meta(16, 128, 128, 64, torch.bfloat16, kernel) == dict(
-            bf16, BLOCK_G=16, BLOCK_N=32, num_warps=2, num_stages=2)
+            bf16, BLOCK_G=16, BLOCK_N=32, num_warps=1, num_stages=2)
     assert tuning.selected_kernel_meta(16, 128, 128, 64, torch.bfloat16, "dkdv") == dict(
         bf16, BLOCK_R=64, BLOCK_N=64, num_warps=4, num_stages=1)
     assert tuning.selected_kernel_meta(16, 128, 128, 64, torch.float32, "dkdv") == dict(
