@@ -118,9 +118,10 @@ def cache_bytes(caches: list) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def prefill(model: ByteLM, ids, lengths, caches):
-    """``ids (B, T)`` right-padded, ``lengths (B,)`` -> logits ``(B, T, vocab)`` (those at a
-    row's padding are meaningless); fills the caches."""
+def prefill(model: ByteLM, ids, lengths, caches, every_position: bool = False):
+    """``ids (B, T)`` right-padded, ``lengths (B,)`` -> the logits ``(B, vocab)`` at each row's
+    last token, or with ``every_position`` ``(B, T, vocab)`` (those at a row's padding are
+    meaningless); fills the caches."""
     x = model.embed(ids)
     for block, cache in zip(model.blocks, caches):
         h = block.norm1(x)
@@ -129,6 +130,8 @@ def prefill(model: ByteLM, ids, lengths, caches):
         else:
             x = x + sdpa_prefill(block.attn, h, cache, lengths)
         x = x + block.mlp(block.norm2(x))
+    if not every_position:
+        x = x[torch.arange(x.shape[0], device=x.device), lengths - 1]
     return model.head(model.norm(x))
 
 
@@ -158,6 +161,9 @@ def build_models(args) -> dict[str, ByteLM]:
     if missing:
         raise RuntimeError(f"the SDPA model has parameters the NSA model lacks: {missing}")
     sdpa.load_state_dict({name: theirs[name] for name in own})
+    for module in nsa.modules():
+        if isinstance(module, SparseAttention):
+            module.backend = args.backend  # how prefill (and --check's forward) attends
     return {"nsa": nsa, "sdpa": sdpa}
 
 
@@ -227,13 +233,13 @@ def generate(name: str, model: ByteLM, prompts, lengths, args) -> dict:
     step_logits = []
     bar = Progress(N, f"{name:4} decode")
     with torch.no_grad():
-        prefill(model, prompts, lengths, caches)  # warm-up: on CUDA FlexAttention compiles here
+        prefill(model, prompts, lengths, caches, args.check)  # warm-up: FlexAttention compiles on CUDA
         sync()
         start = time.perf_counter()
-        logits = prefill(model, prompts, lengths, caches)
+        logits = prefill(model, prompts, lengths, caches, args.check)
         sync()
         prefill_s = time.perf_counter() - start
-        tokens[:, 0] = logits[rows, lengths - 1].argmax(-1)
+        tokens[:, 0] = (logits[rows, lengths - 1] if args.check else logits).argmax(-1)
         bar.update()
 
         def step(i):  # decode step i: the input is new token i, the output predicts token i + 1
@@ -403,6 +409,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--decode-path", choices=list(DECODE_PATHS), default="auto",
                     help="NSA decode step: the fused Triton kernels, PyTorch operations, or the library's choice "
                          "(the kernels on CUDA)")
+    ap.add_argument("--backend", choices=["flex", "triton", "reference"], default="flex",
+                    help="NSA: the attend backend of the prefill and of --check's full forward")
     ap.add_argument("--layers", type=int, default=4, help="transformer blocks")
     ap.add_argument("--dim", type=int, default=384, help="model width: a multiple of --heads, with an even head size")
     ap.add_argument("--heads", type=int, default=6, help="query heads per attention layer")
