@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # train_lm.py, beside 
 from train_lm import ByteLM, FullAttention, _Help  # noqa: E402  (it also puts the checkout on sys.path)
 
 from nsa_flex import NSACache, NSAConfig, SparseAttention  # noqa: E402
+from nsa_flex.triton_support import triton_refusal  # noqa: E402
 
 VOCAB = 256  # ByteLM's: one token per byte
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -209,6 +210,21 @@ class Progress:
 # ------------------------------------------------------------------------------ generation
 
 
+def use_graphs(args) -> bool:
+    """Whether decode steps are replayed from a CUDA graph: on CUDA, unless ``--eager``."""
+    return args.device.type == "cuda" and not args.eager
+
+
+def capture(body):
+    """``body()`` captured in a CUDA graph, which must have run (warm-up) before; returns the
+    graph's replay. Nothing runs now: each replay runs ``body``'s kernels on the tensors
+    it used, so ``body`` reads and writes static buffers only."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        body()
+    return graph.replay
+
+
 def generate(name: str, model: ByteLM, prompts, lengths, args) -> dict:
     """Prefill ``prompts (B, T)`` (right-padded, ``lengths (B,)``), then decode greedily: each
     new token is the argmax of its logits (the lowest token id among exact ties, as
@@ -220,7 +236,7 @@ def generate(name: str, model: ByteLM, prompts, lengths, args) -> dict:
     device = args.device
     B, N, W = prompts.shape[0], args.new_tokens, args.warmup_steps
     cuda = device.type == "cuda"
-    graphed = cuda and not args.eager
+    graphed = use_graphs(args)
     fused = DECODE_PATHS[args.decode_path]
 
     def sync():
@@ -251,28 +267,32 @@ def generate(name: str, model: ByteLM, prompts, lengths, args) -> dict:
 
         # Warm-up steps are real steps (their tokens count); on CUDA they run on a side stream,
         # as CUDA graphs want, and compile the Triton kernels before the capture.
-        side = torch.cuda.Stream(device) if graphed else None
-        if graphed:
+        side = torch.cuda.Stream(device) if graphed and cuda else None
+        if side is not None:
             side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side) if graphed else contextlib.nullcontext():
+        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
             for i in range(W):
                 step(i)
-        if graphed:
+        if side is not None:
             torch.cuda.current_stream(device).wait_stream(side)
+        if graphed:
             static_ids = tokens[:, W : W + 1].clone()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):  # records the step; nothing runs until a replay
-                static_logits = decode(model, static_ids, caches, fused)
-                static_ids.copy_(static_logits.argmax(-1, keepdim=True))  # the next replay's input
+            static_logits = torch.empty(B, VOCAB, device=device, dtype=model.head.weight.dtype)
+
+            def body():  # one step of the whole model; its argmax is the next replay's input
+                static_logits.copy_(decode(model, static_ids, caches, fused))
+                static_ids.copy_(static_logits.argmax(-1, keepdim=True))
+
+            replay = capture(body)
 
         sync()
         start = time.perf_counter()
         for i in range(W, N - 1):
             if graphed:
-                graph.replay()
+                replay()
                 tokens[:, i + 1] = static_ids[:, 0]
                 if args.check:
-                    step_logits.append(static_logits.cpu())
+                    step_logits.append(static_logits.to("cpu", copy=True))  # the buffer is reused
                 bar.update()
             else:
                 step(i)
@@ -283,7 +303,7 @@ def generate(name: str, model: ByteLM, prompts, lengths, args) -> dict:
         for cache in caches:  # replays advance the lengths on the device only
             if isinstance(cache, NSACache):
                 cache.sync_bound()
-        del graph
+        del replay  # and with it the graph and its memory
     timed = N - 1 - W
     result = dict(
         prefill_ms=prefill_s * 1e3, prefill_tokens=int(lengths.sum()),
@@ -478,6 +498,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         nsa_config(args)
     except ValueError as e:
         ap.error(f"the NSA options: {e}")
+    kernels = [flag for flag, asked in (("--decode-path fused", args.decode_path == "fused"),
+                                        ("--backend triton", args.backend == "triton")) if asked]
+    refusal = triton_refusal(args.device, args.dtype) if kernels and args.attention != "sdpa" else None
+    if refusal is not None:
+        ap.error(f"{kernels[0]}: {refusal[1]}")
     if args.check and args.dtype not in CHECK_TOLERANCE:
         ap.error(f"--check needs --dtype float32 or float64 (got {str(args.dtype).removeprefix('torch.')}): in half "
                  "precision the decode step and the forward may select near-tied blocks differently")

@@ -66,6 +66,27 @@ def test_without_check_the_same_tokens(example, capsys):
     assert torch.equal(plain["prompt_lengths"], checked["prompt_lengths"])
 
 
+def test_the_graph_path_with_replays_emulated(example, monkeypatch, capsys):
+    """The CUDA-graph path's bookkeeping (static input and logits, the argmax fed back, the
+    tokens recorded per replay, the caches' bounds) on the CPU: "capturing" returns the step
+    itself, so that each replay runs it, as a graph's replay would run its kernels."""
+    captured = []
+
+    def capture(body):
+        captured.append(body)
+        return body
+
+    monkeypatch.setattr(example, "use_graphs", lambda args: True)
+    monkeypatch.setattr(example, "capture", capture)
+    argv = TINY + ["--dtype", "float64", "--check", "--new-tokens", "7"]
+    results = example.run(example.parse_args(argv))
+    assert len(captured) == 2  # one step per attention
+    for name in ("nsa", "sdpa"):
+        r = results[name]
+        assert r["decode_mode"] == "CUDA graph" and r["decode_steps_timed"] == 4
+        assert r["check_ok"] and r["greedy_agree"] == 3 * 7 and r["step_logits"].shape == (3, 6, 256)
+
+
 def test_both_models_share_their_weights(example):
     models = example.build_models(example.parse_args(TINY))
     nsa, sdpa = models["nsa"].state_dict(), models["sdpa"].state_dict()
@@ -154,6 +175,15 @@ def test_bad_arguments_are_usage_errors(example, capsys, argv, message):
     err = capsys.readouterr().err
     assert "Traceback" not in err and err.startswith("usage: ")
     assert message in err.strip().splitlines()[-1]
+
+
+def test_kernels_that_cannot_run_here_are_usage_errors(example, capsys, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # read when asked: the CPU has no kernels now
+    for flag in (["--decode-path", "fused"], ["--backend", "triton"]):
+        with pytest.raises(SystemExit):
+            example.parse_args(TINY + flag)
+        assert f"{' '.join(flag)}: the triton backend" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert example.parse_args(TINY + ["--decode-path", "fused", "--attention", "sdpa"]).decode_path == "fused"
 
 
 def test_cuda_without_a_gpu_is_a_usage_error(example, capsys, monkeypatch):
