@@ -94,19 +94,24 @@ def test_both_models_share_their_weights(example):
     assert any(".attn.to_q." in k for k in sdpa) and set(nsa) > set(sdpa)
 
 
-def test_the_check_sees_a_wrong_decode_step(example, monkeypatch, capsys):
-    """An SDPA step that rotates its query one position too far: the prefill still agrees, the
-    decode steps do not, and main says so and returns 1."""
+@pytest.mark.parametrize("wrong", ["off_by_one", "nan"])
+def test_the_check_sees_a_wrong_decode_step(example, monkeypatch, capsys, wrong):
+    """An SDPA step that rotates its query and key one position too far (and writes the key one
+    slot too far), or one that returns NaN: the prefill still agrees, the decode steps do not,
+    and main says so and returns 1."""
     right = example.sdpa_decode
 
     def off_by_one(attn, x, cache):
         cache.lengths.add_(1)
         try:
-            return right(attn, x, cache)  # also writes its key one slot too far
+            return right(attn, x, cache)
         finally:
             cache.lengths.sub_(1)
 
-    monkeypatch.setattr(example, "sdpa_decode", off_by_one)
+    def nan(attn, x, cache):
+        return right(attn, x, cache) * float("nan")
+
+    monkeypatch.setattr(example, "sdpa_decode", off_by_one if wrong == "off_by_one" else nan)
     assert example.main(TINY + ["--attention", "sdpa", "--check"]) == 1
     out = capsys.readouterr().out
     assert "check sdpa:" in out and "FAILED" in out and "nsa :" not in out
