@@ -63,11 +63,18 @@ class FullAttention(nn.Module):
         self.to_out = nn.Linear(heads * dim_head, dim, bias=False)
         self.rotary = RotaryEmbedding(dim_head)
 
-    def forward(self, x):
+    def qkv(self, x):
+        """``x (B, T, dim)`` -> ``q (B, heads, T, dim_head)``, ``k``, ``v (B, kv_heads, T, dim_head)``,
+        before RoPE (examples/generate.py rotates them at cached positions)."""
         B, T, _ = x.shape
         q = self.to_q(x).view(B, T, self.heads, -1).transpose(1, 2)
         k = self.to_k(x).view(B, T, self.kv_heads, -1).transpose(1, 2)
         v = self.to_v(x).view(B, T, self.kv_heads, -1).transpose(1, 2)
+        return q, k, v
+
+    def forward(self, x):
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x)
         q, k = self.rotary(q), self.rotary(k)
         o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.heads != self.kv_heads)
         return self.to_out(o.transpose(1, 2).reshape(B, T, -1))
