@@ -153,7 +153,7 @@ def measure_flash_nsa(module, part: str, p: Problem, T: int, q, k, v, gates, len
         window_at = importlib.import_module(_WINDOW_AT)
     except Exception as e:  # a shape or config it refuses, or another version of it
         return failed(e)
-    check = None if ref is None else (ref, lambda o: o.view(B, L, Hq, -1).transpose(1, 2))
+    check = None if ref is None else (ref, lambda o: o.reshape(B, L, Hq, -1).transpose(1, 2))
     try:
         with window_patched(window_at, swa):
             return _measure(part, NAME, T, lambda: core(qt, kt, vt, logits, cu), (qt, kt, vt, logits), p.device,
