@@ -70,6 +70,12 @@ def test_measure_checks_before_timing_and_survives_failures():
     row = _measure("p", "broken", 8, broken, (), torch.device("cpu"), 1)
     assert row.fwd_ms is None and row.note.startswith("failed: RuntimeError: no kernel")
 
+    def bare_assert():  # a peer's `assert x` carries no message
+        raise AssertionError()
+
+    row = _measure("p", "bare", 8, bare_assert, (), torch.device("cpu"), 1, stand_ins="window: none")
+    assert row.fwd_ms is None and row.note == "failed: AssertionError" and row.stand_ins == "window: none"
+
 
 def test_quick_decode_part(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT))

@@ -13,6 +13,7 @@ from ..compression import mean_compress
 from .peers import flash_nsa_row
 from .timing import (
     DOC_MIXES, Problem, Row, _cuda_graph, _fla, _full_flex, _inputs, _measure, _time, _triton_timeable, doc_lengths,
+    failure,
 )
 
 # fla's NSA layer has no window branch (its needs flash-attn): shown next to its numbers
@@ -101,7 +102,7 @@ def bench_full(p: Problem, T: int, reps: int) -> list[Row]:
             try:
                 rows.append(_measure("full", name, T, sdpa, (q, k, v), p.device, reps))
             except RuntimeError as e:  # a backend that refuses this shape or GQA
-                rows.append(Row("full", name, T, note=f"failed: {str(e).splitlines()[0][:100]}"))
+                rows.append(Row("full", name, T, note=f"failed: {failure(e, 100)}"))
     from torch.nn.attention.flex_attention import create_block_mask
 
     mask = create_block_mask(lambda b, h, qi, kv: kv <= qi, None, None, T, T, device=p.device)
@@ -134,7 +135,7 @@ def bench_decode(p: Problem, T: int, reps: int, batches=(1, 8)) -> list[Row]:
             gates = torch.rand(B, p.Hq, 1, 3, generator=g, device=p.device).to(p.dtype)
             k_full, v_full = rnd(B, p.Hkv, T + 1, p.D), rnd(B, p.Hkv, T + 1, p.D)
         except (RuntimeError, ValueError) as e:  # out of memory, most likely
-            rows.append(Row("decode", f"B={B}", T, note=f"failed: {type(e).__name__}: {str(e).splitlines()[0][:100]}"))
+            rows.append(Row("decode", f"B={B}", T, note=f"failed: {failure(e, 100)}"))
             continue
 
         def nsa():
@@ -174,7 +175,7 @@ def bench_decode(p: Problem, T: int, reps: int, batches=(1, 8)) -> list[Row]:
                         row.fwd_ms = _time(run, p.device, reps)
                     times[(name, graphed)] = row.fwd_ms
                 except (RuntimeError, AssertionError, ValueError, TypeError) as e:
-                    row.note = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
+                    row.note = f"failed: {failure(e)}"
                 rows.append(row)
         for row in rows[-2 * len(contenders):]:
             graphed = row.name.endswith("graph")

@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 
 from .. import masks, varlen
-from .timing import Problem, Row, _full_flex, _measure
+from .timing import Problem, Row, _full_flex, _measure, failure
 
 NAME = "flash_nsa"
 # what its rows run in place of its own code (shown next to their numbers)
@@ -51,14 +51,14 @@ def import_flash_nsa() -> tuple[types.ModuleType | None, str]:
         if e.name != "pkg_resources":
             return None, f"import {NAME}: {e}"
     except Exception as e:  # installed, but broken here
-        return None, f"import {NAME}: {type(e).__name__}: {str(e).splitlines()[0][:100]}"
+        return None, f"import {NAME}: {failure(e, 100)}"
     for name in [m for m in sys.modules if m == NAME or m.startswith(NAME + ".")]:
         del sys.modules[name]  # what the failed import left half-made
     try:
         sys.modules["pkg_resources"] = _pkg_resources_shim()
         return importlib.import_module(NAME), ""
     except Exception as e:
-        return None, f"import {NAME} (with a pkg_resources shim): {type(e).__name__}: {str(e).splitlines()[0][:100]}"
+        return None, f"import {NAME} (with a pkg_resources shim): {failure(e, 100)}"
     finally:
         sys.modules.pop("pkg_resources", None)
 
@@ -138,7 +138,7 @@ def measure_flash_nsa(module, part: str, p: Problem, T: int, q, k, v, gates, len
     c = p.config
 
     def failed(e: Exception) -> Row:
-        return Row(part, NAME, T, note=f"failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}", stand_ins=STAND_INS)
+        return Row(part, NAME, T, note=f"failed: {failure(e)}", stand_ins=STAND_INS)
 
     try:
         with contextlib.redirect_stdout(io.StringIO()):  # its advice for G < 16, printed in its config

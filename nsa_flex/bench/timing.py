@@ -58,6 +58,13 @@ def shape_label(name: str) -> str:
     return f"{name} B={B} Hq={Hq} Hkv={Hkv} D={D}"
 
 
+def failure(e: BaseException, width: int = 120) -> str:
+    """``"RuntimeError: its first line"``, cut to ``width``; an exception may have no message
+    (a bare ``assert`` in a peer's code)."""
+    line = (str(e).splitlines() or [""])[0][:width]
+    return f"{type(e).__name__}: {line}" if line else type(e).__name__
+
+
 def _time(fn: Callable[[], object], device: torch.device, reps: int) -> float:
     """Median milliseconds of ``fn``."""
     if device.type == "cuda":
@@ -108,7 +115,7 @@ def _measure(part, name, T, fwd, inputs, device, reps, note="", check=None, stan
             row.fwd_bwd_ms = _time(fwd_bwd, device, reps)
             row.peak_mib = _peak_mib(fwd_bwd, device)
     except (RuntimeError, AssertionError, ValueError, TypeError) as e:
-        row.note = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
+        row.note = f"failed: {failure(e)}"
     return row
 
 
