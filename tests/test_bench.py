@@ -275,3 +275,24 @@ def test_merge_labels_older_files_with_their_shape(tmp_path):
     assert cli.main(["--merge", *map(str, paths), "--out", str(tmp_path / "m")]) == 0
     rows = json.loads((tmp_path / "m" / "results.json").read_text())["rows"]
     assert [r["shape"] for r in rows] == ["reference", "B=2 Hq=8 Hkv=8 D=16", "small"]
+
+
+def test_each_mix_is_saved_before_the_next_runs(tmp_path, monkeypatch):
+    # a run stopped at its time limit keeps the mixes it finished
+    from nsa_flex.bench import cli, timing
+
+    calls = []
+
+    def fake_varlen(p, T, reps, mixes, seed):
+        saved = tmp_path / "results.json"
+        done = [r["mix"] for r in json.loads(saved.read_text())["rows"]] if saved.exists() else []
+        calls.append((mixes, seed, done))
+        return [timing.Row("varlen", "x", T, fwd_ms=1.0, mix=name) for name in mixes]
+
+    monkeypatch.setitem(cli.PARTS, "varlen", fake_varlen)
+    assert cli.main(["--quick", "--parts", "varlen", "--doc-mix", "long", "short", "--doc-seed", "7",
+                     "--seq-lens", "64", "--out", str(tmp_path)]) == 0
+    # --quick's mixes are 1/256 of the full ones
+    assert calls == [({"long": (64, 128)}, 7, []), ({"short": (4, 16)}, 7, ["long"])]
+    meta = json.loads((tmp_path / "results.json").read_text())["meta"]
+    assert meta["doc_mixes"] == {"long": [64, 128], "short": [4, 16]} and meta["doc_seed"] == 7

@@ -230,11 +230,17 @@ def main(argv: list[str] | None = None) -> int:
         import triton
 
         meta.update(gpu=torch.cuda.get_device_name(device), triton=triton.__version__)
+    # the units of work, results.json rewritten after each: a part, or the varlen part's one mix
+    units = []
+    for part in args.parts:
+        if part == "varlen":
+            units += [(part, dict(mixes={name: span}, seed=args.doc_seed)) for name, span in mixes.items()]
+        else:
+            units.append((part, {}))
     rows: list[Row] = []
     for p in problems:
         for T in lens:
-            for part in args.parts:
-                extra = dict(mixes=mixes, seed=args.doc_seed) if part == "varlen" else {}
+            for part, extra in units:
                 # Every contender, length and grad mode is its own graph of the bench's own
                 # torch.compile(flex_attention) calls too; past Dynamo's limit (8 per function) they
                 # would run FlexAttention unfused, materialising the scores (over 100 GiB at 16k):
@@ -248,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
                     torch.cuda.empty_cache()
                 for r in new_rows:  # progress, on stderr: stdout has the table once, at the end
                     print(_progress(r), file=sys.stderr, flush=True)
-                # after every part, so that a run stopped at a time limit keeps what it measured
+                # after every unit, so that a run stopped at a time limit keeps what it measured
                 (args.out / "results.json").write_text(json.dumps(dict(meta=meta, rows=[asdict(r) for r in rows]), indent=1))
     print(_table(rows))
     print(f"results: {args.out / 'results.json'}")
