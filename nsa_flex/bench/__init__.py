@@ -33,13 +33,16 @@ shape): ``reference`` (docs/semantics.md's ``B=1, Hq=64, Hkv=4, D=128``, the def
   is skipped at that ``T``.
 
 Each row's note says, in brackets beside its times, what a contender runs in place of its own
-code or leaves out. Times are ``triton.testing.do_bench`` medians on CUDA (forward, and forward+backward), peak
+code or leaves out.
+
+Times are ``triton.testing.do_bench`` medians on CUDA (forward, and forward+backward), peak
 memory is measured around one forward+backward. ``--quick`` runs tiny sizes, and on the CPU skips
 what needs CUDA and says so. Results: a line on stderr per contender as each part finishes, the
-table on stdout at the end, ``results.json`` (rewritten after every part and varlen mix) and ``times.png`` (with
-matplotlib: a row of panels per shape, a panel for each time measured, forward and
-forward+backward) under ``--out``. ``--merge A/results.json B/results.json ...`` joins the rows
-of separate runs (one shape and length each, on separate GPUs, say) into one table and plot.
+table on stdout at the end, ``results.json`` (rewritten after every part and varlen mix) and
+``times.png`` (with matplotlib: a row of panels per shape, a panel for each time measured,
+forward and forward+backward) under ``--out``. ``--merge A/results.json B/results.json ...``
+joins the rows of separate runs (one shape and length each, on separate GPUs, say) into one
+table and plot.
 
 Modules: :mod:`.timing` (rows, shapes, document mixes, timing, inputs), :mod:`.peers`
 (flash_nsa: its import, window stand-in and call), :mod:`.parts` (the parts above), :mod:`.cli`
