@@ -13,7 +13,7 @@
 #   WHAT=varlen SHAPES=gqa4-d128 MIXES="short long" bash scripts/gpu_bench.sh
 #
 # flash_nsa: nothing is copied here. PEERS names a folder holding flash_nsa/ (default peers/ in
-# the checkout: a copy of ../shared/peers that .git/info/exclude ignores, carried to the GPU
+# the checkout: a copy of ../shared/peers, which .gitignore ignores, carried to the GPU
 # machine); it goes on PYTHONPATH. Without it the flash_nsa rows say "skipped". The bench
 # replaces its window branch (flash-attn, absent there) by a compiled FlexAttention window and
 # brings its own pkg_resources shim if setuptools lacks one.
