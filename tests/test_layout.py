@@ -41,6 +41,7 @@ LAYERS = [
     ["testing.checks"],
     ["testing.contracts"],
     ["testing"],
+    ["bench.peers"],
     ["bench.parts"],
     ["bench.cli"],
     ["bench", "bench.__main__"],

@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import torch.nn.functional as F
 
 from .. import NSACache, attend, decode_step, masks, select_blocks, triton_backend, varlen
 from ..api import _selected_branch
 from ..compression import mean_compress
-from .timing import Problem, Row, _cuda_graph, _doc_lengths, _fla, _full_flex, _inputs, _measure, _time, _triton_timeable
+from .peers import flash_nsa_row
+from .timing import (
+    DOC_MIXES, Problem, Row, _cuda_graph, _fla, _full_flex, _inputs, _measure, _time, _triton_timeable, doc_lengths,
+    failure,
+)
+
+# fla's NSA layer has no window branch (its needs flash-attn): shown next to its numbers
+FLA_STAND_INS = "window: none (fla's needs flash-attn)"
 
 
 def bench_selected(p: Problem, T: int, reps: int) -> list[Row]:
@@ -60,7 +69,7 @@ def bench_layer(p: Problem, T: int, reps: int) -> list[Row]:
                              check=None if backend == "flex" else (ref, lambda o: o)))
     fla = _fla()
     if fla is None or p.device.type != "cuda":
-        rows.append(Row("layer", "fla parallel_nsa", T, note="skipped: needs fla-core and CUDA"))
+        rows.append(Row("layer", "fla parallel_nsa", T, note="skipped: needs fla-core and CUDA", stand_ins=FLA_STAND_INS))
     else:
         qt, kt, vt = (x.detach().transpose(1, 2).contiguous().requires_grad_() for x in (q, k, v))
         g = gates.detach().transpose(1, 2).contiguous()
@@ -69,8 +78,9 @@ def bench_layer(p: Problem, T: int, reps: int) -> list[Row]:
             lambda: fla(qt, kt, vt, g_cmp=g[..., 0], g_slc=g[..., 1], block_counts=config.num_selected,
                         block_size=config.select_block),
             (qt, kt, vt), p.device, reps,
-            note="compression (l=d=64) + top-n + selection; no window branch (needs flash-attn)",
+            note="compression (l=d=64) + top-n + selection", stand_ins=FLA_STAND_INS,
         ))
+    rows.append(flash_nsa_row("layer", p, T, q, k, v, gates, [T] * p.B, reps, ref=ref))
     return rows
 
 
@@ -92,7 +102,7 @@ def bench_full(p: Problem, T: int, reps: int) -> list[Row]:
             try:
                 rows.append(_measure("full", name, T, sdpa, (q, k, v), p.device, reps))
             except RuntimeError as e:  # a backend that refuses this shape or GQA
-                rows.append(Row("full", name, T, note=f"failed: {str(e).splitlines()[0][:100]}"))
+                rows.append(Row("full", name, T, note=f"failed: {failure(e, 100)}"))
     from torch.nn.attention.flex_attention import create_block_mask
 
     mask = create_block_mask(lambda b, h, qi, kv: kv <= qi, None, None, T, T, device=p.device)
@@ -125,7 +135,7 @@ def bench_decode(p: Problem, T: int, reps: int, batches=(1, 8)) -> list[Row]:
             gates = torch.rand(B, p.Hq, 1, 3, generator=g, device=p.device).to(p.dtype)
             k_full, v_full = rnd(B, p.Hkv, T + 1, p.D), rnd(B, p.Hkv, T + 1, p.D)
         except (RuntimeError, ValueError) as e:  # out of memory, most likely
-            rows.append(Row("decode", f"B={B}", T, note=f"failed: {type(e).__name__}: {str(e).splitlines()[0][:100]}"))
+            rows.append(Row("decode", f"B={B}", T, note=f"failed: {failure(e, 100)}"))
             continue
 
         def nsa():
@@ -165,7 +175,7 @@ def bench_decode(p: Problem, T: int, reps: int, batches=(1, 8)) -> list[Row]:
                         row.fwd_ms = _time(run, p.device, reps)
                     times[(name, graphed)] = row.fwd_ms
                 except (RuntimeError, AssertionError, ValueError, TypeError) as e:
-                    row.note = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
+                    row.note = f"failed: {failure(e)}"
                 rows.append(row)
         for row in rows[-2 * len(contenders):]:
             graphed = row.name.endswith("graph")
@@ -178,15 +188,39 @@ def bench_decode(p: Problem, T: int, reps: int, batches=(1, 8)) -> list[Row]:
     return rows
 
 
-def bench_varlen(p: Problem, T: int, reps: int) -> list[Row]:
+def bench_varlen(p: Problem, T: int, reps: int, mixes: dict[str, tuple[int, int]] | None = None,
+                 seed: int = 0) -> list[Row]:
+    """Packed documents: for each mix (name -> each document's ``(lo, hi)`` tokens, default
+    :data:`DOC_MIXES`' ``"mix"``), ``p.B`` rows of ``T`` tokens, each split into documents by
+    :func:`doc_lengths` (row ``b`` with seed ``seed + b``), laid end to end as one packed row of
+    ``p.B * T`` tokens. Each row is labelled with its mix; a mix that does not fit in ``T`` gives
+    one skipped row."""
+    rows = []
+    for mix, (lo, hi) in (mixes or {"mix": DOC_MIXES["mix"]}).items():
+        try:
+            lengths = [n for b in range(p.B) for n in doc_lengths(T, lo, hi, seed + b)]
+        except ValueError as e:
+            new = [Row("varlen", "every contender", T, note=f"skipped: {mix} ({lo}..{hi} tokens): {e}")]
+        else:
+            new = _varlen_rows(p, T, reps, lengths)
+        for r in new:
+            r.mix = mix
+        rows += new
+    return rows
+
+
+def _varlen_rows(p: Problem, T: int, reps: int, lengths: list[int]) -> list[Row]:
+    """Every varlen contender on one packed row of ``sum(lengths) = p.B * T`` tokens."""
     from torch.nn.attention.flex_attention import and_masks, create_block_mask
 
-    q, k, v, gates = _inputs(p, T)
+    packed = sum(lengths)
+    q, k, v, gates = _inputs(replace(p, B=1), packed)
     config = p.config
-    lengths = _doc_lengths(T)
     cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=p.device)
     docs = varlen.documents(cu)  # the one host read of cu_seqlens, outside the timings
-    note = f"{len(lengths)} docs, {min(lengths)}..{max(lengths)} tokens"
+    note = f"{len(lengths)} doc{'s' * (len(lengths) > 1)}, {min(lengths)}..{max(lengths)} tokens"
+    if p.B > 1:
+        note += f"; {p.B} rows of {T} as one packed row of {packed}"
     rows = []
     with torch.no_grad():
         ref = attend(q, k, v, gates, config=config, cu_seqlens=docs)
@@ -201,7 +235,7 @@ def bench_varlen(p: Problem, T: int, reps: int) -> list[Row]:
                              check=None if backend == "flex" else (ref, lambda o: o)))
     fla = _fla()
     if fla is None or p.device.type != "cuda":
-        rows.append(Row("varlen", "fla parallel_nsa", T, note="skipped: needs fla-core and CUDA"))
+        rows.append(Row("varlen", "fla parallel_nsa", T, note="skipped: needs fla-core and CUDA", stand_ins=FLA_STAND_INS))
     else:
         qt, kt, vt = (x.detach().transpose(1, 2).contiguous().requires_grad_() for x in (q, k, v))
         g = gates.detach().transpose(1, 2).contiguous()
@@ -211,12 +245,14 @@ def bench_varlen(p: Problem, T: int, reps: int) -> list[Row]:
                 lambda: fla(qt, kt, vt, g_cmp=g[..., 0], g_slc=g[..., 1], block_counts=config.num_selected,
                             block_size=config.select_block, cu_seqlens=cu.long()),
                 (qt, kt, vt), p.device, reps,
-                note=f"{note}; compression (l=d=64) + top-n + selection; no window branch",
+                note=f"{note}; compression (l=d=64) + top-n + selection", stand_ins=FLA_STAND_INS,
             ))
         except Exception as e:  # an fla version whose varlen path refuses this setup
-            rows.append(Row("varlen", "fla parallel_nsa", T, note=f"failed: {type(e).__name__}: {str(e)[:100]}"))
+            rows.append(Row("varlen", "fla parallel_nsa", T, note=f"failed: {type(e).__name__}: {str(e)[:100]}",
+                            stand_ins=FLA_STAND_INS))
+    rows.append(flash_nsa_row("varlen", p, T, q, k, v, gates, lengths, reps, ref=ref, note=note))
     doc_causal = and_masks(masks.causal_mask, masks.document_mask(docs.doc_id))
-    mask = create_block_mask(doc_causal, None, None, T, T, device=p.device)
+    mask = create_block_mask(doc_causal, None, None, packed, packed, device=p.device)
     fn = _full_flex(p.device)
     rows.append(_measure("varlen", "FlexAttention doc", T,
                          lambda: fn(q, k, v, block_mask=mask, enable_gqa=True), (q, k, v), p.device, reps,

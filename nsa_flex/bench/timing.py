@@ -24,6 +24,9 @@ class Row:
     peak_mib: float | None = None
     rel_err_vs_flex: float | None = None  # output against the flex backend's on the same inputs
     note: str = ""
+    shape: str = ""  # a name of SHAPES
+    mix: str = ""  # the varlen part's document mix, a name of DOC_MIXES
+    stand_ins: str = ""  # what the contender runs in place of its own code, or leaves out
 
 
 @dataclass
@@ -35,6 +38,31 @@ class Problem:
     dtype: torch.dtype
     device: torch.device
     config: NSAConfig = field(default_factory=NSAConfig)
+    name: str = "reference"  # a name of SHAPES
+
+
+# The shapes ``--shapes`` takes: (B, Hq, Hkv, D), bf16 on CUDA. "reference" is docs/semantics.md's;
+# "gqa4-*" have Llama-3 8B's heads (G = 4); "tiny" is --quick's default.
+SHAPES = {
+    "reference": (1, 64, 4, 128),
+    "gqa4-d128": (1, 32, 8, 128),
+    "gqa4-d64": (1, 32, 8, 64),
+    "small": (4, 6, 2, 64),
+    "tiny": (1, 4, 2, 32),
+}
+
+
+def shape_label(name: str) -> str:
+    """``"reference B=1 Hq=64 Hkv=4 D=128"``."""
+    B, Hq, Hkv, D = SHAPES[name]
+    return f"{name} B={B} Hq={Hq} Hkv={Hkv} D={D}"
+
+
+def failure(e: BaseException, width: int = 120) -> str:
+    """``"RuntimeError: its first line"``, cut to ``width``; an exception may have no message
+    (a bare ``assert`` in a peer's code)."""
+    line = (str(e).splitlines() or [""])[0][:width]
+    return f"{type(e).__name__}: {line}" if line else type(e).__name__
 
 
 def _time(fn: Callable[[], object], device: torch.device, reps: int) -> float:
@@ -63,7 +91,7 @@ def _peak_mib(fn: Callable[[], object], device: torch.device) -> float | None:
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
-def _measure(part, name, T, fwd, inputs, device, reps, note="", check=None) -> Row:
+def _measure(part, name, T, fwd, inputs, device, reps, note="", check=None, stand_ins="") -> Row:
     """Time ``fwd()`` and ``fwd()`` plus a backward into ``inputs``.
 
     ``check``: ``(reference output, map of this output to its layout)``; the relative error is
@@ -75,7 +103,7 @@ def _measure(part, name, T, fwd, inputs, device, reps, note="", check=None) -> R
         grads = torch.autograd.grad(out.float().sum(), inputs)
         return grads
 
-    row = Row(part, name, T, note=note)
+    row = Row(part, name, T, note=note, stand_ins=stand_ins)
     try:
         with torch.no_grad():
             if check is not None:
@@ -87,7 +115,7 @@ def _measure(part, name, T, fwd, inputs, device, reps, note="", check=None) -> R
             row.fwd_bwd_ms = _time(fwd_bwd, device, reps)
             row.peak_mib = _peak_mib(fwd_bwd, device)
     except (RuntimeError, AssertionError, ValueError, TypeError) as e:
-        row.note = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
+        row.note = f"failed: {failure(e)}"
     return row
 
 
@@ -147,23 +175,28 @@ def _cuda_graph(fn: Callable[[], object]) -> Callable[[], object]:
     return graph.replay
 
 
-def _doc_lengths(T: int, seed: int = 0) -> list[int]:
-    """A fixed-seed mix of document lengths in ``[T/64, T/4]`` summing to ``T`` (the last one cut)."""
-    g = torch.Generator().manual_seed(seed)
-    lo, hi = max(1, T // 64), max(1, T // 4)
-    lengths = []
-    while sum(lengths) < T:
-        n = int(torch.randint(lo, hi + 1, (1,), generator=g))
-        lengths.append(min(n, T - sum(lengths)))
-    return lengths
+# The document mixes of the varlen part: each document's length lies in ``[lo, hi]`` tokens.
+DOC_MIXES = {"short": (1024, 4096), "mix": (4096, 15360), "long": (16384, 32768)}
 
 
-def _doc_lengths(T: int, seed: int = 0) -> list[int]:
-    """A fixed-seed mix of document lengths in ``[T/64, T/4]`` summing to ``T`` (the last one cut)."""
+def doc_lengths(T: int, lo: int, hi: int, seed: int = 0) -> list[int]:
+    """Document lengths drawn with a fixed seed, each in ``[lo, hi]``, summing to ``T``.
+
+    Each length is uniform in ``[lo, hi]``, narrowed so that what remains is either none or at
+    least ``lo``, and the last document takes the rest once it is at most ``hi``. That needs
+    ``hi >= 2 * lo - 1`` (true of :data:`DOC_MIXES`, at any scale).
+
+    Raises:
+        ValueError: if ``T < lo`` (no document fits), or ``lo``/``hi`` admit no split.
+    """
+    if not 1 <= lo <= hi or hi < 2 * lo - 1:
+        raise ValueError(f"document lengths [{lo}, {hi}] need 1 <= lo and 2 * lo - 1 <= hi")
+    if T < lo:
+        raise ValueError(f"T = {T} is shorter than the shortest document ({lo} tokens)")
     g = torch.Generator().manual_seed(seed)
-    lo, hi = max(1, T // 64), max(1, T // 4)
-    lengths = []
-    while sum(lengths) < T:
-        n = int(torch.randint(lo, hi + 1, (1,), generator=g))
-        lengths.append(min(n, T - sum(lengths)))
-    return lengths
+    lengths, left = [], T
+    while left > hi:
+        n = int(torch.randint(lo, min(hi, left - lo) + 1, (1,), generator=g))
+        lengths.append(n)
+        left -= n
+    return lengths + [left]
