@@ -1,6 +1,6 @@
 """Profile of the Triton selected branch and of the whole layer, on a GPU (a probe, not a test).
 
-    PYTHONPATH=. python scripts/profile_selected.py [T] [--sweep[=fwd,dq,dkdv]] [--layer]
+    PYTHONPATH=. python scripts/profile_selected.py [T] [--sweep[=fwd,dq,dkdv]]
 
 The reference shape of docs/semantics.md (B=1, Hq=64, Hkv=4, D=128, bf16), one selection from
 ``select_blocks`` on random inputs. Prints, as do_bench medians:
@@ -16,8 +16,8 @@ The reference shape of docs/semantics.md (B=1, Hq=64, Hkv=4, D=128, bf16), one s
 - with ``--sweep`` (``--sweep=dkdv`` for some kernels only): each kernel at other ``BLOCK_N`` /
   ``num_warps`` / ``num_stages`` (dK/dV: also ``BLOCK_R`` rows a step, and the segment size),
   with its relative error against the default configuration;
-- with ``--layer``: a ``torch.profiler`` table of ``attend`` forward+backward for both backends
-  (the ten costliest CUDA kernels each).
+- (the whole layer's profile, at any shape, is ``scripts/profile_layer.py``; it replaced this
+  script's ``--layer``).
 """
 
 import sys
@@ -25,7 +25,7 @@ import sys
 import torch
 from triton.testing import do_bench
 
-from nsa_flex import NSAConfig, attend, select_blocks, tuning
+from nsa_flex import NSAConfig, select_blocks, tuning
 from nsa_flex.block_indices import kernel_indices
 from nsa_flex.compression import mean_compress
 from nsa_flex.kernels.selected import selected_dq_kernel, selected_fwd_kernel
@@ -100,32 +100,6 @@ ops_selected.launch_selected_backward(q, k, v, idx, o, lse, do, 64, scale)
 torch.cuda.synchronize()
 print(f"selected_backward peak memory above its inputs: {(torch.cuda.max_memory_allocated() - before) / 2**20:.0f} MiB",
       flush=True)
-
-if "--layer" in sys.argv:
-    gates = torch.rand(B, Hq, T, 3, device="cuda", generator=gen, dtype=torch.bfloat16)
-    leaves = [x.clone().requires_grad_() for x in (q, k, v, gates)]
-    for backend in ("flex", "triton"):
-        def forward(backend=backend):
-            with torch.no_grad():
-                return attend(*leaves, config=config, backend=backend)
-
-        step = lambda: torch.autograd.grad(attend(*leaves, config=config, backend=backend).float().sum(), leaves)  # noqa: E731
-        for what, fn in (("forward (no_grad)", forward), ("fwd+bwd", step)):
-            for _ in range(3):
-                fn()
-            torch.cuda.synchronize()
-            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-                fn()
-                torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            base_mem = torch.cuda.memory_allocated()
-            fn()
-            torch.cuda.synchronize()
-            peak = (torch.cuda.max_memory_allocated() - base_mem) / 2**20
-            print(f"--- layer {what}, backend={backend}: {med(fn):.2f} ms (do_bench median), peak {peak:.0f} MiB "
-                  "above the inputs", flush=True)
-            print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=16, max_name_column_width=60),
-                  flush=True)
 
 sweep = next((a for a in sys.argv if a.startswith("--sweep")), None)
 if sweep:
