@@ -414,9 +414,11 @@ def _attend_local(plan: _Plan, q, k_full, v_full, gates, *, config, backend, sca
         local += n
     if not outs:
         # An empty shard: its output still depends on the gathered keys, so that this rank,
-        # too, enters the reduce-scatter of the backward.
+        # too, enters the reduce-scatter of the backward (and on q and gates, whose gradients
+        # are then empty tensors rather than None).
         B, Hq, _, _ = q.shape
-        tie = (k_cmp.sum() + v_cmp.sum() + k_full.sum() + v_full.sum()) * 0
+        tie = (k_cmp.sum() + v_cmp.sum() + k_full.sum() + v_full.sum() + q.sum()) * 0
+        tie = tie if gates is None else tie + gates.sum() * 0
         return q.new_zeros(B, Hq, 0, v_full.shape[-1]) + tie
     return torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
 

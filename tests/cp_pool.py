@@ -10,6 +10,7 @@ rank raises here with that rank's traceback.
 
 from __future__ import annotations
 
+import io
 import os
 import queue
 import shutil
@@ -20,6 +21,23 @@ from datetime import timedelta
 import torch.multiprocessing as mp
 
 TIMEOUT_S = 120  # per job; gloo's own collective timeout is shorter (below)
+
+
+def _dumps(obj) -> bytes:
+    """``obj`` as bytes, now. Tensors put on a multiprocessing queue as they are would be moved
+    into shared memory by the queue's feeder thread later, while this process may be computing
+    with them (a reference computed meanwhile came out wrong)."""
+    buf = io.BytesIO()
+    import torch
+
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def _loads(data: bytes):
+    import torch
+
+    return torch.load(io.BytesIO(data), weights_only=False)
 
 
 def _worker(rank: int, world: int, store: str, jobs, results) -> None:
@@ -34,51 +52,70 @@ def _worker(rank: int, world: int, store: str, jobs, results) -> None:
         job = jobs.get()
         if job is None:
             break
-        fn, args = job
+        fn, args = _loads(job)
         try:
-            results.put((rank, True, fn(rank, world, group, *args)))
+            results.put((rank, True, _dumps(fn(rank, world, group, *args))))
         except BaseException:  # noqa: BLE001 - reported to the test, which fails
             results.put((rank, False, traceback.format_exc()))
-    dist.destroy_process_group()
+    # no destroy_process_group(): it waits on the other ranks, and the process ends here anyway
 
 
 class Pool:
     def __init__(self, world: int) -> None:
-        ctx = mp.get_context("spawn")
         self.world = world
-        self.dir = tempfile.mkdtemp(prefix=f"nsa_cp{world}_")
+        self._start()
+
+    def _start(self) -> None:
+        ctx = mp.get_context("spawn")
+        self.dir = tempfile.mkdtemp(prefix=f"nsa_cp{self.world}_")
         store = os.path.join(self.dir, "store")
-        self.jobs = [ctx.Queue() for _ in range(world)]
+        self.jobs = [ctx.Queue() for _ in range(self.world)]
         self.results = ctx.Queue()
-        self.procs = [ctx.Process(target=_worker, args=(r, world, store, self.jobs[r], self.results), daemon=True)
-                      for r in range(world)]
+        self.procs = [ctx.Process(target=_worker, args=(r, self.world, store, self.jobs[r], self.results), daemon=True)
+                      for r in range(self.world)]
         for p in self.procs:
             p.start()
 
     def run(self, fn, *args) -> list:
         """``fn(rank, world, group, *args)`` on every rank; the results in rank order."""
+        self.start(fn, *args)
+        return self.collect()
+
+    def start(self, fn, *args) -> None:
+        """Send the job to every rank and return at once (then :meth:`collect`)."""
+        job = _dumps((fn, args))
         for jobs in self.jobs:
-            jobs.put((fn, args))
+            jobs.put(job)
+
+    def collect(self) -> list:
+        """The started job's results in rank order; a failure on any rank raises."""
         out, errors = [None] * self.world, []
         for _ in range(self.world):
-            try:
-                rank, ok, value = self.results.get(timeout=TIMEOUT_S)
+            try:  # once a rank has failed, the others get a few seconds, not the whole timeout
+                rank, ok, value = self.results.get(timeout=5 if errors else TIMEOUT_S)
             except queue.Empty:
-                self.close()
-                raise AssertionError(f"a rank of the {self.world}-process group gave no answer in {TIMEOUT_S} s")
+                errors.append(f"a rank of the {self.world}-process group gave no answer in time")
+                break
             if ok:
-                out[rank] = value
+                out[rank] = _loads(value)
             else:
                 errors.append(f"rank {rank}:\n{value}")
         if errors:
+            # A rank that failed alone may have left the others inside a collective: start
+            # afresh, so that the next job does not meet them out of step.
+            self._restart()
             raise AssertionError("\n".join(sorted(errors)))
         return out
 
-    def close(self) -> None:
+    def _restart(self) -> None:
+        self.close(wait=1)
+        self._start()
+
+    def close(self, wait: float = 3) -> None:
         for jobs in self.jobs:
             jobs.put(None)
         for p in self.procs:
-            p.join(timeout=10)
+            p.join(timeout=wait)
             if p.is_alive():
                 p.terminate()
         shutil.rmtree(self.dir, ignore_errors=True)
