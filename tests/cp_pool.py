@@ -111,7 +111,7 @@ class Pool:
         self.close(wait=1)
         self._start()
 
-    def close(self, wait: float = 3) -> None:
+    def close(self, wait: float = 0.5) -> None:
         for jobs in self.jobs:
             jobs.put(None)
         for p in self.procs:

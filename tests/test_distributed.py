@@ -101,7 +101,7 @@ def test_sharded_attend_equals_attend_flex(pool2, shape, config, layout, seed):
 
 def test_sharded_attend_equals_attend_triton(pool2):
     pytest.importorskip("triton")
-    shape = Shape(1, 4, 2, 21, 16, 16)  # one tiny problem: Triton's interpreter is slow
+    shape = Shape(1, 2, 1, 13, 16, 16)  # one tiny problem: Triton's interpreter is slow
     _check_attend(pool2, _inputs(shape, 3, True, dtype=torch.float32), {"config": SMALL}, "zigzag", "triton", 1e-5)
 
 
