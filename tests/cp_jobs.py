@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from nsa_flex.distributed import context_parallel_attend, shard_sequence, unshard_sequence
+from nsa_flex.distributed import context_parallel_attend, local_positions, shard_sequence, unshard_sequence
 from nsa_flex.module import SparseAttention
 
 
@@ -44,12 +44,13 @@ def module_job(rank, world, group, args: dict, state: dict, x, dy, layout: str, 
 
 
 def round_trip_job(rank, world, group, x, dim: int, layout: str):
-    """``unshard(shard(x))`` and the shard's length; the gradient of the round trip."""
+    """``unshard(shard(x))``, the shard's length, the gradient of the round trip, and
+    ``local_positions``."""
     x = x.clone().requires_grad_()
     local = shard_sequence(x, group, dim, layout)
     back = unshard_sequence(local, group, dim, layout)
     back.sum().backward()
-    return back.detach(), local.shape[dim % x.dim()], x.grad
+    return back.detach(), local.shape[dim % x.dim()], x.grad, local_positions(x.shape[dim], group, layout)
 
 
 class PerRank:

@@ -118,12 +118,12 @@ def test_short_sequences_leave_shards_empty(pool, T):
 
 @settings(max_examples=5)
 @given(G=st.integers(1, 8), kv_heads=st.integers(1, 2), T=st.integers(1, 50), layout=st.sampled_from(LAYOUTS),
-       rotary=st.booleans(), packed=st.booleans(), data=st.data())
-def test_sharded_layer_equals_layer(pool, G, kv_heads, T, layout, rotary, packed, data):
+       packed=st.booleans(), data=st.data())
+def test_sharded_layer_equals_layer(pool, G, kv_heads, T, layout, packed, data):
     """Outputs and ``x``'s gradient equal the single-process layer's; the parameters' gradients
-    summed over the ranks equal its parameter gradients."""
-    args = dict(dim=12, heads=G * kv_heads, kv_heads=kv_heads, dim_head=4, config=SMALL, rotary=rotary,
-                backend="reference")
+    summed over the ranks equal its parameter gradients. With RoPE (the default), so that the
+    tokens' global positions matter."""
+    args = dict(dim=12, heads=G * kv_heads, kv_heads=kv_heads, dim_head=4, config=SMALL, backend="reference")
     torch.manual_seed(T)
     layer = SparseAttention(**args).double()
     x = torch.randn(1, T, 12, dtype=torch.float64)
@@ -175,10 +175,11 @@ def test_shard_unshard_round_trip(pool, size, T, where, layout, negative):
     x = torch.randn(shape, dtype=torch.float64)
     dim = where - len(shape) if negative else where
     got = pool.run(cp_jobs.round_trip_job, x, dim, layout)
-    for rank, (back, length, grad) in enumerate(got):
+    for rank, (back, length, grad, positions) in enumerate(got):
         assert torch.equal(back, x)
         mine = _rank_chunks(T, pool.world, layout)[rank]
         assert length == sum(b - a for a, b in mine)
+        assert positions.tolist() == [p for a, b in mine for p in range(a, b)]
         # unshard's backward sums the ranks' gradients (all ones): R at this rank's tokens
         held = torch.zeros(T, dtype=torch.bool)
         for a, b in mine:
