@@ -3,7 +3,8 @@
 Each of the ``R`` ranks holds ``T_local`` of the ``T`` tokens (:func:`shard_sequence`). The
 keys and values are all-gathered (under GQA they are a small part of the layer's tensors), the
 queries stay where they are, and each rank attends its own queries over the gathered keys: the
-rows ``start .. stop - 1`` of one chunk are one call of ``attend`` over the keys ``0 .. stop - 1``.
+rows ``start .. stop - 1`` of one chunk are one call of ``attend`` over the keys ``0 .. stop - 1``
+(in a packed row, one call per document the chunk meets, over that document's keys).
 The backward reduce-scatters the keys' and values' gradients, so each rank gets its shard of the
 sum over all ranks' queries. [distributed.md](distributed.md) has the layouts, the bytes moved
 per layer and the memory per rank.
@@ -349,6 +350,8 @@ def context_parallel_attend(
     config = resolve_config(config)
     check_backend(backend)
     _check_layout(layout)
+    if selection_grad and cu_seqlens is not None:
+        raise ValueError("selection_grad is not supported with cu_seqlens yet (as in attend)")
     facts = _facts(q, k, v, gates, config, backend, cu_seqlens)
     plan = _make_plan(q.shape[2], group, layout, q.device, facts)
     docs = None if cu_seqlens is None else resolve(cu_seqlens, plan.total_len, q.device, q.shape[0])
@@ -387,31 +390,37 @@ def _gather_kv(k: Tensor, v: Tensor, plan: _Plan, group) -> tuple[Tensor, Tensor
     return _GatherSequence.apply(k, plan, group, 2), _GatherSequence.apply(v, plan, group, 2)
 
 
-def _prefix_docs(docs: Documents, stop: int) -> Documents:
-    """The documents of the row's first ``stop`` tokens (the last one cut, later ones empty)."""
-    lengths = tuple(max(0, min(n, stop - s)) for s, n in zip(docs.starts, docs.lengths))
-    return Documents(lengths, docs.doc_id[:stop], docs.pos[:stop], docs.start[:stop])
+def _runs(start: int, stop: int, docs: Documents | None, config: NSAConfig):
+    """The calls of one piece ``[start, stop)``: ``(lo, hi, first, c0)`` for the queries
+    ``[lo, hi)`` over the keys ``[first, hi)``, whose compressed blocks start at ``c0``. Without
+    documents one call; in a packed row one per document the piece meets, each attended alone
+    (which is what packing means), so no call needs ``cu_seqlens``."""
+    if docs is None:
+        yield start, stop, 0, 0
+        return
+    for first, n, c0 in zip(docs.starts, docs.lengths, docs.compressed_offsets(config)):
+        lo, hi = max(start, first), min(stop, first + n)
+        if lo < hi:
+            yield lo, hi, first, c0
 
 
 def _attend_local(plan: _Plan, q, k_full, v_full, gates, *, config, backend, scale, docs, compress_k=None,
                   compress_v=None, selection_grad=False) -> Tensor:
-    """This rank's output rows: each local chunk is one call over the keys up to its end."""
+    """This rank's output rows: each local piece (in a packed row, each document's part of it) is
+    one call over the keys up to its end."""
     k_cmp = (compress_k or (lambda x, cu_seqlens: mean_compress(x, config, cu_seqlens)))(k_full, cu_seqlens=docs)
     v_cmp = (compress_v or (lambda x, cu_seqlens: mean_compress(x, config, cu_seqlens)))(v_full, cu_seqlens=docs)
     outs, local = [], 0
     for start, stop in plan.chunks[plan.rank]:
-        n = stop - start
-        if n == 0:
-            continue
-        sub = None if docs is None else _prefix_docs(docs, stop)
-        tc = config.num_compressed(stop) if sub is None else sub.num_compressed(config)
-        outs.append(_attend_rows(
-            q.narrow(2, local, n), k_full[:, :, :stop], v_full[:, :, :stop],
-            None if gates is None else gates.narrow(2, local, n), start,
-            config=config, k_cmp=k_cmp[:, :, :tc], v_cmp=v_cmp[:, :, :tc], backend=backend, scale=scale,
-            cu_seqlens=sub, selection_grad=selection_grad,
-        ))
-        local += n
+        for lo, hi, first, c0 in _runs(start, stop, docs, config):
+            rows, tc = slice(local + lo - start, local + hi - start), config.num_compressed(hi - first)
+            outs.append(_attend_rows(
+                q[:, :, rows], k_full[:, :, first:hi], v_full[:, :, first:hi],
+                None if gates is None else gates[:, :, rows], lo - first,
+                config=config, k_cmp=k_cmp[:, :, c0:c0 + tc], v_cmp=v_cmp[:, :, c0:c0 + tc], backend=backend,
+                scale=scale, selection_grad=selection_grad,
+            ))
+        local += stop - start
     if not outs:
         # An empty shard: its output still depends on the gathered keys, so that this rank,
         # too, enters the reduce-scatter of the backward (and on q and gates, whose gradients
