@@ -340,7 +340,7 @@ def context_parallel_attend(
             that differ across ranks (found by one all-gather of a few ints, so every rank
             raises). An error in this rank's own arguments is raised before any communication,
             on this rank only (the others then wait in the all-gather until the group's timeout,
-            as for any collective).
+            as for any collective); `selection_grad` with `cu_seqlens` (as `attend`).
 
     Communication: the all-gather of a few ints above; one all-gather of ``K`` and ``V``
     together (``T * Hkv * (Dk + Dv)`` elements per batch row), and in the backward one

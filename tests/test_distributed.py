@@ -84,9 +84,12 @@ def _check_attend(pool, full, kwargs, layout, backend, tol):
 
 @settings(max_examples=10)
 @given(shape=SHAPES, config=CONFIGS, layout=st.sampled_from(LAYOUTS), gates=st.booleans(), packed=st.booleans(),
-       seed=st.integers(0, 2**16), data=st.data())
-def test_sharded_attend_equals_attend_reference(pool, shape, config, layout, gates, packed, seed, data):
+       selection_grad=st.booleans(), seed=st.integers(0, 2**16), data=st.data())
+def test_sharded_attend_equals_attend_reference(pool, shape, config, layout, gates, packed, selection_grad, seed,
+                                                data):
     kwargs = {"config": config}
+    if selection_grad and not packed:  # gradients through the selection too
+        kwargs["selection_grad"] = True
     if packed:
         shape = Shape(1, shape.Hq, shape.Hkv, shape.T, shape.Dk, shape.Dv)
         kwargs["cu_seqlens"] = data.draw(cu_seqlens(shape.T), label="cu_seqlens")
@@ -229,6 +232,7 @@ def test_errors_name_the_argument(pool2):
         (unshard_sequence, (P(q, q[:, :1]), "GROUP"), {}),
         (cp_jobs.module_forward, ("GROUP", layer, dict(length_buckets="pow2")), {}),
         (cp_jobs.module_forward, ("GROUP", layer, {}), dict(return_aux=True)),
+        (cpa, (q, k, v), dict(group="GROUP", cu_seqlens=torch.tensor([0, 6]), selection_grad=True)),
     ]
     want = [
         ("ValueError", "layout"), ("ValueError", "gates"), ("ValueError", "backend"), ("ValueError", "dim"),
@@ -236,6 +240,7 @@ def test_errors_name_the_argument(pool2):
         ("ValueError", "layout='zigzag'"), ("ValueError", "q's heads differs"), ("ValueError", "config differs"),
         ("ValueError", "cu_seqlens differs"), ("ValueError", "layout='zigzag'"),
         ("ValueError", "x's other dimensions differs"), ("ValueError", "length_buckets"), ("ValueError", "return_aux"),
+        ("ValueError", "selection_grad"),
     ]
     for rank, seen in enumerate(pool2.run(cp_jobs.errors_job, calls)):
         for i, (got, (kind, text)) in enumerate(zip(seen, want)):
