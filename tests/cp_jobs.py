@@ -46,10 +46,11 @@ def module_job(rank, world, group, args: dict, state: dict, x, dy, layout: str, 
 def round_trip_job(rank, world, group, x, dim: int, layout: str):
     """``unshard(shard(x))``, the shard's length, the gradient of the round trip, and
     ``local_positions``."""
-    x = x.clone().requires_grad_()
+    x = x.clone().requires_grad_(x.is_floating_point())
     local = shard_sequence(x, group, dim, layout)
     back = unshard_sequence(local, group, dim, layout)
-    back.sum().backward()
+    if x.requires_grad:
+        back.sum().backward()
     return back.detach(), local.shape[dim % x.dim()], x.grad, local_positions(x.shape[dim], group, layout)
 
 

@@ -171,11 +171,12 @@ def test_layouts_cover_the_sequence_once():
 
 @settings(max_examples=6)
 @given(size=st.lists(st.integers(1, 3), min_size=1, max_size=3), T=st.integers(0, 19), where=st.integers(0, 3),
-       layout=st.sampled_from(LAYOUTS), negative=st.booleans())
-def test_shard_unshard_round_trip(pool, size, T, where, layout, negative):
+       layout=st.sampled_from(LAYOUTS), negative=st.booleans(), ids=st.booleans())
+def test_shard_unshard_round_trip(pool, size, T, where, layout, negative, ids):
+    """Any dim, float or integer (token ids): exact, and the backward sums over ranks."""
     where = min(where, len(size))
     shape = size[:where] + [T] + size[where:]
-    x = torch.randn(shape, dtype=torch.float64)
+    x = torch.randint(100, shape) if ids else torch.randn(shape, dtype=torch.float64)
     dim = where - len(shape) if negative else where
     got = pool.run(cp_jobs.round_trip_job, x, dim, layout)
     for rank, (back, length, grad, positions) in enumerate(got):
@@ -183,6 +184,8 @@ def test_shard_unshard_round_trip(pool, size, T, where, layout, negative):
         mine = _rank_chunks(T, pool.world, layout)[rank]
         assert length == sum(b - a for a, b in mine)
         assert positions.tolist() == [p for a, b in mine for p in range(a, b)]
+        if ids:
+            continue
         # unshard's backward sums the ranks' gradients (all ones): R at this rank's tokens
         held = torch.zeros(T, dtype=torch.bool)
         for a, b in mine:
