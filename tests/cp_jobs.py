@@ -34,6 +34,7 @@ def module_job(rank, world, group, args: dict, state: dict, x, dy, layout: str, 
     gradients, rank 0 also the gathered output and ``x``'s gradient."""
     layer = SparseAttention(**args, group=group, layout=layout).to(x.dtype)
     layer.load_state_dict(state)
+    assert f"layout={layout!r} over a group of {world}" in repr(layer)
     x_local = shard_sequence(x, group, 1, layout).requires_grad_()
     y = layer(x_local, cu_seqlens=cu_seqlens)
     (y * shard_sequence(dy, group, 1, layout)).sum().backward()
