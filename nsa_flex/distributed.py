@@ -396,7 +396,8 @@ def _runs(start: int, stop: int, docs: Documents | None, config: NSAConfig):
     documents one call; in a packed row one per document the piece meets, each attended alone
     (which is what packing means), so no call needs ``cu_seqlens``."""
     if docs is None:
-        yield start, stop, 0, 0
+        if start < stop:
+            yield start, stop, 0, 0
         return
     for first, n, c0 in zip(docs.starts, docs.lengths, docs.compressed_offsets(config)):
         lo, hi = max(start, first), min(stop, first + n)
@@ -433,14 +434,6 @@ def _attend_local(plan: _Plan, q, k_full, v_full, gates, *, config, backend, sca
 
 
 def _attend_rows(q: Tensor, k: Tensor, v: Tensor, gates: Tensor | None, offset: int, **kwargs) -> Tensor:
-    """Rows ``offset .. offset + Tq - 1`` of ``attend`` over ``k, v`` (``Tk = offset + Tq``).
-
-    TEMPORARY, until ``attend`` takes ``q_offset``: the queries and gates are padded with zeros
-    in front to all ``Tk`` positions, attended, and the rows cut out. Exact (queries do not
-    interact), but it does the work of ``Tk`` queries.
-    """
-    if offset == 0:
-        return attend(q, k, v, gates, **kwargs)
-    pad = (0, 0, offset, 0)
-    out = attend(F.pad(q, pad), k, v, None if gates is None else F.pad(gates, pad), **kwargs)
-    return out[:, :, offset:]
+    """Rows ``offset .. offset + Tq - 1`` of ``attend`` over ``k, v`` (``Tk = offset + Tq``): one
+    ``attend(..., q_offset=offset)`` call, whose work follows ``Tq``."""
+    return attend(q, k, v, gates, q_offset=offset, **kwargs)
