@@ -33,6 +33,7 @@ value, or device), with a message that names the argument.
 - `nsa_flex.masks`: the branches' mask_mods and BlockMask builders.
 - `nsa_flex.reference`: the dense oracle every backend is tested against.
 - `nsa_flex.varlen`: packed documents (`cu_seqlens`).
+- `nsa_flex.distributed`: context parallelism, one sequence sharded over a process group.
 - `nsa_flex.triton_backend`, `nsa_flex.dispatch` (which path each branch takes),
   `nsa_flex.ops` (the custom operators), `nsa_flex.bench`.
 """

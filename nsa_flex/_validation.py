@@ -168,8 +168,11 @@ def check_same_dtype(name: str, x: Tensor, q: Tensor) -> None:
         raise TypeError(f"{name} has dtype {x.dtype} but q has {q.dtype}")
 
 
-def check_qkv(q, k, v) -> None:
-    """q ``(B, Hq, T, Dk)``, k ``(B, Hkv, T, Dk)``, v ``(B, Hkv, T, Dv)``, Hkv dividing Hq."""
+def check_qkv(q, k, v, longer_kv: bool = False) -> None:
+    """q ``(B, Hq, T, Dk)``, k ``(B, Hkv, T, Dk)``, v ``(B, Hkv, T, Dv)``, Hkv dividing Hq.
+
+    ``longer_kv``: k and v may hold more positions than q (queries at an offset, checked by
+    :func:`resolve_q_offset`); they still hold the same number."""
     check_tensor("q", q, 4)
     check_tensor("k", k, 4)
     check_tensor("v", v, 4)
@@ -179,7 +182,7 @@ def check_qkv(q, k, v) -> None:
     B, Hq, T, Dk = q.shape
     if k.shape[0] != B or v.shape[0] != B:
         raise ValueError(f"batch sizes differ: q {B}, k {k.shape[0]}, v {v.shape[0]}")
-    if k.shape[2] != T or v.shape[2] != T:
+    if k.shape[2] != v.shape[2] or (not longer_kv and k.shape[2] != T):
         raise ValueError(f"sequence lengths differ: q {T}, k {k.shape[2]}, v {v.shape[2]}")
     if T < 1:
         raise ValueError("q must hold at least one token (T >= 1)")
@@ -196,6 +199,34 @@ def check_qkv(q, k, v) -> None:
         raise ValueError("head dims must be at least 1")
 
 
+def resolve_q_offset(q_offset, num_queries: int, num_keys: int):
+    """The absolute position of the first query: ``q_offset``, or ``num_keys - num_queries``
+    when ``None`` (the queries are the last ones). Queries at ``q_offset .. q_offset + Tq - 1``
+    must lie within the ``Tk`` keys' positions ``0 .. Tk - 1``.
+
+    A symbolic int (``torch.compile`` made the offset dynamic) passes unchecked, as in
+    :func:`check_int`."""
+    if q_offset is None:
+        if num_queries > num_keys:
+            raise ValueError(
+                f"sequence lengths differ: q {num_queries}, k {num_keys} (q may hold fewer positions than k, "
+                f"queries at an offset, q_offset; never more)"
+            )
+        return num_keys - num_queries
+    if isinstance(q_offset, torch.SymInt):
+        return q_offset
+    if isinstance(q_offset, bool) or not isinstance(q_offset, int):
+        raise TypeError(f"q_offset must be an int or None, got {type(q_offset).__name__}")
+    if q_offset < 0:
+        raise ValueError(f"q_offset must be >= 0, got {q_offset}")
+    if q_offset + num_queries > num_keys:
+        raise ValueError(
+            f"q_offset + Tq must be <= Tk: queries at {q_offset} .. {q_offset + num_queries - 1} but k and v "
+            f"hold positions 0 .. {num_keys - 1}"
+        )
+    return q_offset
+
+
 def check_kernel_head_dims(q: Tensor, v: Tensor, backend: str) -> None:
     """The kernels take head dims from ``FLEX_MIN_HEAD_DIM_CUDA`` (on CUDA) to ``MAX_HEAD_DIM``."""
     Dk, Dv = q.shape[-1], v.shape[-1]
@@ -209,15 +240,18 @@ def check_kernel_head_dims(q: Tensor, v: Tensor, backend: str) -> None:
 
 
 def check_qk_cmp(
-    q, k_cmp, config: NSAConfig, name: str = "k_cmp", head_dim: int | None = None, num_blocks: int | None = None
+    q, k_cmp, config: NSAConfig, name: str = "k_cmp", head_dim: int | None = None, num_blocks: int | None = None,
+    seq_len: int | None = None,
 ) -> None:
     """``k_cmp``/``v_cmp``: ``(B, Hkv, Tc, D)`` with ``Tc = config.num_compressed(T)``, or
-    ``num_blocks`` when given (a packed row: the documents' blocks together)."""
+    ``num_blocks`` when given (a packed row: the documents' blocks together). ``seq_len``: the
+    keys' length ``T`` when it is not ``q``'s (queries at an offset)."""
     check_tensor("q", q, 4)
     check_tensor(name, k_cmp, 4)
     check_same_device(name, k_cmp, q)
     check_same_dtype(name, k_cmp, q)
     B, Hq, T, Dk = q.shape
+    T = T if seq_len is None else seq_len
     if k_cmp.shape[0] != B:
         raise ValueError(f"{name} has batch {k_cmp.shape[0]} but q has {B}")
     Hkv = k_cmp.shape[1]

@@ -14,7 +14,7 @@ from typing import Callable, NamedTuple
 import torch
 from torch import Tensor
 
-from . import dispatch, reference, selection, triton_backend, varlen
+from . import dispatch, reference, scoring, selection, triton_backend, varlen
 from ._validation import (
     BACKENDS,
     check_backend,
@@ -25,6 +25,7 @@ from ._validation import (
     check_kernel_head_dims,
     check_qk_cmp,
     check_qkv,
+    resolve_q_offset,
     resolve_scale,
 )
 from .compression import mean_compress
@@ -80,6 +81,7 @@ def attend(
     return_aux: bool = False,
     cu_seqlens: Tensor | varlen.Documents | None = None,
     selection_grad: bool = False,
+    q_offset: int | None = None,
 ) -> Tensor | tuple[Tensor, NSAAux]:
     """Native Sparse Attention: compressed, selected and sliding-window attention, gated.
 
@@ -120,6 +122,10 @@ def attend(
             positions. A tensor is read on the host once per call.
         selection_grad: gradients through the selection, straight-through (below); `"flex"`
             and `"reference"` only, not with `cu_seqlens`.
+        q_offset: queries at an offset over a longer K/V (below): `q (B, Hq, Tq, Dk)` holds
+            the queries at positions `q_offset .. q_offset + Tq - 1`, `k`/`v` `(B, Hkv, Tk, D)`
+            the positions `0 .. Tk - 1`, with `q_offset + Tq <= Tk`. A Python int; `None`
+            (default) means `Tk - Tq`, the last positions (with `Tq == Tk`, the plain call).
 
     Returns:
         `out (B, Hq, T, Dv)` in `q`'s dtype, or `(out, aux)` when `return_aux=True`.
@@ -128,8 +134,11 @@ def attend(
         TypeError: a tensor argument is not a tensor or not floating point (`block_indices`:
             not int32/int64); `k`, `v`, `k_cmp`, `v_cmp` differ in dtype from `q`; `config` is
             not an `NSAConfig`; `scale` is not a real number; `score_mod`/`mask_mod` not
-            callable; `return_aux` or `selection_grad` not a `bool`.
-        ValueError: wrong rank; batch sizes, sequence lengths or head sizes that disagree; `Hq`
+            callable; `return_aux` or `selection_grad` not a `bool`; `q_offset` not an int or
+            `None` (a `bool` or a tensor included).
+        ValueError: wrong rank; batch sizes, sequence lengths or head sizes that disagree (`k` and
+            `v` of different lengths, `q` longer than them); a negative `q_offset`, or
+            `q_offset + Tq > Tk`, or a `q_offset` call with `cu_seqlens`; `Hq`
             not a multiple of `Hkv`; a tensor on another device than `q`; `gates` not
             `(B, Hq, T, 3)`; `k_cmp`/`v_cmp` not holding `Tc` blocks, or with other heads than
             `k`; `block_indices` not `(B, Hkv, T, n)`, or with a value outside `[-1, Ns)`; a
@@ -182,6 +191,18 @@ def attend(
     measured it. `tests/test_selection_grad.py` checks the gradient against finite differences
     of the surrogate whose weight is `imp - imp_0 + 1`.
 
+    **Queries at an offset.** With `q_offset`, `gates` are `(B, Hq, Tq, 3)`, `block_indices`
+    `(B, Hkv, Tq, n)` (in `[-1, Ns)`, `Ns = config.num_select_blocks(Tk)`), `k_cmp`/`v_cmp`
+    hold `Tc = config.num_compressed(Tk)` blocks, and `score_mod`/`mask_mod` see each query's
+    position `q_idx` (as on the whole sequence). The output `(B, Hq, Tq, Dv)`, the aux and the
+    gradients are those of rows `q_offset .. q_offset + Tq - 1` of the call on the whole
+    sequence, whatever the other queries hold: what chunked prefill and context parallelism
+    need. Keys after the last query are invisible (causality) and are not read; the work
+    follows `Tq` (the queries are not padded to `Tk`). Not with `cu_seqlens` (unless
+    `Tq == Tk` and the offset is 0, the plain call). Under `torch.compile` the offset is an
+    int the graph guards on: a second value recompiles once with the offset symbolic, and
+    later values reuse that graph (one more recompile where `q_offset + Tq` reaches `Tk`).
+
     **Compiling.** With the flex or triton backend, under `torch.compile(fullgraph=True)` this
     traces without graph breaks, forward and backward (the Triton kernels are custom operators,
     [compile.md](compile.md)).
@@ -222,24 +243,30 @@ def attend(
     documents, blocks counted from each document's start), pass `cu_seqlens=` instead
     ([varlen.md](varlen.md)).
     """
-    check_qkv(q, k, v)
+    check_qkv(q, k, v, longer_kv=True)
+    T, Tk = q.shape[2], k.shape[2]
+    offset = resolve_q_offset(q_offset, T, Tk)
     config = resolve_config(config)
     scale = resolve_scale(scale, q)
     docs = None
-    T = q.shape[2]
-    tc, ns = config.num_compressed(T), config.num_select_blocks(T)
+    tc, ns = config.num_compressed(Tk), config.num_select_blocks(Tk)
     if cu_seqlens is not None:
+        if Tk != T:
+            raise ValueError(
+                f"q_offset (queries at an offset, here q holds {T} of k's {Tk} positions) is not supported "
+                f"with cu_seqlens yet"
+            )
         docs = varlen.resolve(cu_seqlens, T, q.device, q.shape[0])
         tc, ns = docs.num_compressed(config), docs.num_select_blocks(config)
     if gates is not None:
         check_gates(gates, q)
     Dv = v.shape[-1]
     if k_cmp is not None:
-        check_qk_cmp(q, k_cmp, config, "k_cmp", num_blocks=tc)
+        check_qk_cmp(q, k_cmp, config, "k_cmp", num_blocks=None if docs is None else tc, seq_len=Tk)
         if k_cmp.shape[1] != k.shape[1]:
             raise ValueError(f"k_cmp has {k_cmp.shape[1]} heads but k has {k.shape[1]}")
     if v_cmp is not None:
-        check_qk_cmp(q, v_cmp, config, "v_cmp", head_dim=Dv, num_blocks=tc)
+        check_qk_cmp(q, v_cmp, config, "v_cmp", head_dim=Dv, num_blocks=None if docs is None else tc, seq_len=Tk)
         if v_cmp.shape[1] != k.shape[1]:
             raise ValueError(f"v_cmp has {v_cmp.shape[1]} heads but k has {k.shape[1]}")
     if block_indices is not None:
@@ -260,6 +287,14 @@ def attend(
     if selection_grad and docs is not None:
         raise ValueError("selection_grad is not supported with cu_seqlens yet")
 
+    given = block_indices
+    if offset + T < Tk:
+        # Keys past the last query are invisible (causality): the call runs on the keys
+        # 0 .. offset + T - 1 and their blocks, where q's rows are the last positions.
+        k, v, k_cmp, v_cmp, block_indices = _up_to_last_query(k, v, k_cmp, v_cmp, block_indices, config, offset + T)
+    # only where an offset is (the call without one passes the arguments of before)
+    at = {} if offset == 0 else {"q_offset": offset}
+
     paths = dispatch.plan(q, k, v, backend=backend, score_mod=score_mod, mask_mod=mask_mod, docs=docs,
                           block_indices=block_indices, selection_grad=selection_grad)
     if paths.compressed == "reference":
@@ -267,39 +302,72 @@ def attend(
         r = reference.attend(
             q, k, v, gates, config=config, k_cmp=k_cmp, v_cmp=v_cmp,
             block_indices=block_indices, scale=scale, score_mod=score_mod, mask_mod=mask_mod,
-            cu_seqlens=cu, selection_grad=selection_grad,
+            cu_seqlens=cu, selection_grad=selection_grad, **at,
         )
-        out, aux = r.out, NSAAux(r.block_indices, r.o_cmp, r.o_slc, r.o_swa)
+        out, aux = r.out, NSAAux(r.block_indices if given is None else given, r.o_cmp, r.o_slc, r.o_swa)
         return (out, aux) if return_aux else out
 
     k_cmp = mean_compress(k, config, docs) if k_cmp is None else k_cmp
     v_cmp = mean_compress(v, config, docs) if v_cmp is None else v_cmp
     if paths.scoring == "triton_lse":
-        o_cmp, lse = branches.compressed_branch(q, k_cmp, v_cmp, config, scale, return_lse=True)
-        block_indices = selection._select_row(q, k_cmp, config, scale, None, None, None, "triton", lse)
+        o_cmp, lse = branches.compressed_branch(q, k_cmp, v_cmp, config, scale, return_lse=True, **at)
+        block_indices = selection._select_row(q, k_cmp, config, scale, None, None, None, "triton", lse, **at)
     else:
         if paths.scoring != "given":
             block_indices = selection._select_rows(q, k_cmp, config, scale, score_mod, mask_mod, None, docs,
-                                                   paths.scoring)
-        o_cmp = branches.compressed_branch(q, k_cmp, v_cmp, config, scale, score_mod, mask_mod, docs=docs)
+                                                   paths.scoring, **at)
+        o_cmp = branches.compressed_branch(q, k_cmp, v_cmp, config, scale, score_mod, mask_mod, docs=docs, **at)
     slc_score_mod = score_mod
     if selection_grad:
-        importance = block_scores(q, k_cmp, config=config, scale=scale, score_mod=score_mod, mask_mod=mask_mod)
-        slc_score_mod = straight_through_score_mod(importance, config.select_block, q.shape[1] // k.shape[1], score_mod)
-    o_slc = _run_selected(paths.selected, q, k, v, block_indices, config, scale, slc_score_mod, mask_mod, docs)
-    o_swa = branches.window_branch(q, k, v, config, scale, score_mod, mask_mod, docs=docs)
+        if offset:
+            importance = _block_scores_at(q, k_cmp, config, scale, score_mod, mask_mod, offset)
+        else:
+            importance = block_scores(q, k_cmp, config=config, scale=scale, score_mod=score_mod, mask_mod=mask_mod)
+        slc_score_mod = straight_through_score_mod(importance, config.select_block, q.shape[1] // k.shape[1], score_mod,
+                                                   **at)
+    o_slc = _run_selected(paths.selected, q, k, v, block_indices, config, scale, slc_score_mod, mask_mod, docs, **at)
+    o_swa = branches.window_branch(q, k, v, config, scale, score_mod, mask_mod, docs=docs, **at)
     out = gate(o_cmp, o_slc, o_swa, gates)
-    return (out, NSAAux(block_indices, o_cmp, o_slc, o_swa)) if return_aux else out
+    return (out, NSAAux(block_indices if given is None else given, o_cmp, o_slc, o_swa)) if return_aux else out
 
 
-def _run_selected(path: str, q, k, v, block_indices, config, scale, score_mod=None, mask_mod=None, docs=None) -> Tensor:
+def _up_to_last_query(k, v, k_cmp, v_cmp, block_indices, config: NSAConfig, end: int):
+    """``k, v`` (and ``k_cmp, v_cmp``, ``block_indices`` when given) cut to the keys
+    ``0 .. end - 1``, ``end`` one past the last query: the rest is invisible to every query.
+    A given block past ``end``'s last one lies after every query's own block, so it selects
+    nothing; it becomes ``-1``."""
+    tc, ns = config.num_compressed(end), config.num_select_blocks(end)
+    k, v = k[:, :, :end], v[:, :, :end]
+    k_cmp = None if k_cmp is None else k_cmp[:, :, :tc]
+    v_cmp = None if v_cmp is None else v_cmp[:, :, :tc]
+    if block_indices is not None:
+        block_indices = torch.where(block_indices < ns, block_indices, -1).to(block_indices.dtype)
+    return k, v, k_cmp, v_cmp, block_indices
+
+
+def _block_scores_at(q, k_cmp, config, scale, score_mod, mask_mod, q_offset: int) -> Tensor:
+    """:func:`nsa_flex.block_scores` of the queries at positions ``q_offset ..`` (validated):
+    ``(B, Hkv, T, num_select_blocks(q_offset + T))``."""
+    B, _, T, _ = q.shape
+    if k_cmp.shape[2] == 0:
+        dtype = torch.promote_types(q.dtype, torch.float32)
+        zero = (q[..., :0].sum() + k_cmp.sum()).to(dtype)
+        return zero + q.new_zeros(B, k_cmp.shape[1], T, config.num_select_blocks(q_offset + T), dtype=dtype)
+    parts = [p for _, p in scoring.chunk_importance(q, k_cmp, config, scale, score_mod, mask_mod, None, True,
+                                                    q_offset=q_offset)]
+    return torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
+
+
+def _run_selected(path: str, q, k, v, block_indices, config, scale, score_mod=None, mask_mod=None, docs=None,
+                  **at) -> Tensor:
     """The selected branch on ``path`` (:func:`nsa_flex.dispatch.selected_path`); every path
-    takes the same arguments."""
+    takes the same arguments (``at``: ``q_offset=`` for queries at an offset)."""
     if path == "triton":
-        return triton_backend.selected_branch(q, k, v, block_indices, config, scale, score_mod, mask_mod, docs)
+        return triton_backend.selected_branch(q, k, v, block_indices, config, scale, score_mod, mask_mod, docs, **at)
     if path == "flex_fwd_triton_bwd":
-        return branches.selected_branch_triton_backward(q, k, v, block_indices, config, scale, score_mod, mask_mod, docs)
-    return branches.selected_branch(q, k, v, block_indices, config, scale, score_mod, mask_mod, docs)
+        return branches.selected_branch_triton_backward(q, k, v, block_indices, config, scale, score_mod, mask_mod,
+                                                        docs, **at)
+    return branches.selected_branch(q, k, v, block_indices, config, scale, score_mod, mask_mod, docs, **at)
 
 
 def _selected_branch(q, k, v, block_indices, config, scale, score_mod=None, mask_mod=None, docs=None, *,

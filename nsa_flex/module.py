@@ -14,6 +14,7 @@ from .inference import NSACache, decode_step, prefill
 from .inference.cache import check_cache
 from .compression import BlockCompressor
 from .config import NSAConfig, resolve_config
+from .distributed import _attend_local, _check_group, _check_layout, _facts, _gather_kv, _make_plan
 from .rotary import RotaryEmbedding
 from .varlen import Documents, resolve
 
@@ -88,6 +89,17 @@ class SparseAttention(nn.Module):
             the cost is the attention over up to the bucket's length. ``forward`` only
             (``prefill``/``decode`` never pad). Checked when set; may be changed after
             construction.
+        group: a ``torch.distributed`` process group over which the sequence is sharded
+            (context parallelism, [distributed.md](distributed.md)), or ``None`` (default).
+            With a group, ``forward`` takes this rank's shard ``(B, T_local, dim)`` of the
+            sequence (``nsa_flex.distributed.shard_sequence(x, group, dim=1, layout=layout)``)
+            and returns this rank's shard of the whole sequence's output; RoPE uses the tokens'
+            global positions, keys and values are all-gathered, and the learned compression runs
+            on the gathered ones. Parameter gradients are this rank's part: their sum over the
+            ranks is the single-process gradient, and reducing them is left to the wrapper (DDP,
+            FSDP, or an all-reduce), as for data parallelism. A plain attribute.
+        layout: how the sequence is sharded over ``group``: ``"zigzag"`` (default) or
+            ``"contiguous"`` (``nsa_flex.distributed``). A plain attribute.
 
     Raises:
         TypeError: a non-int size, a non-`NSAConfig` config, a non-bool `rotary`, `bias` or
@@ -97,7 +109,7 @@ class SparseAttention(nn.Module):
             with `rotary=True`, a `rotary_base` that is not finite and `> 1`, an unknown
             `backend`, or a `length_buckets` that is another string than `"pow2"`, empty, holds
             a length below 1 or is not strictly increasing (setting `layer.length_buckets`
-            checks the same).
+            checks the same); a `group` not a `ProcessGroup` (`TypeError`), or an unknown `layout`.
 
     Shapes:
         `forward(x)`: `x (B, T, dim) -> (B, T, dim)`.
@@ -170,6 +182,8 @@ class SparseAttention(nn.Module):
         bias: bool = False,
         selection_grad: bool = False,
         length_buckets: str | tuple[int, ...] | None = None,
+        group=None,
+        layout: str = "zigzag",
     ) -> None:
         super().__init__()
         kv_heads = heads if kv_heads is None else kv_heads
@@ -193,6 +207,9 @@ class SparseAttention(nn.Module):
         check_real("rotary_base", rotary_base, 1.0)
         check_bool("bias", bias)
         check_backend(backend)
+        if group is not None:
+            _check_group(group)
+        _check_layout(layout)
 
         self.dim = dim
         self.heads = heads
@@ -204,6 +221,8 @@ class SparseAttention(nn.Module):
         check_bool("selection_grad", selection_grad)
         self.selection_grad = selection_grad
         self.length_buckets = length_buckets
+        self.group = group
+        self.layout = layout
 
         self.to_q = nn.Linear(dim, heads * dim_head, bias=bias)
         self.to_k = nn.Linear(dim, kv_heads * dim_head, bias=bias)
@@ -226,6 +245,8 @@ class SparseAttention(nn.Module):
 
     def extra_repr(self) -> str:
         buckets = "" if self.length_buckets is None else f", length_buckets={self.length_buckets!r}"
+        if self.group is not None:
+            buckets += f", layout={self.layout!r} over a group of {torch.distributed.get_world_size(self.group)}"
         return (
             f"dim={self.dim}, heads={self.heads}, kv_heads={self.kv_heads}, "
             f"dim_head={self.dim_head}, dim_head_v={self.dim_head_v}, backend={self.backend!r}{buckets}, "
@@ -263,7 +284,13 @@ class SparseAttention(nn.Module):
             TypeError: `x` is not a floating tensor, or (outside autocast) not of the
                 parameters' dtype; a mod is not callable.
             ValueError: `x` is not `(B, T, dim)`, is on another device than the parameters, or
-                is longer than the largest length bucket; `attend` checks the rest.
+                is longer than the largest length bucket; with a `group`: `length_buckets`,
+                `score_mod`, `mask_mod` or `return_aux` given (not supported there), or what
+                `context_parallel_attend` refuses; `attend` checks the rest.
+
+        With ``group`` set, ``x`` is this rank's shard ``(B, T_local, dim)`` and so is the
+        output; ``cu_seqlens`` then describes the whole row (``T`` tokens), the same on every
+        rank, and every rank must call ``forward`` and the backward.
 
         The forward pass: project `q, k, v`; rotate `q` and `k` with RoPE; compress the
         **rotated** keys (`compress_k(k)`) and the values (`compress_v(v)`); compute the gates;
@@ -289,6 +316,8 @@ class SparseAttention(nn.Module):
                 f"x is on {x.device} but the module's parameters are on {self.to_q.weight.device}"
             )
 
+        if self.group is not None:
+            return self._forward_sharded(x, score_mod, mask_mod, return_aux, cu_seqlens)
         bucketed = self.length_buckets is not None
         if torch.compiler.is_compiling():
             _specialise_shape(x, keep_length=bucketed)
@@ -326,6 +355,27 @@ class SparseAttention(nn.Module):
             if return_aux:
                 aux = NSAAux(*(_first_tokens(a, T, dim=2) for a in aux))
         return (out, aux) if return_aux else out
+
+    def _forward_sharded(self, x: Tensor, score_mod, mask_mod, return_aux, cu_seqlens) -> Tensor:
+        """``forward`` over this rank's shard ``x (B, T_local, dim)`` of a sequence sharded over
+        ``self.group``: one small all-gather of shapes, one of the keys and values."""
+        for name, value in (("length_buckets", self.length_buckets), ("score_mod", score_mod),
+                            ("mask_mod", mask_mod), ("return_aux", return_aux or None)):
+            if value is not None:
+                raise ValueError(f"{name} is not supported with a sharded sequence (group set)")
+        q, k, v, gates = self._project(x)
+        facts = _facts(q, k, v, gates, self.config, self.backend, cu_seqlens)
+        plan = _make_plan(x.shape[1], self.group, self.layout, x.device, facts)
+        docs = None if cu_seqlens is None else resolve(cu_seqlens, plan.total_len, x.device, x.shape[0])
+        if self.rotary is not None:
+            positions = plan.positions(x.device)  # global positions, doc-local in a packed row
+            positions = positions if docs is None else docs.pos[positions]
+            q, k = self.rotary(q, positions=positions), self.rotary(k, positions=positions)
+        k_full, v_full = _gather_kv(k, v, plan, self.group)
+        out = _attend_local(plan, q, k_full, v_full, gates, config=self.config, backend=self.backend, scale=None,
+                            docs=docs, compress_k=self.compress_k, compress_v=self.compress_v,
+                            selection_grad=self.selection_grad)
+        return self.to_out(_merge_heads(out))
 
     def _pad_to_bucket(self, x: Tensor, docs: Documents | None) -> tuple[Tensor, Documents | None]:
         """``x (B, T, dim) -> (B, T_bucket, dim)``, zeros appended; a packed row's padding

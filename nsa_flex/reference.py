@@ -170,9 +170,10 @@ def _attend_rows(q, k, v, allowed_rows, t0, scale, kv_pos, score_mod, mask_mod):
     return _weighted_values(probs, seen, v), probs
 
 
-def _attention(q, k, v, allowed_rows, scale, kv_pos, score_mod=None, mask_mod=None, keep_probs=False):
+def _attention(q, k, v, allowed_rows, scale, kv_pos, score_mod=None, mask_mod=None, keep_probs=False, q_offset=0):
     """:func:`masked_attention` with the mask given per query chunk: ``allowed_rows(t0, t1)`` is
-    bool, broadcastable to ``(B, Hq, t1 - t0, S)``, for queries ``t0 .. t1 - 1``.
+    bool, broadcastable to ``(B, Hq, t1 - t0, S)``, for the queries at positions ``t0 .. t1 - 1``
+    (``q``'s row ``0`` is position ``q_offset``).
 
     The queries go through in chunks of :func:`_chunk_rows`, so that no ``T x S`` tensor is made
     unless ``keep_probs`` asks for the probabilities; with gradients each chunk is recomputed in
@@ -188,11 +189,11 @@ def _attention(q, k, v, allowed_rows, scale, kv_pos, score_mod=None, mask_mod=No
     v = v.repeat_interleave(G, dim=1)
     step = _chunk_rows(B, Hq, k.shape[2], torch.promote_types(q.dtype, k.dtype))
     if step >= T:
-        out, probs = _attend_rows(q, k, v, allowed_rows, 0, scale, kv_pos, score_mod, mask_mod)
+        out, probs = _attend_rows(q, k, v, allowed_rows, q_offset, scale, kv_pos, score_mod, mask_mod)
         return out, (probs if keep_probs else None)
     outs, probs = [], []
     for t0 in range(0, T, step):
-        args = (q[:, :, t0 : t0 + step], k, v, allowed_rows, t0, scale, kv_pos, score_mod, mask_mod)
+        args = (q[:, :, t0 : t0 + step], k, v, allowed_rows, q_offset + t0, scale, kv_pos, score_mod, mask_mod)
         if torch.is_grad_enabled() and not torch.compiler.is_compiling():
             o, p = checkpoint(_attend_rows, *args, use_reentrant=False)
         else:
@@ -243,20 +244,23 @@ def compressed_attention(
     scale: float,
     score_mod: Callable | None = None,
     mask_mod: Callable | None = None,
+    q_offset: int = 0,
 ) -> tuple[Tensor, Tensor]:
-    """Compressed branch: query ``t`` sees block ``i`` iff ``i*d + l - 1 <= t``.
+    """Compressed branch: query ``t`` sees block ``i`` iff ``i*d + l - 1 <= t``. ``q``'s rows
+    are the positions ``q_offset ..``; ``k_cmp`` holds blocks ``0 .. Tc - 1``.
 
     Returns ``(o_cmp (B, Hq, T, Dv), p_cmp (B, Hq, T, Tc))``.
     """
     B, Hq, T, _ = q.shape
-    kv_pos = compressed_kv_positions(T, config, q.device)
+    i = torch.arange(k_cmp.shape[2], device=q.device)
+    kv_pos = i * config.compress_stride + config.compress_block - 1
     if kv_pos.numel() == 0:
         return q.new_zeros(B, Hq, T, v_cmp.shape[-1]), q.new_zeros(B, Hq, T, 0)
 
     def visible(t0, t1):
         return kv_pos[None, :] <= torch.arange(t0, t1, device=q.device)[:, None]
 
-    return _attention(q, k_cmp, v_cmp, visible, scale, kv_pos, score_mod, mask_mod, keep_probs=True)
+    return _attention(q, k_cmp, v_cmp, visible, scale, kv_pos, score_mod, mask_mod, keep_probs=True, q_offset=q_offset)
 
 
 def overlap_matrix(seq_len: int, config: NSAConfig, dtype=torch.float64, device=None) -> Tensor:
@@ -272,25 +276,26 @@ def overlap_matrix(seq_len: int, config: NSAConfig, dtype=torch.float64, device=
     return m
 
 
-def selection_scores(p_cmp: Tensor, config: NSAConfig, num_kv_heads: int) -> Tensor:
+def selection_scores(p_cmp: Tensor, config: NSAConfig, num_kv_heads: int, seq_len: int | None = None) -> Tensor:
     """Importance of each selection block (eqs. 8-10): token-overlap mapping, then GQA group sum.
 
     Args:
         p_cmp: ``(B, Hq, T, Tc)`` compressed-branch probabilities.
+        seq_len: the keys' length (default ``T``), whose ``Tc`` blocks ``p_cmp`` covers.
 
     Returns:
         ``(B, Hkv, T, Ns)``.
     """
     B, Hq, T, _ = p_cmp.shape
-    p_slc = p_cmp @ overlap_matrix(T, config, p_cmp.dtype, p_cmp.device)
+    p_slc = p_cmp @ overlap_matrix(T if seq_len is None else seq_len, config, p_cmp.dtype, p_cmp.device)
     return p_slc.view(B, num_kv_heads, Hq // num_kv_heads, T, -1).sum(dim=2)
 
 
-def top_n(scores: Tensor, config: NSAConfig) -> Tensor:
+def top_n(scores: Tensor, config: NSAConfig, q_offset: int = 0) -> Tensor:
     """Top-n selection with forced initial and local blocks (docs/semantics.md, "Selection").
 
     Args:
-        scores: ``(B, Hkv, T, Ns)``.
+        scores: ``(B, Hkv, T, Ns)`` for the queries at positions ``q_offset ..``.
 
     Returns:
         ``(B, Hkv, T, n)`` int32: chosen blocks ascending, then ``-1`` padding.
@@ -298,14 +303,14 @@ def top_n(scores: Tensor, config: NSAConfig) -> Tensor:
     B, H, T, Ns = scores.shape
     n, ls = config.num_selected, config.select_block
     j = torch.arange(Ns, device=scores.device)[None, :]
-    current = (torch.arange(T, device=scores.device) // ls)[:, None]
+    current = ((torch.arange(T, device=scores.device) + q_offset) // ls)[:, None]
     candidate = j <= current
     forced = candidate & ((j < config.num_initial) | (j > current - config.num_local))
     inf = torch.tensor(float("inf"), dtype=scores.dtype, device=scores.device)
     key = torch.where(forced, inf, torch.where(candidate, scores, -inf))
     out = torch.full((B, H, T, n), -1, dtype=torch.int32, device=scores.device)
     for t in range(T):
-        m = min(n, Ns, t // ls + 1)  # candidates: blocks 0 .. t // ls (a host count, no device read)
+        m = min(n, Ns, (t + q_offset) // ls + 1)  # candidates: blocks 0 .. t // ls (a host count, no device read)
         # equal scores: the lower block first, the library's rule (docs/semantics.md)
         ranked = torch.sort(key[:, :, t], dim=-1, descending=True, stable=True).indices[..., :m]
         chosen = ranked.sort(dim=-1).values
@@ -320,13 +325,15 @@ def select_blocks(
     scale: float,
     score_mod: Callable | None = None,
     mask_mod: Callable | None = None,
+    q_offset: int = 0,
 ) -> tuple[Tensor, Tensor]:
-    """Block selection from scratch: returns ``(block_indices (B, Hkv, T, n), scores (B, Hkv, T, Ns))``."""
+    """Block selection from scratch: returns ``(block_indices (B, Hkv, T, n), scores (B, Hkv, T, Ns))``
+    for the queries at positions ``q_offset ..`` (the keys: ``q_offset + T`` positions)."""
     T = q.shape[2]
     v_dummy = k_cmp.new_zeros(*k_cmp.shape[:-1], 1)
-    _, p_cmp = compressed_attention(q, k_cmp, v_dummy, config, scale, score_mod, mask_mod)
-    scores = selection_scores(p_cmp, config, k_cmp.shape[1])
-    return top_n(scores, config), scores
+    _, p_cmp = compressed_attention(q, k_cmp, v_dummy, config, scale, score_mod, mask_mod, q_offset)
+    scores = selection_scores(p_cmp, config, k_cmp.shape[1], q_offset + T)
+    return top_n(scores, config, q_offset), scores
 
 
 def _allowed_by_selection(block_indices: Tensor, config: NSAConfig, seq_len: int, q_start: int = 0) -> Tensor:
@@ -355,17 +362,19 @@ def selected_attention(
     scale: float,
     score_mod: Callable | None = None,
     mask_mod: Callable | None = None,
+    q_offset: int = 0,
 ) -> Tensor:
     """Selected branch: query ``t`` of head ``h`` sees keys ``s <= t`` in the blocks
-    ``block_indices[b, h // G, t]`` (``-1`` entries select nothing)."""
-    T = q.shape[2]
+    ``block_indices[b, h // G, t]`` (``-1`` selects nothing); rows from position ``q_offset``."""
+    S = k.shape[2]
     G = q.shape[1] // k.shape[1]
 
     def allowed(t0, t1):
-        return _allowed_by_selection(block_indices[:, :, t0:t1], config, T, t0).repeat_interleave(G, dim=1)
+        rows = block_indices[:, :, t0 - q_offset : t1 - q_offset]
+        return _allowed_by_selection(rows, config, S, t0).repeat_interleave(G, dim=1)
 
-    kv_pos = torch.arange(T, device=q.device)
-    return _attention(q, k, v, allowed, scale, kv_pos, score_mod, mask_mod)[0]
+    kv_pos = torch.arange(S, device=q.device)
+    return _attention(q, k, v, allowed, scale, kv_pos, score_mod, mask_mod, q_offset=q_offset)[0]
 
 
 def window_attention(
@@ -376,16 +385,16 @@ def window_attention(
     scale: float,
     score_mod: Callable | None = None,
     mask_mod: Callable | None = None,
+    q_offset: int = 0,
 ) -> Tensor:
-    """Sliding window: query ``t`` sees keys ``t - w < s <= t``."""
-    T = q.shape[2]
-    s = torch.arange(T, device=q.device)
+    """Sliding window: query ``t`` sees keys ``t - w < s <= t`` (rows from position ``q_offset``)."""
+    s = torch.arange(k.shape[2], device=q.device)
 
     def allowed(t0, t1):
         t = torch.arange(t0, t1, device=q.device)[:, None]
         return (s[None, :] <= t) & (s[None, :] > t - config.window)
 
-    return _attention(q, k, v, allowed, scale, s, score_mod, mask_mod)[0]
+    return _attention(q, k, v, allowed, scale, s, score_mod, mask_mod, q_offset=q_offset)[0]
 
 
 def attend(
@@ -403,9 +412,14 @@ def attend(
     mask_mod: Callable | None = None,
     cu_seqlens: Tensor | None = None,
     selection_grad: bool = False,
+    q_offset: int = 0,
 ) -> ReferenceOutput:
     """The whole NSA layer (eq. 5), densely. Inputs are not validated: ``nsa_flex.attend``
     does that before it calls here.
+
+    ``q_offset``: ``q (B, Hq, Tq, Dk)`` (and ``gates``, ``block_indices``) hold the queries at
+    positions ``q_offset .. q_offset + Tq - 1``; ``k``, ``v`` positions ``0 .. Tk - 1``, and
+    ``k_cmp``/``v_cmp`` their ``num_compressed(Tk)`` blocks (not with ``cu_seqlens``).
 
     ``cu_seqlens`` (``(N+1,)`` document offsets of a packed row, ``B = 1``): each document is
     run alone, as the definition says (docs/varlen.md); ``k_cmp``/``v_cmp`` hold each
@@ -425,24 +439,25 @@ def attend(
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     k_cmp = mean_compress(k, config) if k_cmp is None else k_cmp
     v_cmp = mean_compress(v, config) if v_cmp is None else v_cmp
-    o_cmp, p_cmp = compressed_attention(q, k_cmp, v_cmp, config, scale, score_mod, mask_mod)
+    Tk = k.shape[2]
+    o_cmp, p_cmp = compressed_attention(q, k_cmp, v_cmp, config, scale, score_mod, mask_mod, q_offset)
     if block_indices is None:
         # Selection is not differentiable (docs/semantics.md): scores are computed without a graph.
-        scores = selection_scores(p_cmp.detach(), config, k.shape[1])
-        block_indices = top_n(scores, config)
+        scores = selection_scores(p_cmp.detach(), config, k.shape[1], Tk)
+        block_indices = top_n(scores, config, q_offset)
     slc_score_mod = score_mod
     if selection_grad:
         # straight-through: scores times 1 + imp - imp.detach(), imp the pair's importance
-        w = selection_scores(p_cmp, config, k.shape[1])
+        w = selection_scores(p_cmp, config, k.shape[1], Tk)
         w = (w - w.detach() + 1).to(q.dtype)
         G, ls, H, Ns = q.shape[1] // k.shape[1], config.select_block, k.shape[1], w.shape[-1]
 
         def slc_score_mod(score, b, h, t, s):
-            score = score * w[b, h // G, t, s // ls]
+            score = score * w[b, h // G, t - q_offset, s // ls]
             return score if score_mod is None else score_mod(score, b, h, t, s)
 
-    o_slc = selected_attention(q, k, v, block_indices, config, scale, slc_score_mod, mask_mod)
-    o_swa = window_attention(q, k, v, config, scale, score_mod, mask_mod)
+    o_slc = selected_attention(q, k, v, block_indices, config, scale, slc_score_mod, mask_mod, q_offset)
+    o_swa = window_attention(q, k, v, config, scale, score_mod, mask_mod, q_offset)
     if gates is None:
         out = o_cmp + o_slc + o_swa
     else:

@@ -79,9 +79,12 @@ def masked_softmax(scores: Tensor, allowed: Tensor, *, inplace: bool = False) ->
     return torch.where(allowed.any(dim=-1, keepdim=True), p, 0.0)
 
 
-def chunk_importance(q, k_cmp, config, scale, score_mod, mask_mod, chunk_size, differentiable=False):
+def chunk_importance(q, k_cmp, config, scale, score_mod, mask_mod, chunk_size, differentiable=False, q_offset=0):
     """Yield ``(start, importance (B, Hkv, C, Ns))`` for chunks of ``C`` queries from ``start``:
     the compressed branch's probabilities mapped onto selection blocks, summed over each group.
+    ``start`` counts ``q``'s rows; their positions are ``q_offset + start ..`` (queries at an
+    offset: ``k_cmp`` then holds the ``num_compressed(q_offset + T)`` blocks up to the last
+    query, and ``Ns = num_select_blocks(q_offset + T)``).
 
     In place where nothing differentiates (the selection itself), out of place for
     ``selection.block_scores``, whose chunks autograd replays; ``q (B, Hq, T, Dk)``,
@@ -95,6 +98,10 @@ def chunk_importance(q, k_cmp, config, scale, score_mod, mask_mod, chunk_size, d
     kv_pos = config.compressed_last_token(_index(tc, q.device, (1, 1, 1, tc)))  # the mods see a block there
     if chunk_size is None:
         chunk_size = tuning.importance_chunk(B, Hq, tc, dtype)
+        if chunk_size >= T:
+            # One chunk. (Said so, a compiled graph guards on this comparison alone, not on the
+            # chunk's size, when Tc is symbolic: queries at a dynamic offset.)
+            chunk_size = T
     b_idx = _index(B, q.device, (B, 1, 1, 1))
     h_idx = _index(Hq, q.device, (1, Hq, 1, 1))
 
@@ -102,7 +109,7 @@ def chunk_importance(q, k_cmp, config, scale, score_mod, mask_mod, chunk_size, d
         C = qc.shape[-2]
         s = (qc.to(dtype).unflatten(1, (Hkv, G)) @ kc.transpose(-1, -2)).flatten(1, 2)  # (B, Hq, C, Tc)
         s = s * scale if differentiable else s.mul_(scale)
-        t_idx = torch.arange(start, start + C, device=q.device, dtype=torch.int32).view(1, 1, -1, 1)
+        t_idx = torch.arange(q_offset + start, q_offset + start + C, device=q.device, dtype=torch.int32).view(1, 1, -1, 1)
         if score_mod is not None:
             s = score_mod(s, b_idx, h_idx, t_idx, kv_pos).expand_as(s)
             s = s if differentiable else s.clone()  # writable
@@ -117,7 +124,7 @@ def chunk_importance(q, k_cmp, config, scale, score_mod, mask_mod, chunk_size, d
         else:
             p = masked_softmax(s, allowed, inplace=True).nan_to_num_(0.0)
         p = p.unflatten(1, (Hkv, G)).sum(dim=2)  # eq. 10: heads of a group share a selection
-        return block_importance(p, config, T)
+        return block_importance(p, config, q_offset + T)
 
     for start in range(0, T, chunk_size):
         qc = q[:, :, start : min(T, start + chunk_size)]
@@ -129,7 +136,7 @@ def chunk_importance(q, k_cmp, config, scale, score_mod, mask_mod, chunk_size, d
 
 
 def straight_through_score_mod(
-    importance: Tensor, select_block: int, group_size: int, score_mod: Callable | None = None
+    importance: Tensor, select_block: int, group_size: int, score_mod: Callable | None = None, *, q_offset: int = 0
 ) -> Callable:
     """The selected branch's ``score_mod`` for gradients through the selection (issue 6,
     ``attend(..., selection_grad=True)``): each score is multiplied by
@@ -146,6 +153,8 @@ def straight_through_score_mod(
         select_block: ``l'``.
         group_size: ``G``; query head ``h`` reads row ``h // G``.
         score_mod: the user's, applied after the weight, or ``None``.
+        q_offset: the position of ``importance``'s first query row: the mod is called with
+            positions ``q_idx``, and reads row ``q_idx - q_offset`` (queries at an offset).
 
     Raises:
         TypeError, ValueError: naming the argument: ``importance`` not a 4-D floating tensor
@@ -156,17 +165,18 @@ def straight_through_score_mod(
     check_int("select_block", select_block, 1)
     check_int("group_size", group_size, 1)
     check_callable("score_mod", score_mod)
+    check_int("q_offset", q_offset, 0)
     B, H, T, Ns = importance.shape
-    if isinstance(T, int) and isinstance(Ns, int) and Ns != num_select_blocks(T, select_block):
+    if isinstance(T, int) and isinstance(Ns, int) and Ns != num_select_blocks(q_offset + T, select_block):
         raise ValueError(
-            f"importance must hold Ns = ceil(T / select_block) = {num_select_blocks(T, select_block)} blocks for "
-            f"T = {T}, got {Ns}"
+            f"importance must hold Ns = ceil((q_offset + T) / select_block) = "
+            f"{num_select_blocks(q_offset + T, select_block)} blocks for T = {T}, got {Ns}"
         )
     # flat, as selection_mask reads its bits (an Inductor CPU workaround, docs/design.md)
     weights = (importance - importance.detach() + 1).reshape(-1)
 
     def weighted(score, b, h, q_idx, kv_idx):
-        w = weights[((b * H + h // group_size) * T + q_idx) * Ns + kv_idx // select_block]
+        w = weights[((b * H + h // group_size) * T + (q_idx if q_offset == 0 else q_idx - q_offset)) * Ns + kv_idx // select_block]
         score = score * w.to(score.dtype)
         return score if score_mod is None else score_mod(score, b, h, q_idx, kv_idx)
 

@@ -34,35 +34,39 @@ def check_chunk_size(chunk_size) -> None:
 
 
 @torch.no_grad()
-def _select_row(q, k_cmp, config, scale, score_mod, mask_mod, chunk_size, path: str, lse=None) -> Tensor:
+def _select_row(q, k_cmp, config, scale, score_mod, mask_mod, chunk_size, path: str, lse=None, q_offset=0) -> Tensor:
     """``select_blocks`` of one sequence after validation, on ``path`` (``"triton"`` or
     ``"torch"``, :func:`nsa_flex.dispatch.scoring_path`). ``lse``: the compressed branch's
     ``(B, Hq, T)`` log-sum-exp (``attend`` computes that branch first on the ``"triton_lse"``
-    path); only the kernels read it."""
+    path); only the kernels read it. ``q_offset``: ``q``'s rows are the positions
+    ``q_offset ..``, and ``k_cmp`` the ``num_compressed(q_offset + T)`` blocks up to the last."""
     B, _, T, _ = q.shape
     Hkv, tc = k_cmp.shape[1], k_cmp.shape[2]
     if tc == 0:
         # Nothing compressed yet: every candidate scores 0, so only forced blocks and ties.
-        scores = q.new_zeros(B, Hkv, T, config.num_select_blocks(T), dtype=torch.float32)
-        return top_n_blocks(scores, config)
+        scores = q.new_zeros(B, Hkv, T, config.num_select_blocks(q_offset + T), dtype=torch.float32)
+        return top_n_blocks(scores, config, q_offset)
     if path == "triton":
+        extra = {} if q_offset == 0 else {"q_offset": q_offset}
         return select_blocks_fused_op(
             q, k_cmp, config.compress_block, config.compress_stride, config.select_block,
             config.num_selected, config.num_initial, config.num_local, scale, chunk_size,
-            None if lse is None else lse.detach().contiguous(),
+            None if lse is None else lse.detach().contiguous(), **extra,
         )
     out = []
-    for start, p in scoring.chunk_importance(q, k_cmp, config, scale, score_mod, mask_mod, chunk_size):
-        out.append(top_n_blocks(p, config, start))
+    extra = {} if q_offset == 0 else {"q_offset": q_offset}
+    for start, p in scoring.chunk_importance(q, k_cmp, config, scale, score_mod, mask_mod, chunk_size, **extra):
+        out.append(top_n_blocks(p, config, q_offset + start))
     return torch.cat(out, dim=2) if len(out) > 1 else out[0]
 
 
-def _select_rows(q, k_cmp, config, scale, score_mod, mask_mod, chunk_size, docs: Documents | None, path: str) -> Tensor:
+def _select_rows(q, k_cmp, config, scale, score_mod, mask_mod, chunk_size, docs: Documents | None, path: str,
+                 q_offset: int = 0) -> Tensor:
     """``select_blocks`` after validation: one sequence per batch row, or a packed row's
     documents each alone."""
     if docs is not None:
         return _select_documents(q, k_cmp, config, scale, score_mod, mask_mod, chunk_size, docs, path)
-    return _select_row(q, k_cmp, config, scale, score_mod, mask_mod, chunk_size, path)
+    return _select_row(q, k_cmp, config, scale, score_mod, mask_mod, chunk_size, path, q_offset=q_offset)
 
 
 def _select_documents(q, k_cmp, config, scale, score_mod, mask_mod, chunk_size, docs: Documents, path: str) -> Tensor:

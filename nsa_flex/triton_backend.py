@@ -68,16 +68,19 @@ def selected_attention(
     return _run(q, k, v, block_indices, select_block, scale, docs)
 
 
-def _run(q, k, v, block_indices, select_block, scale, docs: Documents | None = None) -> tuple[Tensor, Tensor]:
-    """:func:`selected_attention` after validation."""
-    T = q.shape[2]
+def _run(q, k, v, block_indices, select_block, scale, docs: Documents | None = None,
+         q_offset: int = 0) -> tuple[Tensor, Tensor]:
+    """:func:`selected_attention` after validation (``q_offset``: ``q``'s rows are the positions
+    ``q_offset ..`` over the keys of ``k``, not packed)."""
     packed = None
     if docs is not None:
         packed = PackedRow.from_documents(docs, select_block)
         block_indices = drop_past_query(block_indices, select_block, docs.pos)
-    idx = kernel_indices(block_indices, select_block, T)
+    idx = kernel_indices(block_indices, select_block, k.shape[2])
     docs_args = () if packed is None else packed.op_args()
-    return selected_attention_op(q.contiguous(), k.contiguous(), v.contiguous(), idx, select_block, scale, *docs_args)
+    at = {} if q_offset == 0 else {"q_offset": q_offset}
+    return selected_attention_op(q.contiguous(), k.contiguous(), v.contiguous(), idx, select_block, scale, *docs_args,
+                                 **at)
 
 
 def selected_branch(
@@ -90,9 +93,13 @@ def selected_branch(
     score_mod: Callable | None = None,
     mask_mod: Callable | None = None,
     docs: Documents | None = None,
+    q_offset: int = 0,
 ) -> Tensor:
     """``o_slc (B, Hq, T, Dv)`` for ``attend`` on the ``"triton"`` path, which has validated
-    (``docs``: a packed row, doc-local ``block_indices``). The kernels run no mods: the path is
+    (``docs``: a packed row, doc-local ``block_indices``; ``q_offset``: the queries are the
+    positions ``q_offset ..`` over the keys of ``k``). The kernels run no mods: the path is
     planned only without them, and ``score_mod``/``mask_mod`` (every selected branch's
     signature) are ``None``."""
-    return _run(q, k, v, block_indices, config.select_block, scale, docs)[0]
+    if q_offset == 0:  # (the call of before, which tests stub)
+        return _run(q, k, v, block_indices, config.select_block, scale, docs)[0]
+    return _run(q, k, v, block_indices, config.select_block, scale, docs, q_offset=q_offset)[0]

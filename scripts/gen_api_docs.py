@@ -41,6 +41,7 @@ SECTIONS = [
     ("nsa_flex.masks", "nsa_flex.masks", None),
     ("nsa_flex.reference", "nsa_flex.reference", None),
     ("Inference", "nsa_flex.inference", ["NSACache", "prefill", "decode_step"]),
+    ("Context parallelism", "nsa_flex.distributed", None),
     ("nsa_flex.varlen", "nsa_flex.varlen", ["Documents", "documents", "compressed_cu_seqlens"]),
     ("nsa_flex.triton_backend", "nsa_flex.triton_backend", ["selected_attention", "invert_selection", "available"]),
     ("nsa_flex.dispatch", "nsa_flex.dispatch", ["plan", "Paths"]),

@@ -32,7 +32,7 @@ LAYERS = [
     ["masks", "flex.branches", "inference.decode"],
     ["flex"],
     ["api"],  # attend(): validates, plans, runs the branches
-    ["inference.prompt"],
+    ["inference.prompt", "distributed"],  # distributed: context parallelism over attend
     ["inference"],
     ["module"],
     ["nsa_flex"],

@@ -49,8 +49,13 @@ def compressed_branch(
     mask_mod: Callable | None = None,
     docs: Documents | None = None,
     return_lse: bool = False,
+    q_offset: int = 0,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """``o_cmp (B, Hq, T, Dv)``: attention over the compressed blocks visible to each query.
+
+    ``q_offset``: the queries are the positions ``q_offset .. q_offset + T - 1`` and ``k_cmp``,
+    ``v_cmp`` hold the ``num_compressed(q_offset + T)`` blocks up to the last one (not with
+    ``docs``).
 
     ``docs``: a packed row's documents; ``k_cmp``/``v_cmp`` then hold each document's blocks
     concatenated, and a query sees only its own document's blocks. ``return_lse``: also the
@@ -72,6 +77,8 @@ def compressed_branch(
         block_mask = compressed_varlen_block_mask(docs, config, mask_mod=mask_mod, num_blocks=padded)
         pad = (0, 0, 0, padded - k_cmp.shape[2])
         k_cmp, v_cmp = torch.nn.functional.pad(k_cmp, pad), torch.nn.functional.pad(v_cmp, pad)
+    elif q_offset:
+        block_mask = compressed_block_mask(T, config, device=q.device, mask_mod=mask_mod, q_offset=q_offset)
     else:
         block_mask = compressed_block_mask(T, config, device=q.device, mask_mod=mask_mod)
     user_score = None
@@ -86,6 +93,8 @@ def compressed_branch(
         def user_score(score, b, h, q_idx, kv_idx):  # block kv_idx is seen at its last token
             return score_mod(score, b, h, q_idx, config.compressed_last_token(kv_idx))
 
+    if user_score is not None and q_offset:
+        user_score = _shift_score_queries(user_score, q_offset)
     G = Hq // k_cmp.shape[1]
     if tuning.compressed_kv_per_head(q.is_cuda, G, needs_backward(q, k_cmp, v_cmp)):
         k_cmp, v_cmp = k_cmp.repeat_interleave(G, dim=1), v_cmp.repeat_interleave(G, dim=1)
@@ -101,14 +110,29 @@ def window_branch(
     score_mod: Callable | None = None,
     mask_mod: Callable | None = None,
     docs: Documents | None = None,
+    q_offset: int = 0,
 ) -> Tensor:
     """``o_swa (B, Hq, T, Dv)``: the last ``window`` keys up to each query (``docs``: within its
-    document)."""
+    document). ``q_offset``: the queries are the positions ``q_offset ..``, over
+    ``q_offset + T`` keys (not with ``docs``)."""
     if docs is not None:
         block_mask = sliding_window_varlen_block_mask(docs, config.window, mask_mod=mask_mod)
+    elif q_offset:
+        block_mask = sliding_window_block_mask(q.shape[2], config.window, device=q.device, mask_mod=mask_mod,
+                                               q_offset=q_offset)
+        score_mod = None if score_mod is None else _shift_score_queries(score_mod, q_offset)
     else:
         block_mask = sliding_window_block_mask(q.shape[2], config.window, device=q.device, mask_mod=mask_mod)
     return run_flex(q, k, v, score_mod, block_mask, scale)
+
+
+def _shift_score_queries(score_mod: Callable, q_offset: int) -> Callable:
+    """``score_mod`` written for query positions, called with rows from position ``q_offset``."""
+
+    def shifted(score, b, h, q_idx, kv_idx):
+        return score_mod(score, b, h, q_idx + q_offset, kv_idx)
+
+    return shifted
 
 
 def selected_branch(
@@ -121,10 +145,12 @@ def selected_branch(
     score_mod: Callable | None = None,
     mask_mod: Callable | None = None,
     docs: Documents | None = None,
+    q_offset: int = 0,
 ) -> Tensor:
     """``o_slc (B, Hq, T, Dv)`` on FlexAttention, forward and backward (the ``"flex"`` path):
     each query attends the keys ``s <= t`` of its selected blocks (``docs``: doc-local block
-    indices, counted from each token's document start)."""
+    indices, counted from each token's document start; ``q_offset``: the queries are the
+    positions ``q_offset ..`` over ``q_offset + T`` keys, not with ``docs``)."""
     G = q.shape[1] // k.shape[1]
     compiled_cuda = q.is_cuda and torch.compiler.is_compiling()
     # Fold the group into rows, so that one K/V tile load serves the G heads of a group.
@@ -140,13 +166,13 @@ def selected_branch(
         # (compiled CUDA graphs, which plan this path only with mods or packed rows: 128x128
         # tiles, never the one-token tiles, dispatch.selected_path says why)
         block_size=tuning.flex_selected_tile(q.is_cuda, G, config, backward or compiled_cuda) if docs is None else None,
-        doc_start=None if docs is None else docs.start, transposed=backward,
+        doc_start=None if docs is None else docs.start, transposed=backward, q_offset=q_offset,
     )
     user_score = None
     if score_mod is not None:
 
         def user_score(score, b, h, q_idx, kv_idx):
-            return score_mod(score, b, h * G + q_idx % G, q_idx // G, kv_idx)
+            return score_mod(score, b, h * G + q_idx % G, q_idx // G + q_offset, kv_idx)
 
     return unfold_rows(run_flex(q_rows, k, v, user_score, block_mask, scale), G)
 
@@ -161,6 +187,7 @@ def selected_branch_triton_backward(
     score_mod: Callable | None = None,
     mask_mod: Callable | None = None,
     docs: Documents | None = None,
+    q_offset: int = 0,
 ) -> Tensor:
     """The selected branch for eager CUDA training (the ``"flex_fwd_triton_bwd"`` path):
     FlexAttention's forward over one-token tiles, then nsa_flex's Triton backward kernels from
@@ -180,12 +207,14 @@ def selected_branch_triton_backward(
     # flex_attention refuses CPU inputs that require grad, even under no_grad
     with torch.no_grad():
         block_mask = _selection_block_mask(  # attend has checked the selection
-            block_indices, config, group_size=G, block_size=tuning.selection_tile(G, config), transposed=False
+            block_indices, config, group_size=G, block_size=tuning.selection_tile(G, config), transposed=False,
+            q_offset=q_offset,
         )
         out, lse = run_flex(fold_rows(q.detach(), G), k.detach(), v.detach(), None, block_mask, scale, return_lse=True)
         lse = unfold_rows(lse, G)
-    idx = kernel_indices(block_indices, config.select_block, q.shape[2])
+    idx = kernel_indices(block_indices, config.select_block, k.shape[2])
+    at = {} if q_offset == 0 else {"q_offset": q_offset}
     # the Triton kernels write dQ/dK/dV with the strides of q/k/v: keep those dense
     return attach_selected_backward_op(
-        q.contiguous(), k.contiguous(), v.contiguous(), idx, out, lse, config.select_block, scale
+        q.contiguous(), k.contiguous(), v.contiguous(), idx, out, lse, config.select_block, scale, **at
     )

@@ -26,7 +26,7 @@ def block_scores_kernel(
     skb, skh, skt, skd,
     ssb, ssh, sst, ssn,
     slb, slh, slt,
-    Tc, Ns, Hkv, t_start, C, scale_log2,
+    Tc, Ns, Hkv, t_start, C, scale_log2, q_pos0,
     G: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, SEL_BLOCK: tl.constexpr,
     N_INITIAL: tl.constexpr, N_LOCAL: tl.constexpr,
     DK: tl.constexpr, BLOCK_DK: tl.constexpr,
@@ -57,7 +57,8 @@ def block_scores_kernel(
     row_ok = (g < G) & (local < C)
     dk = tl.arange(0, BLOCK_DK)
     dk_ok = dk < DK
-    q = tl.load(Q + b * sqb + (h * G + g)[:, None] * sqh + tok.to(tl.int64)[:, None] * sqt + dk[None, :] * sqd,
+    q_row = (tok - q_pos0).to(tl.int64)  # Q's (and LSE's) row 0 is position q_pos0
+    q = tl.load(Q + b * sqb + (h * G + g)[:, None] * sqh + q_row[:, None] * sqt + dk[None, :] * sqd,
                 mask=row_ok[:, None] & dk_ok[None, :], other=0.0)
     kc_ptr = KC + b * skb + h * skh
 
@@ -66,7 +67,7 @@ def block_scores_kernel(
     c = tl.arange(0, BLOCK_C)
 
     if HAS_LSE:
-        lse = tl.load(LSE + b * slb + (h * G + g) * slh + tok.to(tl.int64) * slt, mask=row_ok, other=float("inf"))
+        lse = tl.load(LSE + b * slb + (h * G + g) * slh + q_row * slt, mask=row_ok, other=float("inf"))
         # natural log to base 2; a row that sees nothing, or NaN: +inf, so that every p below is 0
         lse = tl.where((lse == float("-inf")) | (lse != lse), float("inf"), lse * 1.4426950408889634)
     else:

@@ -84,7 +84,7 @@ def selected_fwd_kernel(
     sib, sih, sit, sin,
     sob, soh, sot, sod,
     slb, slh, slt,
-    T, Hkv, scale,
+    T, Hkv, scale, q_pos0,
     G: tl.constexpr, N_SEL: tl.constexpr, SEL_BLOCK: tl.constexpr,
     DK: tl.constexpr, DV: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -102,7 +102,7 @@ def selected_fwd_kernel(
         j = tl.load(IDX + b * sib + h * sih + t * sit + slot * sin)
         if j >= 0:
             for off in range(0, SEL_BLOCK, BLOCK_N):
-                k, v, kv_ok = _kv_tile(k_base, v_base, skt, skd, svt, svd, doc0, j, off, t, n, dk, dv,
+                k, v, kv_ok = _kv_tile(k_base, v_base, skt, skd, svt, svd, doc0, j, off, q_pos0 + t, n, dk, dv,
                                        dk_ok, dv_ok, SEL_BLOCK)
                 s = _dot(q, tl.trans(k), IEEE)
                 s = tl.where(kv_ok[None, :], s * scale, float("-inf"))
@@ -132,7 +132,7 @@ def selected_dq_kernel(
     sdb, sdh, sdt, sdd,
     sob, soh, sot, sod,
     slb, slh, slt,
-    T, Hkv, scale,
+    T, Hkv, scale, q_pos0,
     G: tl.constexpr, N_SEL: tl.constexpr, SEL_BLOCK: tl.constexpr,
     DK: tl.constexpr, DV: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -157,7 +157,7 @@ def selected_dq_kernel(
         j = tl.load(IDX + b * sib + h * sih + t * sit + slot * sin)
         if j >= 0:
             for off in range(0, SEL_BLOCK, BLOCK_N):
-                k, v, kv_ok = _kv_tile(k_base, v_base, skt, skd, svt, svd, doc0, j, off, t, n, dk, dv,
+                k, v, kv_ok = _kv_tile(k_base, v_base, skt, skd, svt, svd, doc0, j, off, q_pos0 + t, n, dk, dv,
                                        dk_ok, dv_ok, SEL_BLOCK)
                 s = _dot(q, tl.trans(k), IEEE)
                 dp = _dot(do, tl.trans(v), IEEE)
@@ -194,7 +194,7 @@ def _block_keys(K, V, BLK_START, BLK_END, j, off, used, skt, skd, svt, svd, n, d
 
 @triton.jit
 def _dkdv_gather(Q, DO, LSE, DELTA, QLIST, lo, hi, k, v, s_pos, in_block,
-                 sqh, sqt, sqd, sdh, sdt, sdd, slh, slt, scale,
+                 sqh, sqt, sqd, sdh, sdt, sdd, slh, slt, scale, q_pos0,
                  G: tl.constexpr, QUERIES: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                  BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr,
                  BLOCK_DV: tl.constexpr, IEEE: tl.constexpr):
@@ -227,7 +227,7 @@ def _dkdv_gather(Q, DO, LSE, DELTA, QLIST, lo, hi, k, v, s_pos, in_block,
         # scores transposed, (BLOCK_N, BLOCK_R): K and V as the left operands are staged in
         # shared memory once, before the loop (on the right, Triton re-stored them every step,
         # seen in the sm_90 IR), and p, dS come out as the dV and dK products take them
-        ok = in_block[:, None] & r_ok[None, :] & (s_pos[:, None] <= t[None, :])
+        ok = in_block[:, None] & r_ok[None, :] & (s_pos[:, None] <= q_pos0 + t[None, :])
         s = _dot(k, tl.trans(q), IEEE)
         dp = _dot(v, tl.trans(do), IEEE)
         p = tl.where(ok, tl.exp(s * scale - lse[None, :]), 0.0)
@@ -250,7 +250,7 @@ def selected_dkdv_partial_kernel(
     sob, soh,
     spb, sps, spr, spd,
     svpb, svps, svpr, svpd,
-    T, Hkv, NS, scale,
+    T, Hkv, NS, scale, q_pos0,
     G: tl.constexpr, QUERIES: tl.constexpr, SEGMENT: tl.constexpr, SEL_BLOCK: tl.constexpr,
     CHUNKS: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -290,7 +290,7 @@ def selected_dkdv_partial_kernel(
     dk_acc, dv_acc = _dkdv_gather(
         Q + b * sqb + h * G * sqh, DO + b * sdb + h * G * sdh, LSE + b * slb + h * G * slh,
         DELTA + b * slb + h * G * slh, QLIST + b * sxb + h * sxh, lo, hi, k, v, s_pos, in_block,
-        sqh, sqt, sqd, sdh, sdt, sdd, slh, slt, scale,
+        sqh, sqt, sqd, sdh, sdt, sdd, slh, slt, scale, q_pos0,
         G, QUERIES, DK, DV, BLOCK_R, BLOCK_N, BLOCK_DK, BLOCK_DV, IEEE,
     )
     row = off + n
@@ -314,7 +314,7 @@ def selected_dkdv_kernel(
     ssb, ssh,
     spb, sps, spr, spd,
     svpb, svps, svpr, svpd,
-    T, Hkv, scale,
+    T, Hkv, scale, q_pos0,
     G: tl.constexpr, QUERIES: tl.constexpr, SEGMENT: tl.constexpr, SPLIT: tl.constexpr,
     SEL_BLOCK: tl.constexpr, CHUNKS: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -346,7 +346,7 @@ def selected_dkdv_kernel(
     dk_acc, dv_acc = _dkdv_gather(
         Q + b * sqb + h * G * sqh, DO + b * sdb + h * G * sdh, LSE + b * slb + h * G * slh,
         DELTA + b * slb + h * G * slh, QLIST + b * sxb + h * sxh, start, tl.minimum(stop, start + SEGMENT),
-        k, v, s_pos, in_block, sqh, sqt, sqd, sdh, sdt, sdd, slh, slt, scale,
+        k, v, s_pos, in_block, sqh, sqt, sqd, sdh, sdt, sdd, slh, slt, scale, q_pos0,
         G, QUERIES, DK, DV, BLOCK_R, BLOCK_N, BLOCK_DK, BLOCK_DV, IEEE,
     )
     row = off + n

@@ -129,18 +129,35 @@ def _with_user_mask(mask_mod: MaskMod, user_mask: MaskMod | None, full_tiles):
     return and_masks(mask_mod, user_mask), None
 
 
+def shift_queries(mask_mod: MaskMod, q_offset) -> MaskMod:
+    """``mask_mod`` written for query positions, called with query rows that start at position
+    ``q_offset`` (queries at an offset); ``mask_mod`` itself when the offset is 0."""
+    if isinstance(q_offset, int) and q_offset == 0:
+        return mask_mod
+
+    def shifted(b, h, q_idx, kv_idx):
+        return mask_mod(b, h, q_idx + q_offset, kv_idx)
+
+    return shifted
+
+
+def check_q_offset(q_offset) -> None:
+    """``q_offset``: an int ``>= 0`` (a symbolic one passes)."""
+    check_int("q_offset", q_offset, 0)
+
+
 @functools.lru_cache(maxsize=64)
-def _compressed_block_mask_cached(seq_len, config, device, block_size):
-    return _build_compressed_block_mask(seq_len, config, device, None, block_size)
+def _compressed_block_mask_cached(seq_len, config, device, block_size, q_offset=0):
+    return _build_compressed_block_mask(seq_len, config, device, None, block_size, q_offset)
 
 
-def _build_compressed_block_mask(seq_len, config, device, user_mask, block_size):
-    tc = config.num_compressed(seq_len)
+def _build_compressed_block_mask(seq_len, config, device, user_mask, block_size, q_offset=0):
+    tc = config.num_compressed(q_offset + seq_len)
     any_t, full_t = _interval_tiles(
         seq_len,
         tc,
         lo=lambda t: torch.zeros_like(t),
-        hi=lambda t: config.num_visible_compressed(t) - 1,  # the last block t sees
+        hi=lambda t: config.num_visible_compressed(t + q_offset) - 1,  # the last block t sees
         block_size=block_size,
         device=device,
     )
@@ -151,7 +168,7 @@ def _build_compressed_block_mask(seq_len, config, device, user_mask, block_size)
             return user_mask(b, h, q_idx, config.compressed_last_token(kv_idx))
 
     mask_mod, full_t = _with_user_mask(compressed_mask(config), user, full_t)
-    return _from_tiles(any_t, full_t, (seq_len, tc), mask_mod, block_size)
+    return _from_tiles(any_t, full_t, (seq_len, tc), shift_queries(mask_mod, q_offset), block_size)
 
 
 def compressed_block_mask(
@@ -161,13 +178,17 @@ def compressed_block_mask(
     device: torch.device | str = "cpu",
     mask_mod: MaskMod | None = None,
     block_size: tuple[int, int] = (Q_BLOCK, KV_BLOCK),
+    q_offset: int = 0,
 ) -> BlockMask:
     """BlockMask of the compressed branch: ``T`` queries against ``Tc`` compressed blocks.
 
     Args:
-        seq_len: ``T`` (must have ``Tc >= 1``).
+        seq_len: ``T``, the queries (must have ``Tc >= 1``).
         mask_mod: the user's mask, ANDed in; it sees compressed block ``i`` at position
-            ``i*d + l - 1``, its last token.
+            ``i*d + l - 1``, its last token, and the queries at their positions.
+        q_offset: the queries' first position: they are ``q_offset .. q_offset + T - 1``, and
+            the mask is ``(1, 1, T, Tc)`` with ``Tc = config.num_compressed(q_offset + T)``, the
+            blocks up to the last query.
 
     Without a user mask the result is cached per (length, config, device, tile size) outside
     ``torch.compile``; inside a compiled graph it is rebuilt, from a handful of fused ops.
@@ -182,32 +203,39 @@ def compressed_block_mask(
     device = resolve_device(device)
     check_callable("mask_mod", mask_mod)
     block_size = check_block_size(block_size)
-    if config.num_compressed(seq_len) < 1:
-        raise ValueError(f"seq_len {seq_len} is shorter than compress_block {config.compress_block}")
+    check_q_offset(q_offset)
+    if config.num_compressed(q_offset + seq_len) < 1:
+        raise ValueError(
+            f"q_offset + seq_len ({q_offset} + {seq_len}) is shorter than compress_block {config.compress_block}"
+            if q_offset else f"seq_len {seq_len} is shorter than compress_block {config.compress_block}"
+        )
     if mask_mod is None and not torch.compiler.is_compiling():
-        return _compressed_block_mask_cached(seq_len, config, device, block_size)
-    return _build_compressed_block_mask(seq_len, config, device, mask_mod, block_size)
+        if q_offset == 0:  # (the cache key of before)
+            return _compressed_block_mask_cached(seq_len, config, device, block_size)
+        return _compressed_block_mask_cached(seq_len, config, device, block_size, q_offset)
+    return _build_compressed_block_mask(seq_len, config, device, mask_mod, block_size, q_offset)
 
 
 @functools.lru_cache(maxsize=64)
 
 
 @functools.lru_cache(maxsize=64)
-def _window_block_mask_cached(seq_len, window, device, block_size):
-    return _build_window_block_mask(seq_len, window, device, None, block_size)
+def _window_block_mask_cached(seq_len, window, device, block_size, q_offset=0):
+    return _build_window_block_mask(seq_len, window, device, None, block_size, q_offset)
 
 
-def _build_window_block_mask(seq_len, window, device, user_mask, block_size):
+def _build_window_block_mask(seq_len, window, device, user_mask, block_size, q_offset=0):
+    kv_len = q_offset + seq_len
     any_t, full_t = _interval_tiles(
         seq_len,
-        seq_len,
-        lo=lambda t: t - (window - 1),
-        hi=lambda t: t,
+        kv_len,
+        lo=lambda t: t + q_offset - (window - 1),
+        hi=lambda t: t + q_offset,
         block_size=block_size,
         device=device,
     )
     mask_mod, full_t = _with_user_mask(sliding_window_mask(window), user_mask, full_t)
-    return _from_tiles(any_t, full_t, (seq_len, seq_len), mask_mod, block_size)
+    return _from_tiles(any_t, full_t, (seq_len, kv_len), shift_queries(mask_mod, q_offset), block_size)
 
 
 def sliding_window_block_mask(
@@ -217,9 +245,11 @@ def sliding_window_block_mask(
     device: torch.device | str = "cpu",
     mask_mod: MaskMod | None = None,
     block_size: tuple[int, int] = (Q_BLOCK, KV_BLOCK),
+    q_offset: int = 0,
 ) -> BlockMask:
     """BlockMask of the sliding-window branch (``T x T``), with the user's ``mask_mod`` ANDed in.
-    Cached like :func:`compressed_block_mask`.
+    Cached like :func:`compressed_block_mask`. ``q_offset``: the ``T`` queries are the positions
+    ``q_offset .. q_offset + T - 1`` over ``q_offset + T`` keys (``(1, 1, T, q_offset + T)``).
 
     Raises:
         TypeError, ValueError: naming the argument: ``seq_len`` or ``window`` not a positive
@@ -230,9 +260,12 @@ def sliding_window_block_mask(
     device = resolve_device(device)
     check_callable("mask_mod", mask_mod)
     block_size = check_block_size(block_size)
+    check_q_offset(q_offset)
     if mask_mod is None and not torch.compiler.is_compiling():
-        return _window_block_mask_cached(seq_len, window, device, block_size)
-    return _build_window_block_mask(seq_len, window, device, mask_mod, block_size)
+        if q_offset == 0:  # (the cache key of before)
+            return _window_block_mask_cached(seq_len, window, device, block_size)
+        return _window_block_mask_cached(seq_len, window, device, block_size, q_offset)
+    return _build_window_block_mask(seq_len, window, device, mask_mod, block_size, q_offset)
 
 
 def compressed_varlen_block_mask(docs, config: NSAConfig, *, mask_mod: MaskMod | None = None,

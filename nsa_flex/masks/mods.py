@@ -79,10 +79,11 @@ def _check_selection(block_indices, config: NSAConfig) -> None:
     check_index_range("block_indices", block_indices, -1, ns, seq_len=T)
 
 
-def _selection_bits(block_indices: Tensor, config: NSAConfig) -> Tensor:
-    """:func:`selection_bits` after validation."""
+def _selection_bits(block_indices: Tensor, config: NSAConfig, num_blocks: int | None = None) -> Tensor:
+    """:func:`selection_bits` after validation; ``num_blocks``: ``Ns`` when the keys are longer
+    than the queries (queries at an offset)."""
     B, H, T, n = block_indices.shape
-    ns = config.num_select_blocks(T)
+    ns = config.num_select_blocks(T) if num_blocks is None else num_blocks
     words = -(-ns // 32)
     idx, valid = _sort_unique_blocks(block_indices, ns)  # unique, so the sum below is a bitwise OR
     # What is dropped adds 0 to word 0. (Writing it to a spare word sliced off afterwards
@@ -94,7 +95,8 @@ def _selection_bits(block_indices: Tensor, config: NSAConfig) -> Tensor:
     return out.scatter_add_(-1, word, bit)
 
 
-def selection_mask(bits: Tensor, select_block: int, group_size: int = 1, doc_start: Tensor | None = None) -> MaskMod:
+def selection_mask(bits: Tensor, select_block: int, group_size: int = 1, doc_start: Tensor | None = None,
+                   q_offset: int = 0) -> MaskMod:
     """Selected branch: query ``t`` sees key ``kv_idx <= t`` iff ``kv_idx``'s selection block is
     among the query's selected blocks.
 
@@ -108,6 +110,8 @@ def selection_mask(bits: Tensor, select_block: int, group_size: int = 1, doc_sta
         doc_start: for a packed row, ``(T,)`` the packed position of each token's document
             start: block indices are then doc-local (block ``j`` of token ``t`` is keys
             ``doc_start[t] + j*l' ..``), and keys before the document are masked.
+        q_offset: the position of ``bits``' first query row (queries at an offset): token
+            row ``t`` is position ``q_offset + t``, which causality compares keys against.
 
     Raises:
         TypeError, ValueError: naming the argument: ``bits`` not a 4-D int32/int64 tensor,
@@ -118,6 +122,7 @@ def selection_mask(bits: Tensor, select_block: int, group_size: int = 1, doc_sta
     check_int("select_block", select_block, 1)
     check_int("group_size", group_size, 1)
     _check_doc_start(doc_start, bits, "bits")
+    check_int("q_offset", q_offset, 0)
 
     _, H, T, W = bits.shape
     # Index a flat view: Inductor's CPU FlexAttention template misreads multi-dimensional
@@ -140,7 +145,16 @@ def selection_mask(bits: Tensor, select_block: int, group_size: int = 1, doc_sta
         word = flat[((b * H + h) * T + t) * W + j // 32]
         return (((word >> (j % 32)) & 1) == 1) & (kv_idx <= t)
 
-    return selected
+    if isinstance(q_offset, int) and q_offset == 0:
+        return selected
+
+    def selected_at_offset(b, h, q_idx, kv_idx):
+        t = q_idx // group_size
+        j = kv_idx // select_block
+        word = flat[((b * H + h) * T + t) * W + j // 32]
+        return (((word >> (j % 32)) & 1) == 1) & (kv_idx <= t + q_offset)
+
+    return selected_at_offset
 
 
 def _check_doc_start(doc_start, like: Tensor, like_name: str) -> None:

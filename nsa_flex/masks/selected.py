@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, and_masks
 
-from .._validation import check_block_size, check_bool, check_callable, check_int
+from .._validation import check_block_size, check_bool, check_callable, check_index_range, check_index_tensor, check_int
 from ..block_indices import _sort_unique_blocks
 from ..config import NSAConfig, check_config
 from ..tuning import KV_BLOCK, Q_BLOCK, selection_tile
@@ -28,6 +28,7 @@ def selection_block_mask(
     block_size: tuple[int, int] | None = None,
     doc_start: Tensor | None = None,
     transposed: bool = True,
+    q_offset: int = 0,
 ) -> BlockMask:
     """BlockMask of the selected branch, straight from ``block_indices``, over folded queries.
 
@@ -45,6 +46,10 @@ def selection_block_mask(
             ``BlockMask.from_kv_blocks(compute_q_blocks=False)`` does): the mask then serves
             forward passes only, and skips the largest tensors here (1 GiB each at T=65536,
             Hkv=4, G=16).
+        q_offset: queries at an offset: ``block_indices``' rows are the positions
+            ``q_offset .. q_offset + T - 1`` over ``q_offset + T`` keys (the mask is
+            ``(B, Hkv, T*G, q_offset + T)``, the indices in ``[-1, Ns)`` of that length); the
+            user's ``mask_mod`` sees positions. Not with ``doc_start``.
 
     A KV tile is listed for a Q tile when a token of the tile selected a block that overlaps
     the KV tile at or before the token; it is full when every token of the tile selected all of
@@ -66,18 +71,26 @@ def selection_block_mask(
             ``block_indices``' device, ``transposed`` not a bool.
     """
     check_config(config)
-    _check_selection(block_indices, config)
+    check_index_tensor("block_indices", block_indices, 4)
     check_int("group_size", group_size, 1)
     check_callable("mask_mod", mask_mod)
     if block_size is not None:
         block_size = check_block_size(block_size)
     _check_doc_start(doc_start, block_indices, "block_indices")
     check_bool("transposed", transposed)
-    return _selection_block_mask(block_indices, config, group_size, mask_mod, block_size, doc_start, transposed)
+    check_int("q_offset", q_offset, 0)
+    if q_offset and doc_start is not None:
+        raise ValueError("q_offset is not supported with doc_start (packed rows)")
+    if q_offset:
+        check_index_range("block_indices", block_indices, -1, config.num_select_blocks(q_offset + block_indices.shape[2]))
+    else:
+        _check_selection(block_indices, config)
+    return _selection_block_mask(block_indices, config, group_size, mask_mod, block_size, doc_start, transposed,
+                                 q_offset)
 
 
 def _selection_block_mask(block_indices, config, group_size=1, mask_mod=None, block_size=None, doc_start=None,
-                          transposed=True) -> BlockMask:
+                          transposed=True, q_offset=0) -> BlockMask:
     """:func:`selection_block_mask` after validation (the flex backend's, whose ``attend`` has
     checked the selection)."""
     G = group_size
@@ -85,27 +98,31 @@ def _selection_block_mask(block_indices, config, group_size=1, mask_mod=None, bl
         # doc-local blocks of a packed row start anywhere, so no KV tile is one block
         block_size = selection_tile(G, config) if doc_start is None else (Q_BLOCK, KV_BLOCK)
     qb, kb = block_size
-    bits = _selection_bits(block_indices, config)
-    selected = selection_mask(bits, config.select_block, G, doc_start)
+    ns = config.num_select_blocks(q_offset + block_indices.shape[2])
+    bits = _selection_bits(block_indices, config, ns)
+    selected = selection_mask(bits, config.select_block, G, doc_start, q_offset)
     if mask_mod is not None:
 
         def user(b, h, q_idx, kv_idx):
-            return mask_mod(b, h * G + q_idx % G, q_idx // G, kv_idx)
+            return mask_mod(b, h * G + q_idx % G, q_idx // G + q_offset, kv_idx)
 
         selected = and_masks(selected, user)
     full_allowed = mask_mod is None and doc_start is None
     if kb == config.select_block and doc_start is None:
-        return _block_tiles(block_indices, config, G, (qb, kb), selected, full_allowed, transposed)
-    return _spanning_tiles(block_indices, config, G, (qb, kb), selected, full_allowed, doc_start)
+        return _block_tiles(block_indices, config, G, (qb, kb), selected, full_allowed, transposed, q_offset)
+    return _spanning_tiles(block_indices, config, G, (qb, kb), selected, full_allowed, doc_start, q_offset)
 
 
-def _block_tiles(block_indices, config, G, block_size, mask_mod, full_allowed, transposed=True) -> BlockMask:
-    """KV tile = selection block: each Q tile lists the union of its tokens' blocks."""
+def _block_tiles(block_indices, config, G, block_size, mask_mod, full_allowed, transposed=True,
+                 q_offset=0) -> BlockMask:
+    """KV tile = selection block: each Q tile lists the union of its tokens' blocks (token row
+    ``t`` at position ``q_offset + t``)."""
     B, H, T, n = block_indices.shape
     qb, ls = block_size
     dev = block_indices.device
     rows = T * G
-    nq, ns = -(-rows // qb), config.num_select_blocks(T)
+    S = q_offset + T  # the keys
+    nq, ns = -(-rows // qb), config.num_select_blocks(S)
     idx, valid = _sort_unique_blocks(block_indices, ns)  # (B, H, T, n)
 
     # The tokens of each Q tile: at most P, the first tok0, the last tok1.
@@ -133,7 +150,7 @@ def _block_tiles(block_indices, config, G, block_size, mask_mod, full_allowed, t
     if full_allowed:
         ntok = (tok1 - tok0 + 1)[:, None]
         whole = (r0 + qb <= rows)[:, None]
-        before = (cand + 1) * ls - 1 <= tok0[:, None]
+        before = (cand + 1) * ls - 1 <= tok0[:, None] + q_offset
         full = listed & (pos - run_start + 1 == ntok) & whole & before
     else:
         full = torch.zeros_like(listed)
@@ -146,7 +163,7 @@ def _block_tiles(block_indices, config, G, block_size, mask_mod, full_allowed, t
         q_num, q_idx = _transpose_lists(kv_num, kv_idx, ns)
         full_q_num, full_q_idx = _transpose_lists(full_num, full_idx, ns)
     return BlockMask(
-        seq_lengths=(rows, T),
+        seq_lengths=(rows, S),
         kv_num_blocks=kv_num,
         kv_indices=kv_idx,
         full_kv_num_blocks=full_num,
@@ -195,23 +212,26 @@ def _transpose_lists(num: Tensor, indices: Tensor, n_cols: int) -> tuple[Tensor,
     return counts.view(B, H, n_cols).to(torch.int32), out.view(B, H, n_cols, R)
 
 
-def _spanning_tiles(block_indices, config, G, block_size, mask_mod, full_allowed, doc_start=None) -> BlockMask:
-    """Any KV tile: count, per (Q tile, KV tile), the (token, block) pairs that reach it."""
+def _spanning_tiles(block_indices, config, G, block_size, mask_mod, full_allowed, doc_start=None,
+                    q_offset=0) -> BlockMask:
+    """Any KV tile: count, per (Q tile, KV tile), the (token, block) pairs that reach it (token
+    row ``t`` at position ``q_offset + t``)."""
     B, H, T, n = block_indices.shape
     qb, kb = block_size
     ls = config.select_block
     dev = block_indices.device
     rows = T * G
-    nq, nk = -(-rows // qb), -(-T // kb)
+    S = q_offset + T  # the keys
+    nq, nk = -(-rows // qb), -(-S // kb)
 
     # Repeats count once: the full-tile test below counts (token, block) pairs.
-    idx, valid = _sort_unique_blocks(block_indices, config.num_select_blocks(T))  # (B, H, T, n)
+    idx, valid = _sort_unique_blocks(block_indices, config.num_select_blocks(S))  # (B, H, T, n)
     t = torch.arange(T, device=dev)
     # KV tiles a block touches, clipped to the tile holding the query (causality).
     span = (ls - 1) // kb + 2
     base = 0 if doc_start is None else doc_start.long()[:, None]  # doc-local blocks start there
     first = torch.div(base + idx * ls, kb, rounding_mode="floor")
-    last = torch.minimum(torch.div(base + (idx + 1) * ls - 1, kb, rounding_mode="floor"), (t // kb)[:, None])
+    last = torch.minimum(torch.div(base + (idx + 1) * ls - 1, kb, rounding_mode="floor"), ((t + q_offset) // kb)[:, None])
     kv_t = first[..., None] + torch.arange(span, device=dev)  # (B, H, T, n, span)
     ok = valid[..., None] & (kv_t <= last[..., None])
     # Q tiles the token's G rows fall in.
@@ -240,7 +260,7 @@ def _spanning_tiles(block_indices, config, G, block_size, mask_mod, full_allowed
         tok1 = torch.clamp(q0 + qb, max=rows).sub(1) // G
         ntok = (tok1 - tok0 + 1)[:, None]
         c0 = torch.arange(nk, device=dev) * kb
-        whole = ((q0 + qb <= rows)[:, None]) & (c0 + kb <= T)
-        before = (c0 + kb - 1) <= tok0[:, None]
+        whole = ((q0 + qb <= rows)[:, None]) & (c0 + kb <= S)
+        before = (c0 + kb - 1) <= tok0[:, None] + q_offset
         full_tiles = (counts == ntok * per_tile) & whole & before
-    return _from_tiles(any_tiles, full_tiles, (rows, T), mask_mod, block_size)
+    return _from_tiles(any_tiles, full_tiles, (rows, S), mask_mod, block_size)

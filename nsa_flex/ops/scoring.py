@@ -20,20 +20,21 @@ __all__ = ["launch_scoring", "launch_top_n", "select_blocks_fused_op"]
 
 
 @torch.no_grad()
-def launch_scoring(q, k_cmp, config, scale, chunk_size=None, lse=None) -> Tensor:
+def launch_scoring(q, k_cmp, config, scale, chunk_size=None, lse=None, q_offset=0) -> Tensor:
     """``select_blocks`` with Triton kernels: ``kernels.scoring.block_scores_kernel`` writes
     the ``(B, Hkv, chunk, Ns)`` float32 block scores, the only large buffer, and
     ``kernels.top_n.top_n_kernel`` ranks them (the tie rule of ``top_n.top_n_blocks``).
     ``lse``: the compressed branch's ``(B, Hq, T)`` log-sum-exp, when the caller has it, saves
     the scoring kernel one of its two passes. Called through the custom op
     ``nsa_flex::select_blocks_fused`` (:func:`select_blocks_fused_op`), which ``torch.compile``
-    keeps opaque; returns contiguous ``(B, Hkv, T, n)`` int32."""
+    keeps opaque; returns contiguous ``(B, Hkv, T, n)`` int32. ``q_offset``: ``q``'s (and
+    ``lse``'s) rows are the positions ``q_offset ..``, ``k_cmp`` the blocks up to the last."""
     from ..kernels.scoring import block_scores_kernel
 
     B, Hq, T, Dk = q.shape
     Hkv, tc = k_cmp.shape[1], k_cmp.shape[2]
     G, n = Hq // Hkv, config.num_selected
-    ns = config.num_select_blocks(T)
+    ns = config.num_select_blocks(q_offset + T)
     tiles = tuning.scoring_launch(G, Dk, config)
     if chunk_size is None:
         chunk_size = tuning.scoring_chunk(B, Hkv, ns, tiles["BLOCK_T"])
@@ -48,12 +49,12 @@ def launch_scoring(q, k_cmp, config, scale, chunk_size=None, lse=None) -> Tensor
         block_scores_kernel[(-(-C // tiles["BLOCK_T"]), B * Hkv)](
             q, k_cmp, scores, q if lse is None else lse,
             *q.stride(), *k_cmp.stride(), *scores.stride(), *lse_strides,
-            tc, ns, Hkv, start, C, scale * tuning.LOG2E,
+            tc, ns, Hkv, q_offset + start, C, scale * tuning.LOG2E, q_offset,
             G=G, CMP_BLOCK=config.compress_block, CMP_STRIDE=config.compress_stride,
             SEL_BLOCK=config.select_block, N_INITIAL=config.num_initial, N_LOCAL=config.num_local,
             DK=Dk, IEEE=q.dtype == torch.float32, HAS_LSE=lse is not None, **tiles,
         )
-        launch_top_n(scores, config, start, out=out[:, :, start : start + C])
+        launch_top_n(scores, config, q_offset + start, out=out[:, :, start : start + C])
     return out
 
 
@@ -92,20 +93,24 @@ def select_blocks_fused_op(
     scale: float,
     chunk_size: Optional[int] = None,
     lse: Optional[Tensor] = None,
+    q_offset: int = 0,
 ) -> Tensor:
     """``select_blocks(q (B, Hq, T, Dk), k_cmp (B, Hkv, Tc, Dk))`` with the Triton scoring
     kernels (:func:`launch_scoring`), ``Tc >= 1``, no modifiers: ``(B, Hkv, T, n)`` int32.
     The config travels as its fields (the window plays no part). ``lse``: the compressed
-    branch's ``(B, Hq, T)`` natural log-sum-exp, if the caller has it."""
+    branch's ``(B, Hq, T)`` natural log-sum-exp, if the caller has it. ``q_offset``: the queries
+    are the positions ``q_offset ..`` and ``k_cmp`` holds the blocks up to the last."""
     config = NSAConfig(
         compress_block=compress_block, compress_stride=compress_stride, select_block=select_block,
         num_selected=num_selected, num_initial=num_initial, num_local=num_local,
     )
-    return launch_scoring(q, k_cmp, config, scale, chunk_size, lse)
+    if q_offset == 0:  # (the call of before, which tests stub)
+        return launch_scoring(q, k_cmp, config, scale, chunk_size, lse)
+    return launch_scoring(q, k_cmp, config, scale, chunk_size, lse, q_offset)
 
 
 @select_blocks_fused_op.register_fake
 def _select_blocks_fused_fake(q, k_cmp, compress_block, compress_stride, select_block, num_selected, num_initial, num_local, scale,
-                              chunk_size=None, lse=None):
+                              chunk_size=None, lse=None, q_offset=0):
     B, _, T, _ = q.shape
     return q.new_empty(B, k_cmp.shape[1], T, num_selected, dtype=torch.int32)

@@ -120,10 +120,12 @@ def _invert_selection(idx: Tensor, num_blocks: int) -> tuple[Tensor, Tensor]:
 # ------------------------------------------------------------------------ launches
 
 
-def launch_selected_forward(q, k, v, idx, select_block: int, scale: float, packed=None) -> tuple[Tensor, Tensor]:
+def launch_selected_forward(q, k, v, idx, select_block: int, scale: float, packed=None,
+                            q_offset: int = 0) -> tuple[Tensor, Tensor]:
     """``(o (B, Hq, T, Dv), lse (B, Hq, T) float32)`` of the forward kernel; ``q, k, v``
     contiguous, ``idx`` as :func:`~nsa_flex.block_indices.kernel_indices` makes it, ``packed``
-    a :class:`PackedRow` for a packed row. Autograd and ``torch.compile`` reach it through
+    a :class:`PackedRow` for a packed row; ``q_offset``: ``q``'s rows are the positions
+    ``q_offset ..`` (``k``, ``v`` hold ``0 ..``). Autograd and ``torch.compile`` reach it through
     ``nsa_flex::selected_attention`` (:func:`selected_attention_op`)."""
     from ..kernels.selected import selected_fwd_kernel
 
@@ -136,12 +138,13 @@ def launch_selected_forward(q, k, v, idx, select_block: int, scale: float, packe
     selected_fwd_kernel[(T, B * Hkv)](
         q, k, v, idx, doc_start, o, lse,
         *_strides(q), *_strides(k), *_strides(v), *_strides(idx), *_strides(o), *_strides(lse),
-        T, Hkv, scale, N_SEL=idx.shape[-1], VARLEN=packed is not None, **meta,
+        T, Hkv, scale, q_offset, N_SEL=idx.shape[-1], VARLEN=packed is not None, **meta,
     )
     return o, lse
 
 
-def launch_selected_backward(q, k, v, idx, o, lse, do, select_block: int, scale: float, packed=None):
+def launch_selected_backward(q, k, v, idx, o, lse, do, select_block: int, scale: float, packed=None,
+                             q_offset: int = 0):
     """``(dq, dk, dv)`` of selected attention from the forward's output ``o (B, Hq, T, Dv)`` and
     natural log-sum-exp ``lse (B, Hq, T)`` float32 (``-inf`` for empty rows), whichever kernel
     produced them. ``idx`` as the forward kernel takes it: ascending, unique, ``-1`` last.
@@ -160,10 +163,10 @@ def launch_selected_backward(q, k, v, idx, o, lse, do, select_block: int, scale:
     selected_dq_kernel[(T, B * Hkv)](
         q, k, v, idx, idx if packed is None else packed.doc_start, do, o, lse, delta, dq,
         *_strides(q), *_strides(k), *_strides(v), *_strides(idx), *_strides(do), *_strides(o), *_strides(lse),
-        T, Hkv, scale, N_SEL=idx.shape[-1], VARLEN=packed is not None, **meta,
+        T, Hkv, scale, q_offset, N_SEL=idx.shape[-1], VARLEN=packed is not None, **meta,
     )
-    qlist, qstart = _inverted(idx, select_block, T, packed)
-    dk, dv = launch_dkdv(q, k, v, do, lse, delta, qlist, qstart, select_block, scale, packed)
+    qlist, qstart = _inverted(idx, select_block, k.shape[2], packed)
+    dk, dv = launch_dkdv(q, k, v, do, lse, delta, qlist, qstart, select_block, scale, packed, q_offset=q_offset)
     return dq, dk, dv
 
 
@@ -198,7 +201,7 @@ def _segments(qstart: Tensor, list_len: int, segment: int) -> tuple[Tensor, Tens
 
 
 def launch_dkdv(q, k, v, do, lse, delta, qlist, qstart, select_block: int, scale: float, packed=None,
-                meta: dict | None = None, segment: int | None = None):
+                meta: dict | None = None, segment: int | None = None, q_offset: int = 0):
     """``(dk, dv)`` from the inverted selection (``invert_selection``'s ``qlist``, ``qstart``)
     and the backward's ``do``, ``lse`` and ``delta = rowsum(dO * O)`` (contiguous
     ``(B, Hq, T)``).
@@ -216,11 +219,13 @@ def launch_dkdv(q, k, v, do, lse, delta, qlist, qstart, select_block: int, scale
 
     ``meta`` (``tuning.selected_kernel_meta(..., "dkdv")``'s keys) and ``segment`` (a power of
     two) override the defaults, for tuning; the result is deterministic for any fixed choice.
+    ``q_offset``: ``q``'s rows are the positions ``q_offset ..`` (``qlist`` holds rows), ``k``,
+    ``v`` hold ``0 ..``.
     """
     from ..kernels.selected import selected_dkdv_kernel, selected_dkdv_partial_kernel
 
-    B, Hq, T, Dk = q.shape
-    Hkv, Dv = k.shape[1], v.shape[-1]
+    B, Hq, _, Dk = q.shape
+    Hkv, Dv, T = k.shape[1], v.shape[-1], k.shape[2]  # T: the keys (the kernels' end of a block)
     G = Hq // Hkv
     meta = dict(meta or tuning.selected_kernel_meta(G, Dk, Dv, select_block, q.dtype, "dkdv"))
     if meta["BLOCK_R"] < G:
@@ -249,12 +254,12 @@ def launch_dkdv(q, k, v, do, lse, delta, qlist, qstart, select_block: int, scale
         selected_dkdv_partial_kernel[(n_slots * chunks, B * Hkv)](
             q, k, v, do, lse, delta, qlist, qstart, slots, slot_block, blk_start, blk_end, part_dk, part_dv,
             *common, *_strides(slot_block)[:2], *_strides(part_dk), *_strides(part_dv),
-            T, Hkv, ns, scale, SEGMENT=segment, CHUNKS=chunks, VARLEN=packed is not None, **meta,
+            T, Hkv, ns, scale, q_offset, SEGMENT=segment, CHUNKS=chunks, VARLEN=packed is not None, **meta,
         )
     selected_dkdv_kernel[(ns * chunks, B * Hkv)](
         q, k, v, do, lse, delta, qlist, qstart, slots, blk_start, blk_end, part_dk, part_dv, dk, dv,
         *common, *_strides(part_dk), *_strides(part_dv),
-        T, Hkv, scale, SEGMENT=segment, SPLIT=n_slots > 0, CHUNKS=chunks, VARLEN=packed is not None, **meta,
+        T, Hkv, scale, q_offset, SEGMENT=segment, SPLIT=n_slots > 0, CHUNKS=chunks, VARLEN=packed is not None, **meta,
     )
     return dk, dv
 
@@ -274,35 +279,40 @@ def selected_attention_op(
     first_block: Optional[Tensor] = None,
     block_start: Optional[Tensor] = None,
     block_end: Optional[Tensor] = None,
+    q_offset: int = 0,
 ) -> tuple[Tensor, Tensor]:
     """``(o (B, Hq, T, Dv), lse (B, Hq, T) float32)`` of the Triton forward kernel.
 
     ``idx (B, Hkv, T, n)`` int32 as ``block_indices.kernel_indices`` makes it. A packed row
     (``B = 1``) passes the four tensors of a :class:`PackedRow`; otherwise all four are
-    ``None``."""
+    ``None``. ``q_offset``: ``q``'s rows are the positions ``q_offset ..`` over the keys of
+    ``k``, ``v`` (not packed)."""
     packed = PackedRow.from_op_args(doc_start, first_block, block_start, block_end)
-    return launch_selected_forward(q.contiguous(), k.contiguous(), v.contiguous(), idx, select_block, scale, packed)
+    return launch_selected_forward(q.contiguous(), k.contiguous(), v.contiguous(), idx, select_block, scale, packed,
+                                   q_offset)
 
 
 @selected_attention_op.register_fake
 def _selected_attention_fake(q, k, v, idx, select_block, scale, doc_start=None, first_block=None, block_start=None,
-                             block_end=None):
+                             block_end=None, q_offset=0):
     B, Hq, T, _ = q.shape
     return q.new_empty(B, Hq, T, v.shape[-1]), q.new_empty(B, Hq, T, dtype=torch.float32)
 
 
 def _selected_attention_setup(ctx, inputs, output):
     q, k, v, idx, select_block, scale, *packed = inputs
+    q_offset = packed.pop() if len(packed) == 5 else 0
     o, lse = output
     ctx.mark_non_differentiable(lse)
     ctx.save_for_backward(q, k, v, idx, o, lse, *packed)
-    ctx.select_block, ctx.scale = select_block, scale
+    ctx.select_block, ctx.scale, ctx.q_offset = select_block, scale, q_offset
 
 
 def _selected_attention_grad(ctx, do, dlse):
     q, k, v, idx, o, lse, *packed = ctx.saved_tensors
-    dq, dk, dv = selected_attention_backward_op(q, k, v, idx, o, lse, do, ctx.select_block, ctx.scale, *packed)
-    return dq, dk, dv, None, None, None, None, None, None, None
+    at = {} if ctx.q_offset == 0 else {"q_offset": ctx.q_offset}
+    dq, dk, dv = selected_attention_backward_op(q, k, v, idx, o, lse, do, ctx.select_block, ctx.scale, *packed, **at)
+    return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
 selected_attention_op.register_autograd(_selected_attention_grad, setup_context=_selected_attention_setup)
@@ -323,18 +333,19 @@ def selected_attention_backward_op(
     first_block: Optional[Tensor] = None,
     block_start: Optional[Tensor] = None,
     block_end: Optional[Tensor] = None,
+    q_offset: int = 0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(dq, dk, dv)``, contiguous, of selected attention: :func:`launch_selected_backward`."""
     packed = PackedRow.from_op_args(doc_start, first_block, block_start, block_end)
     # the kernels write dQ/dK/dV with the strides of q/k/v: keep those dense
     return launch_selected_backward(
-        q.contiguous(), k.contiguous(), v.contiguous(), idx, o, lse, do, select_block, scale, packed
+        q.contiguous(), k.contiguous(), v.contiguous(), idx, o, lse, do, select_block, scale, packed, q_offset
     )
 
 
 @selected_attention_backward_op.register_fake
 def _selected_attention_backward_fake(q, k, v, idx, o, lse, do, select_block, scale, doc_start=None, first_block=None,
-                                      block_start=None, block_end=None):
+                                      block_start=None, block_end=None, q_offset=0):
     return torch.empty_like(q, memory_format=torch.contiguous_format), torch.empty_like(
         k, memory_format=torch.contiguous_format
     ), torch.empty_like(v, memory_format=torch.contiguous_format)
@@ -342,7 +353,8 @@ def _selected_attention_backward_fake(q, k, v, idx, o, lse, do, select_block, sc
 
 @torch.library.custom_op("nsa_flex::attach_selected_backward", mutates_args=())
 def attach_selected_backward_op(
-    q: Tensor, k: Tensor, v: Tensor, idx: Tensor, out_rows: Tensor, lse: Tensor, select_block: int, scale: float
+    q: Tensor, k: Tensor, v: Tensor, idx: Tensor, out_rows: Tensor, lse: Tensor, select_block: int, scale: float,
+    q_offset: int = 0,
 ) -> Tensor:
     """``out_rows (B, Hkv, T*G, Dv)``, the selected branch's output over folded rows (row
     ``t*G + g`` of KV head ``h`` is query head ``h*G + g``), unfolded to ``(B, Hq, T, Dv)``.
@@ -351,7 +363,7 @@ def attach_selected_backward_op(
     ``lse (B, Hq, T)`` float32 come from a forward run outside autograd (FlexAttention's, in
     ``nsa_flex.flex.branches``); the op differentiates its output in ``q, k, v`` with the Triton
     backward kernels, which need nothing else. ``idx`` as ``block_indices.kernel_indices``
-    makes it."""
+    makes it. ``q_offset``: ``q``'s rows are the positions ``q_offset ..`` over ``k``, ``v``."""
     B, Hq, T, _ = q.shape
     G = Hq // k.shape[1]
     o = out_rows.new_empty(B, Hq, T, out_rows.shape[-1])  # fresh even when G = 1 (an op's output may not alias)
@@ -359,21 +371,22 @@ def attach_selected_backward_op(
 
 
 @attach_selected_backward_op.register_fake
-def _attach_selected_backward_fake(q, k, v, idx, out_rows, lse, select_block, scale):
+def _attach_selected_backward_fake(q, k, v, idx, out_rows, lse, select_block, scale, q_offset=0):
     B, Hq, T, _ = q.shape
     return out_rows.new_empty(B, Hq, T, out_rows.shape[-1])
 
 
 def _attach_selected_backward_setup(ctx, inputs, output):
-    q, k, v, idx, _, lse, select_block, scale = inputs
+    q, k, v, idx, _, lse, select_block, scale, *rest = inputs
     ctx.save_for_backward(q, k, v, idx, output, lse)
-    ctx.select_block, ctx.scale = select_block, scale
+    ctx.select_block, ctx.scale, ctx.q_offset = select_block, scale, (rest[0] if rest else 0)
 
 
 def _attach_selected_backward_grad(ctx, do):
     q, k, v, idx, o, lse = ctx.saved_tensors
-    dq, dk, dv = selected_attention_backward_op(q, k, v, idx, o, lse, do, ctx.select_block, ctx.scale)
-    return dq, dk, dv, None, None, None, None, None
+    at = {} if ctx.q_offset == 0 else {"q_offset": ctx.q_offset}
+    dq, dk, dv = selected_attention_backward_op(q, k, v, idx, o, lse, do, ctx.select_block, ctx.scale, **at)
+    return dq, dk, dv, None, None, None, None, None, None
 
 
 attach_selected_backward_op.register_autograd(
