@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from strategies import rel_err
 
 from nsa_flex import NSACache, NSAConfig, SparseAttention, decode_step, prefill
+from nsa_flex.triton_support import triton_missing
 
 CONFIGS = [
     NSAConfig(compress_block=8, compress_stride=4, select_block=8, num_selected=3, window=8),
@@ -123,3 +124,17 @@ def test_bad_chunk_sizes_raise(chunk_size, exc):
     cache = NSACache(1, 1, 10, 8, config=CONFIGS[0], dtype=torch.float64)
     with pytest.raises(exc, match="chunk_size"):
         prefill(cache, q, k, v, chunk_size=chunk_size)
+
+
+@pytest.mark.skipif(bool(triton_missing()), reason="needs the triton package")
+def test_chunked_prefill_on_the_triton_backend():
+    # the Triton selected-branch kernels at each chunk's offset (under the interpreter here)
+    config = CONFIGS[0]
+    B, Hq, Hkv, T, D = 2, 4, 2, 30, 16
+    q, k, v, gates = _prompt(B, Hq, Hkv, T, D, seed=4, dtype=torch.float32)
+    lengths = torch.tensor([30, 19])
+    whole, chunked = (NSACache(B, Hkv, T, D, config=config) for _ in range(2))
+    out = prefill(whole, q, k, v, gates, lengths=lengths, backend="triton")
+    got = prefill(chunked, q, k, v, gates, lengths=lengths, backend="triton", chunk_size=7)
+    assert rel_err(got, out) < 1e-5
+    _assert_same_caches(chunked, whole, 1e-6)
