@@ -25,7 +25,9 @@ def _randn(*shape, seed):
 
 
 def test_chunked_prefill_at_64k_equals_whole():
-    B, Hq, Hkv, T, D, chunk = 1, 64, 4, 65536, 128, 8192
+    # (4 chunks: each chunk's key length is a new shape for the shared compiled FlexAttention,
+    # three graphs a chunk to compile once per process)
+    B, Hq, Hkv, T, D, chunk = 1, 64, 4, 65536, 128, 16384
     config = NSAConfig()
     q, k, v = _randn(B, Hq, T, D, seed=0), _randn(B, Hkv, T, D, seed=1), _randn(B, Hkv, T, D, seed=2)
     gates = torch.rand(B, Hq, T, 3, device="cuda", dtype=torch.bfloat16)
@@ -46,7 +48,7 @@ def test_chunked_prefill_at_64k_equals_whole():
     assert torch.equal(chunked.lengths, whole.lengths)
     assert rel_err(chunked.k_cmp, whole.k_cmp) < 1e-2 and rel_err(chunked.v_cmp, whole.v_cmp) < 1e-2
     # the attention's memory follows the chunk: well below the whole prompt's
-    assert peaks[1] < 0.5 * peaks[0], peaks
+    assert peaks[1] < 0.6 * peaks[0], peaks
     step = [_randn(B, h, 1, D, seed=10 + i) for i, h in enumerate((Hq, Hkv, Hkv))]
     assert rel_err(decode_step(chunked, *step), decode_step(whole, *step)) < 2e-2
 
