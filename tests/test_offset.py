@@ -337,3 +337,13 @@ def test_cuda_paths_at_an_offset(monkeypatch, dtype):
     for name, a, b in zip("qkv", grads, ref_grads):
         b = b[:, :, off : off + tq] if name == "q" else b
         assert rel_err(a, b) < tol, name
+
+
+@pytest.mark.skipif(bool(triton_missing()), reason="needs the triton package")
+def test_triton_backend_packed_rows_at_an_offset():
+    config = CONFIGS[0]
+    q, k, v, gates, *_ = _inputs(1, 4, 2, 30, 16, 16, 2, dtype=torch.float32, config=config)
+    cu = torch.tensor([0, 11, 30])
+    full = attend(q, k, v, gates, config=config, cu_seqlens=cu, backend="triton")
+    part = attend(q[:, :, 8:20], k, v, gates[:, :, 8:20], config=config, cu_seqlens=cu, backend="triton", q_offset=8)
+    assert rel_err(part, full[:, :, 8:20]) < 1e-5
