@@ -115,7 +115,7 @@ def attend(
         return_aux: also return :class:`NSAAux`.
         cu_seqlens: documents packed in one row (`B = 1`), FlashAttention's convention:
             `(N+1,)` int32/int64 offsets from 0 to `T`, nondecreasing (empty documents
-            allowed), or a :class:`nsa_flex.varlen.Documents` made from them. Each document is
+            allowed; with `q_offset`, to `Tk`), or a :class:`nsa_flex.varlen.Documents` made from them. Each document is
             attended as if alone ([varlen.md](varlen.md)): `k_cmp`/`v_cmp` then hold each
             document's compressed blocks concatenated (`Tc = sum_n config.num_compressed(len_n)`),
             `block_indices` count from each token's document start, and the mods see packed
@@ -138,7 +138,7 @@ def attend(
             `None` (a `bool` or a tensor included).
         ValueError: wrong rank; batch sizes, sequence lengths or head sizes that disagree (`k` and
             `v` of different lengths, `q` longer than them); a negative `q_offset`, or
-            `q_offset + Tq > Tk`, or a `q_offset` call with `cu_seqlens`; `Hq`
+            `q_offset + Tq > Tk`; `Hq`
             not a multiple of `Hkv`; a tensor on another device than `q`; `gates` not
             `(B, Hq, T, 3)`; `k_cmp`/`v_cmp` not holding `Tc` blocks, or with other heads than
             `k`; `block_indices` not `(B, Hkv, T, n)`, or with a value outside `[-1, Ns)`; a
@@ -198,8 +198,9 @@ def attend(
     gradients are those of rows `q_offset .. q_offset + Tq - 1` of the call on the whole
     sequence, whatever the other queries hold: what chunked prefill and context parallelism
     need. Keys after the last query are invisible (causality) and are not read; the work
-    follows `Tq` (the queries are not padded to `Tk`). Not with `cu_seqlens` (unless
-    `Tq == Tk` and the offset is 0, the plain call). Under `torch.compile` the offset is an
+    follows `Tq` (the queries are not padded to `Tk`). With `cu_seqlens` (which then describes
+    the `Tk` keys' row) each document holding some of the queries is attended alone at its own
+    offset, one call per document (a Python loop). Under `torch.compile` the offset is an
     int the graph guards on: a second value recompiles once with the offset symbolic, and
     later values reuse that graph (one more recompile where `q_offset + Tq` reaches `Tk`).
 
@@ -251,12 +252,7 @@ def attend(
     docs = None
     tc, ns = config.num_compressed(Tk), config.num_select_blocks(Tk)
     if cu_seqlens is not None:
-        if Tk != T:
-            raise ValueError(
-                f"q_offset (queries at an offset, here q holds {T} of k's {Tk} positions) is not supported "
-                f"with cu_seqlens yet"
-            )
-        docs = varlen.resolve(cu_seqlens, T, q.device, q.shape[0])
+        docs = varlen.resolve(cu_seqlens, Tk, q.device, q.shape[0])
         tc, ns = docs.num_compressed(config), docs.num_select_blocks(config)
     if gates is not None:
         check_gates(gates, q)
@@ -272,7 +268,7 @@ def attend(
     if block_indices is not None:
         check_block_indices(block_indices, q, k.shape[1], ns, config.num_selected)
         if docs is not None:
-            varlen.check_block_indices(block_indices, docs, config.select_block)
+            varlen.check_block_indices(block_indices, docs, config.select_block, offset)
     check_callable("score_mod", score_mod)
     check_callable("mask_mod", mask_mod)
     check_backend(backend)
@@ -287,6 +283,11 @@ def attend(
     if selection_grad and docs is not None:
         raise ValueError("selection_grad is not supported with cu_seqlens yet")
 
+    if docs is not None and T != Tk:
+        return _attend_documents_at_offset(
+            q, k, v, gates, offset, docs, config=config, k_cmp=k_cmp, v_cmp=v_cmp, block_indices=block_indices,
+            scale=scale, score_mod=score_mod, mask_mod=mask_mod, backend=backend, return_aux=return_aux,
+        )
     given = block_indices
     if offset + T < Tk:
         # Keys past the last query are invisible (causality): the call runs on the keys
@@ -329,6 +330,36 @@ def attend(
     o_swa = branches.window_branch(q, k, v, config, scale, score_mod, mask_mod, docs=docs, **at)
     out = gate(o_cmp, o_slc, o_swa, gates)
     return (out, NSAAux(block_indices if given is None else given, o_cmp, o_slc, o_swa)) if return_aux else out
+
+
+def _attend_documents_at_offset(q, k, v, gates, offset: int, docs: varlen.Documents, *, k_cmp, v_cmp,
+                                block_indices, return_aux, score_mod, mask_mod, config, **kw):
+    """A packed row's queries at an offset (validated): each document that holds some of them
+    attended alone, at its own offset (the definition of a packed row), the pieces
+    concatenated. Only the documents from the first query's to the last query's are read."""
+    T = q.shape[2]
+    offsets = docs.compressed_offsets(config)
+    pieces = []
+    for n, (a, length) in enumerate(zip(docs.starts, docs.lengths)):
+        lo, hi = max(a, offset), min(a + length, offset + T)
+        if lo >= hi:
+            continue
+        rows, keys, blocks = slice(lo - offset, hi - offset), slice(a, a + length), slice(offsets[n], offsets[n + 1])
+
+        def part(x, s):
+            return None if x is None else x[:, :, s]
+
+        pieces.append(attend(
+            q[:, :, rows], k[:, :, keys], v[:, :, keys], part(gates, rows), config=config, k_cmp=part(k_cmp, blocks),
+            v_cmp=part(v_cmp, blocks), block_indices=part(block_indices, rows), q_offset=lo - a,
+            score_mod=varlen.shift_score_mod(score_mod, a), mask_mod=varlen.shift_mask_mod(mask_mod, a),
+            return_aux=True, **kw,
+        ))
+    out = torch.cat([o for o, _ in pieces], dim=2) if len(pieces) > 1 else pieces[0][0]
+    if not return_aux:
+        return out
+    aux = NSAAux(*(torch.cat([getattr(x, f) for _, x in pieces], dim=2) for f in NSAAux._fields))
+    return out, NSAAux(aux.block_indices if block_indices is None else block_indices, *aux[1:])
 
 
 def _up_to_last_query(k, v, k_cmp, v_cmp, block_indices, config: NSAConfig, end: int):

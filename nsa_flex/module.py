@@ -436,7 +436,8 @@ class SparseAttention(nn.Module):
         gates = _split_heads(self.to_gates(x), self.heads).sigmoid()
         return q, k, v, gates
 
-    def prefill(self, x: Tensor, cache: NSACache, *, lengths: Tensor | None = None) -> Tensor:
+    def prefill(self, x: Tensor, cache: NSACache, *, lengths: Tensor | None = None,
+                chunk_size: int | None = None) -> Tensor:
         """Run the layer over a prompt and fill ``cache`` with it (from position 0).
 
         Args:
@@ -446,6 +447,8 @@ class SparseAttention(nn.Module):
                 outputs at positions ``< lengths[b]`` are ``forward`` of the row alone; the
                 padded ones are ``to_out`` of 0. The padding of ``x`` may hold anything (NaN
                 included): it never reaches a real output.
+            chunk_size: attend the prompt in chunks of this many tokens (``prefill``'s
+                ``chunk_size``: the attention's memory follows the chunk); ``None``, at once.
 
         Returns:
             ``(B, T, dim)``.
@@ -456,7 +459,7 @@ class SparseAttention(nn.Module):
             q, k = self.rotary(q), self.rotary(k)
         out = prefill(
             cache, q, k, v, gates, lengths=lengths, compress_k=self.compress_k, compress_v=self.compress_v,
-            backend=self.backend,
+            backend=self.backend, chunk_size=chunk_size,
         )
         return self.to_out(_merge_heads(out))
 

@@ -209,20 +209,23 @@ def resolve(cu_seqlens, seq_len: int, device: torch.device, batch: int = 1) -> D
     return docs
 
 
-def check_block_indices(block_indices: Tensor, docs: Documents, select_block: int) -> None:
+def check_block_indices(block_indices: Tensor, docs: Documents, select_block: int, q_offset: int = 0) -> None:
     """Doc-local ``block_indices (B, Hkv, T, n)`` (shape already checked): each below its
-    token's document's number of selection blocks. Reads the device (skipped while tracing or
-    capturing a CUDA graph)."""
+    token's document's number of selection blocks (``q_offset``: the rows are the tokens
+    ``q_offset ..`` of the packed row). Reads the device (skipped while tracing or capturing a
+    CUDA graph)."""
     if not can_read_values(block_indices):
         return
-    ns = torch.tensor([num_select_blocks(n, select_block) for n in docs.lengths], device=docs.device)[docs.doc_id.long()]
+    doc_id = docs.doc_id[q_offset : q_offset + block_indices.shape[2]].long()
+    ns = torch.tensor([num_select_blocks(n, select_block) for n in docs.lengths], device=docs.device)[doc_id]
     bad = block_indices >= ns.view(1, 1, -1, 1).to(block_indices.dtype)
     if bool(bad.any()):
-        t = int(bad.nonzero()[0, 2])
+        r = int(bad.nonzero()[0, 2])
+        t = q_offset + r
         raise ValueError(
             f"block_indices are doc-local under cu_seqlens: token {t} lies in a document of "
-            f"{docs.lengths[int(docs.doc_id[t])]} tokens, so its blocks must lie in [-1, {int(ns[t])}), "
-            f"got {int(block_indices[..., t, :].max())}"
+            f"{docs.lengths[int(docs.doc_id[t])]} tokens, so its blocks must lie in [-1, {int(ns[r])}), "
+            f"got {int(block_indices[..., r, :].max())}"
         )
 
 

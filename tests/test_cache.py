@@ -543,7 +543,7 @@ def test_docs_examples_run():
 
     text = (Path(__file__).resolve().parents[1] / "docs" / "inference.md").read_text()
     blocks = [b for b in re.findall(r"```python\n(.*?)```", text, re.S) if "cuda" not in b]
-    assert len(blocks) == 3
+    assert len(blocks) == 4
     for block in blocks:
         out = io.StringIO()
         with contextlib.redirect_stdout(out):

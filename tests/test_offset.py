@@ -10,6 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import nsa_flex
 from nsa_flex import NSAConfig, attend, dispatch, masks
 from nsa_flex.triton_support import triton_missing
 
@@ -200,16 +201,55 @@ def test_shapes_follow_the_keys():
 
 
 @pytest.mark.parametrize("backend", ["flex", "reference"])
-def test_packed_rows_at_an_offset_raise(backend):
-    q, k, v, *_ = _inputs(1, 2, 1, 30, 8, 8, 0, config=CONFIGS[0])
-    cu = torch.tensor([0, 12, 30])
-    with pytest.raises(ValueError, match="q_offset"):
-        attend(q[:, :, 10:], k, v, config=CONFIGS[0], cu_seqlens=cu, backend=backend)
-    with pytest.raises(ValueError, match="q_offset"):
-        attend(q[:, :, :10], k, v, config=CONFIGS[0], cu_seqlens=cu, q_offset=0, backend=backend)
-    # the full-length call with q_offset=0 is today's
-    out = attend(q, k, v, config=CONFIGS[0], cu_seqlens=cu, q_offset=0, backend=backend)
-    assert torch.equal(out, attend(q, k, v, config=CONFIGS[0], cu_seqlens=cu, backend=backend))
+@pytest.mark.parametrize("bounds", [(0, 12, 30), (0, 5, 5, 21, 30), (0, 30)])
+@pytest.mark.parametrize("off,tq", [(0, 30), (10, 20), (3, 6), (12, 9), (29, 1)])
+def test_packed_rows_at_an_offset(backend, bounds, off, tq):
+    # cu_seqlens describes the keys' row; the queries' rows of the full packed call, forward,
+    # aux and gradients, with doc-local given block indices and mods in packed positions
+    config = CONFIGS[0]
+    q, k, v, gates, *_ = _inputs(1, 4, 2, 30, 8, 8, off, config=config)
+    cu = torch.tensor(bounds)
+    tc = int(nsa_flex.varlen.compressed_cu_seqlens(cu, config)[-1])
+    g = torch.Generator().manual_seed(1)
+    k_cmp, v_cmp = torch.randn(1, 2, tc, 8, generator=g, dtype=torch.float64), torch.randn(1, 2, tc, 8, generator=g, dtype=torch.float64)
+
+    def alibi(score, b, h, q_idx, kv_idx):
+        return score - 0.1 * (q_idx - kv_idx) + 0.01 * q_idx
+
+    full_in = [x.clone().requires_grad_() for x in (q, k, v, gates, k_cmp, v_cmp)]
+    kw = dict(config=config, backend=backend, cu_seqlens=cu, score_mod=alibi, return_aux=True)
+    full, aux = attend(*full_in[:4], k_cmp=full_in[4], v_cmp=full_in[5], **kw)
+    rows = slice(off, off + tq)
+    part_in = [x.detach().clone().requires_grad_() for x in (q[:, :, rows], k, v, gates[:, :, rows], k_cmp, v_cmp)]
+    out, aux_p = attend(*part_in[:4], k_cmp=part_in[4], v_cmp=part_in[5], q_offset=off, **kw)
+    assert rel_err(out, full[:, :, rows]) < 1e-10
+    assert torch.equal(aux_p.block_indices, aux.block_indices[:, :, rows])
+    for a, b in zip(aux_p[1:], aux[1:]):
+        assert rel_err(a, b[:, :, rows]) < 1e-10
+    given = attend(*[x.detach() for x in part_in[:4]], k_cmp=k_cmp, v_cmp=v_cmp, q_offset=off,
+                   block_indices=aux.block_indices[:, :, rows], **kw)[0]
+    assert rel_err(given, full[:, :, rows]) < 1e-10
+    w = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    # (allow_unused: the reference leaves blocks no query reaches out of the graph)
+    gf = torch.autograd.grad((full[:, :, rows] * w).sum(), full_in, allow_unused=True)
+    gp = torch.autograd.grad((out * w).sum(), part_in, allow_unused=True)
+    gf = [torch.zeros_like(x) if d is None else d for x, d in zip(full_in, gf)]
+    gp = [torch.zeros_like(x) if d is None else d for x, d in zip(part_in, gp)]
+    for i, (a, b) in enumerate(zip(gf, gp)):
+        a = a[:, :, rows] if i in (0, 3) else a
+        assert (b - a).norm() <= 1e-10 * (a.norm() + 1e-3), i
+
+
+def test_packed_rows_at_an_offset_check_local_indices():
+    config = CONFIGS[0]
+    q, k, v, *_ = _inputs(1, 2, 1, 30, 8, 8, 0, config=config)
+    idx = torch.full((1, 1, 10, config.num_selected), -1, dtype=torch.int32)
+    idx[0, 0, 5, 0] = 2  # token 15 lies in the document 12..29 of 18 tokens: blocks 0..2, fine
+    attend(q[:, :, 10:20], k, v, config=config, cu_seqlens=torch.tensor([0, 12, 30]), q_offset=10, block_indices=idx)
+    idx[0, 0, 1, 0] = 2  # token 11 lies in the document 0..11: blocks 0..1 only
+    with pytest.raises(ValueError, match="token 11 lies in a document of 12 tokens"):
+        attend(q[:, :, 10:20], k, v, config=config, cu_seqlens=torch.tensor([0, 12, 30]), q_offset=10,
+               block_indices=idx)
 
 
 def test_block_masks_at_an_offset():
@@ -297,3 +337,13 @@ def test_cuda_paths_at_an_offset(monkeypatch, dtype):
     for name, a, b in zip("qkv", grads, ref_grads):
         b = b[:, :, off : off + tq] if name == "q" else b
         assert rel_err(a, b) < tol, name
+
+
+@pytest.mark.skipif(bool(triton_missing()), reason="needs the triton package")
+def test_triton_backend_packed_rows_at_an_offset():
+    config = CONFIGS[0]
+    q, k, v, gates, *_ = _inputs(1, 4, 2, 30, 16, 16, 2, dtype=torch.float32, config=config)
+    cu = torch.tensor([0, 11, 30])
+    full = attend(q, k, v, gates, config=config, cu_seqlens=cu, backend="triton")
+    part = attend(q[:, :, 8:20], k, v, gates[:, :, 8:20], config=config, cu_seqlens=cu, backend="triton", q_offset=8)
+    assert rel_err(part, full[:, :, 8:20]) < 1e-5
