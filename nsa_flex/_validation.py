@@ -168,11 +168,12 @@ def check_same_dtype(name: str, x: Tensor, q: Tensor) -> None:
         raise TypeError(f"{name} has dtype {x.dtype} but q has {q.dtype}")
 
 
-def check_qkv(q, k, v, longer_kv: bool = False) -> None:
+def check_qkv(q, k, v, longer_kv: bool = False, allow_empty: bool = False) -> None:
     """q ``(B, Hq, T, Dk)``, k ``(B, Hkv, T, Dk)``, v ``(B, Hkv, T, Dv)``, Hkv dividing Hq.
 
     ``longer_kv``: k and v may hold more positions than q (queries at an offset, checked by
-    :func:`resolve_q_offset`); they still hold the same number."""
+    :func:`resolve_q_offset`); they still hold the same number. ``allow_empty``: ``T = 0`` is
+    allowed (a rank's empty shard, ``nsa_flex.distributed``)."""
     check_tensor("q", q, 4)
     check_tensor("k", k, 4)
     check_tensor("v", v, 4)
@@ -184,7 +185,7 @@ def check_qkv(q, k, v, longer_kv: bool = False) -> None:
         raise ValueError(f"batch sizes differ: q {B}, k {k.shape[0]}, v {v.shape[0]}")
     if k.shape[2] != v.shape[2] or (not longer_kv and k.shape[2] != T):
         raise ValueError(f"sequence lengths differ: q {T}, k {k.shape[2]}, v {v.shape[2]}")
-    if T < 1:
+    if T < 1 and not allow_empty:
         raise ValueError("q must hold at least one token (T >= 1)")
     if B < 1:
         raise ValueError("q must hold at least one batch row (B >= 1)")

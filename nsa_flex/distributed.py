@@ -29,7 +29,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._validation import check_backend, check_int, check_same_device, check_same_dtype, check_tensor
+from ._validation import check_backend, check_gates, check_int, check_qkv, check_tensor
 from .api import attend
 from .compression import mean_compress
 from .config import NSAConfig, resolve_config
@@ -275,25 +275,9 @@ def unshard_sequence(x: Tensor, group, dim: int = 2, layout: str = "zigzag", tot
 
 def _check_local(q, k, v, gates) -> None:
     """``attend``'s shape rules for one rank's shards, which may be empty (``T < 2R``)."""
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        check_tensor(name, x, 4)
-    for name, x in (("k", k), ("v", v)):
-        check_same_device(name, x, q)
-        check_same_dtype(name, x, q)
-    B, Hq, T, Dk = q.shape
-    if k.shape[0] != B or v.shape[0] != B:
-        raise ValueError(f"batch sizes differ: q {B}, k {k.shape[0]}, v {v.shape[0]}")
-    if k.shape[2] != T or v.shape[2] != T:
-        raise ValueError(f"local sequence lengths differ: q {T}, k {k.shape[2]}, v {v.shape[2]}")
-    if k.shape[1] != v.shape[1] or k.shape[1] < 1 or Hq % k.shape[1]:
-        raise ValueError(f"q's heads ({Hq}) must be a multiple of k's ({k.shape[1]}), which v's ({v.shape[1]}) equal")
-    if k.shape[3] != Dk:
-        raise ValueError(f"q and k must share the head dim, got Dk={Dk} and {k.shape[3]}")
+    check_qkv(q, k, v, allow_empty=True)
     if gates is not None:
-        check_tensor("gates", gates, 4)
-        check_same_device("gates", gates, q)
-        if tuple(gates.shape) != (B, Hq, T, 3):
-            raise ValueError(f"gates must have shape (B, Hq, T_local, 3) = {(B, Hq, T, 3)}, got {tuple(gates.shape)}")
+        check_gates(gates, q)
 
 
 def context_parallel_attend(
