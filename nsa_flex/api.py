@@ -14,7 +14,7 @@ from typing import Callable, NamedTuple
 import torch
 from torch import Tensor
 
-from . import dispatch, reference, scoring, selection, triton_backend, varlen
+from . import dispatch, reference, selection, triton_backend, varlen
 from ._validation import (
     BACKENDS,
     check_backend,
@@ -33,7 +33,6 @@ from .config import NSAConfig, resolve_config
 from .flex import branches
 from .gating import gate
 from .scoring import straight_through_score_mod
-from .selection import block_scores
 from .triton_support import check_triton
 
 __all__ = ["attend", "NSAAux", "BACKENDS"]
@@ -293,8 +292,6 @@ def attend(
         # Keys past the last query are invisible (causality): the call runs on the keys
         # 0 .. offset + T - 1 and their blocks, where q's rows are the last positions.
         k, v, k_cmp, v_cmp, block_indices = _up_to_last_query(k, v, k_cmp, v_cmp, block_indices, config, offset + T)
-    # only where an offset is (the call without one passes the arguments of before)
-    at = {} if offset == 0 else {"q_offset": offset}
 
     paths = dispatch.plan(q, k, v, backend=backend, score_mod=score_mod, mask_mod=mask_mod, docs=docs,
                           block_indices=block_indices, selection_grad=selection_grad)
@@ -303,7 +300,7 @@ def attend(
         r = reference.attend(
             q, k, v, gates, config=config, k_cmp=k_cmp, v_cmp=v_cmp,
             block_indices=block_indices, scale=scale, score_mod=score_mod, mask_mod=mask_mod,
-            cu_seqlens=cu, selection_grad=selection_grad, **at,
+            cu_seqlens=cu, selection_grad=selection_grad, q_offset=offset,
         )
         out, aux = r.out, NSAAux(r.block_indices if given is None else given, r.o_cmp, r.o_slc, r.o_swa)
         return (out, aux) if return_aux else out
@@ -311,23 +308,21 @@ def attend(
     k_cmp = mean_compress(k, config, docs) if k_cmp is None else k_cmp
     v_cmp = mean_compress(v, config, docs) if v_cmp is None else v_cmp
     if paths.scoring == "triton_lse":
-        o_cmp, lse = branches.compressed_branch(q, k_cmp, v_cmp, config, scale, return_lse=True, **at)
-        block_indices = selection._select_row(q, k_cmp, config, scale, None, None, None, "triton", lse, **at)
+        o_cmp, lse = branches.compressed_branch(q, k_cmp, v_cmp, config, scale, return_lse=True, q_offset=offset)
+        block_indices = selection._select_row(q, k_cmp, config, scale, None, None, None, "triton", lse, q_offset=offset)
     else:
         if paths.scoring != "given":
             block_indices = selection._select_rows(q, k_cmp, config, scale, score_mod, mask_mod, None, docs,
-                                                   paths.scoring, **at)
-        o_cmp = branches.compressed_branch(q, k_cmp, v_cmp, config, scale, score_mod, mask_mod, docs=docs, **at)
+                                                   paths.scoring, q_offset=offset)
+        o_cmp = branches.compressed_branch(q, k_cmp, v_cmp, config, scale, score_mod, mask_mod, docs=docs, q_offset=offset)
     slc_score_mod = score_mod
     if selection_grad:
-        if offset:
-            importance = _block_scores_at(q, k_cmp, config, scale, score_mod, mask_mod, offset)
-        else:
-            importance = block_scores(q, k_cmp, config=config, scale=scale, score_mod=score_mod, mask_mod=mask_mod)
+        importance = selection._block_scores(q, k_cmp, config, scale, score_mod, mask_mod, None, offset)
         slc_score_mod = straight_through_score_mod(importance, config.select_block, q.shape[1] // k.shape[1], score_mod,
-                                                   **at)
-    o_slc = _run_selected(paths.selected, q, k, v, block_indices, config, scale, slc_score_mod, mask_mod, docs, **at)
-    o_swa = branches.window_branch(q, k, v, config, scale, score_mod, mask_mod, docs=docs, **at)
+                                                   q_offset=offset)
+    o_slc = _run_selected(paths.selected, q, k, v, block_indices, config, scale, slc_score_mod, mask_mod, docs,
+                          q_offset=offset)
+    o_swa = branches.window_branch(q, k, v, config, scale, score_mod, mask_mod, docs=docs, q_offset=offset)
     out = gate(o_cmp, o_slc, o_swa, gates)
     return (out, NSAAux(block_indices if given is None else given, o_cmp, o_slc, o_swa)) if return_aux else out
 
@@ -376,29 +371,17 @@ def _up_to_last_query(k, v, k_cmp, v_cmp, block_indices, config: NSAConfig, end:
     return k, v, k_cmp, v_cmp, block_indices
 
 
-def _block_scores_at(q, k_cmp, config, scale, score_mod, mask_mod, q_offset: int) -> Tensor:
-    """:func:`nsa_flex.block_scores` of the queries at positions ``q_offset ..`` (validated):
-    ``(B, Hkv, T, num_select_blocks(q_offset + T))``."""
-    B, _, T, _ = q.shape
-    if k_cmp.shape[2] == 0:
-        dtype = torch.promote_types(q.dtype, torch.float32)
-        zero = (q[..., :0].sum() + k_cmp.sum()).to(dtype)
-        return zero + q.new_zeros(B, k_cmp.shape[1], T, config.num_select_blocks(q_offset + T), dtype=dtype)
-    parts = [p for _, p in scoring.chunk_importance(q, k_cmp, config, scale, score_mod, mask_mod, None, True,
-                                                    q_offset=q_offset)]
-    return torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
-
-
 def _run_selected(path: str, q, k, v, block_indices, config, scale, score_mod=None, mask_mod=None, docs=None,
-                  **at) -> Tensor:
+                  q_offset: int = 0) -> Tensor:
     """The selected branch on ``path`` (:func:`nsa_flex.dispatch.selected_path`); every path
-    takes the same arguments (``at``: ``q_offset=`` for queries at an offset)."""
+    takes the same arguments (``q_offset``: the queries' first position)."""
     if path == "triton":
-        return triton_backend.selected_branch(q, k, v, block_indices, config, scale, score_mod, mask_mod, docs, **at)
-    if path == "flex_fwd_triton_bwd":
-        return branches.selected_branch_triton_backward(q, k, v, block_indices, config, scale, score_mod, mask_mod,
-                                                        docs, **at)
-    return branches.selected_branch(q, k, v, block_indices, config, scale, score_mod, mask_mod, docs, **at)
+        run = triton_backend.selected_branch
+    elif path == "flex_fwd_triton_bwd":
+        run = branches.selected_branch_triton_backward
+    else:
+        run = branches.selected_branch
+    return run(q, k, v, block_indices, config, scale, score_mod, mask_mod, docs, q_offset=q_offset)
 
 
 def _selected_branch(q, k, v, block_indices, config, scale, score_mod=None, mask_mod=None, docs=None, *,

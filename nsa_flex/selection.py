@@ -47,15 +47,14 @@ def _select_row(q, k_cmp, config, scale, score_mod, mask_mod, chunk_size, path: 
         scores = q.new_zeros(B, Hkv, T, config.num_select_blocks(q_offset + T), dtype=torch.float32)
         return top_n_blocks(scores, config, q_offset)
     if path == "triton":
-        extra = {} if q_offset == 0 else {"q_offset": q_offset}
         return select_blocks_fused_op(
             q, k_cmp, config.compress_block, config.compress_stride, config.select_block,
             config.num_selected, config.num_initial, config.num_local, scale, chunk_size,
-            None if lse is None else lse.detach().contiguous(), **extra,
+            None if lse is None else lse.detach().contiguous(), q_offset,
         )
     out = []
-    extra = {} if q_offset == 0 else {"q_offset": q_offset}
-    for start, p in scoring.chunk_importance(q, k_cmp, config, scale, score_mod, mask_mod, chunk_size, **extra):
+    for start, p in scoring.chunk_importance(q, k_cmp, config, scale, score_mod, mask_mod, chunk_size,
+                                             q_offset=q_offset):
         out.append(top_n_blocks(p, config, q_offset + start))
     return torch.cat(out, dim=2) if len(out) > 1 else out[0]
 
@@ -122,14 +121,22 @@ def block_scores(
     check_chunk_size(chunk_size)
     check_callable("score_mod", score_mod)
     check_callable("mask_mod", mask_mod)
+    return _block_scores(q, k_cmp, config, scale, score_mod, mask_mod, chunk_size)
+
+
+def _block_scores(q, k_cmp, config, scale, score_mod, mask_mod, chunk_size, q_offset: int = 0) -> Tensor:
+    """:func:`block_scores` after validation; ``q_offset``: ``q``'s rows are the positions
+    ``q_offset ..`` (``attend``'s queries at an offset), the result
+    ``(B, Hkv, T, num_select_blocks(q_offset + T))``."""
     B, Hq, T, _ = q.shape
     if k_cmp.shape[2] == 0:
         dtype = torch.promote_types(q.dtype, torch.float32)
         # Sums over no element: exactly 0 whatever q holds (a NaN query must not reach other
         # rows), and still in the graph, so q and k_cmp get zero gradients rather than none.
         zero = (q[..., :0].sum() + k_cmp.sum()).to(dtype)
-        return zero + q.new_zeros(B, k_cmp.shape[1], T, config.num_select_blocks(T), dtype=dtype)
-    parts = [p for _, p in scoring.chunk_importance(q, k_cmp, config, scale, score_mod, mask_mod, chunk_size, True)]
+        return zero + q.new_zeros(B, k_cmp.shape[1], T, config.num_select_blocks(q_offset + T), dtype=dtype)
+    parts = [p for _, p in scoring.chunk_importance(q, k_cmp, config, scale, score_mod, mask_mod, chunk_size, True,
+                                                    q_offset=q_offset)]
     return torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
 
 

@@ -77,10 +77,9 @@ def _run(q, k, v, block_indices, select_block, scale, docs: Documents | None = N
         packed = PackedRow.from_documents(docs, select_block)
         block_indices = drop_past_query(block_indices, select_block, docs.pos)
     idx = kernel_indices(block_indices, select_block, k.shape[2])
-    docs_args = () if packed is None else packed.op_args()
-    at = {} if q_offset == 0 else {"q_offset": q_offset}
+    docs_args = (None,) * 4 if packed is None else packed.op_args()
     return selected_attention_op(q.contiguous(), k.contiguous(), v.contiguous(), idx, select_block, scale, *docs_args,
-                                 **at)
+                                 q_offset)
 
 
 def selected_branch(
@@ -100,6 +99,4 @@ def selected_branch(
     positions ``q_offset ..`` over the keys of ``k``). The kernels run no mods: the path is
     planned only without them, and ``score_mod``/``mask_mod`` (every selected branch's
     signature) are ``None``."""
-    if q_offset == 0:  # (the call of before, which tests stub)
-        return _run(q, k, v, block_indices, config.select_block, scale, docs)[0]
     return _run(q, k, v, block_indices, config.select_block, scale, docs, q_offset=q_offset)[0]

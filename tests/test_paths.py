@@ -43,7 +43,7 @@ def _seams(monkeypatch):
 
 def _recorders(monkeypatch, events: list):
     """Stubs in place of the kernels and FlexAttention that note which path ran."""
-    def select_fused(q, k_cmp, config, scale, chunk_size=None, lse=None):
+    def select_fused(q, k_cmp, config, scale, chunk_size=None, lse=None, q_offset=0):
         events.append("scoring:triton_lse" if lse is not None else "scoring:triton")
         B, _, T, _ = q.shape
         zeros = q.new_zeros(B, k_cmp.shape[1], T, config.num_select_blocks(T), dtype=torch.float32)
@@ -56,7 +56,7 @@ def _recorders(monkeypatch, events: list):
         events.append("importance:torch" if differentiable else "scoring:torch")
         return chunk_importance(*args, **kwargs)
 
-    def triton_selected(q, k, v, block_indices, select_block, scale, docs=None):
+    def triton_selected(q, k, v, block_indices, select_block, scale, docs=None, q_offset=0):
         events.append("selected:triton")
         return q.new_zeros(*q.shape[:3], v.shape[-1]), q.new_zeros(q.shape[:3], dtype=torch.float32)
 

@@ -213,8 +213,7 @@ def selected_branch_triton_backward(
         out, lse = run_flex(fold_rows(q.detach(), G), k.detach(), v.detach(), None, block_mask, scale, return_lse=True)
         lse = unfold_rows(lse, G)
     idx = kernel_indices(block_indices, config.select_block, k.shape[2])
-    at = {} if q_offset == 0 else {"q_offset": q_offset}
     # the Triton kernels write dQ/dK/dV with the strides of q/k/v: keep those dense
     return attach_selected_backward_op(
-        q.contiguous(), k.contiguous(), v.contiguous(), idx, out, lse, config.select_block, scale, **at
+        q.contiguous(), k.contiguous(), v.contiguous(), idx, out, lse, config.select_block, scale, q_offset
     )

@@ -300,8 +300,7 @@ def _selected_attention_fake(q, k, v, idx, select_block, scale, doc_start=None, 
 
 
 def _selected_attention_setup(ctx, inputs, output):
-    q, k, v, idx, select_block, scale, *packed = inputs
-    q_offset = packed.pop() if len(packed) == 5 else 0
+    q, k, v, idx, select_block, scale, *packed, q_offset = inputs
     o, lse = output
     ctx.mark_non_differentiable(lse)
     ctx.save_for_backward(q, k, v, idx, o, lse, *packed)
@@ -310,8 +309,8 @@ def _selected_attention_setup(ctx, inputs, output):
 
 def _selected_attention_grad(ctx, do, dlse):
     q, k, v, idx, o, lse, *packed = ctx.saved_tensors
-    at = {} if ctx.q_offset == 0 else {"q_offset": ctx.q_offset}
-    dq, dk, dv = selected_attention_backward_op(q, k, v, idx, o, lse, do, ctx.select_block, ctx.scale, *packed, **at)
+    dq, dk, dv = selected_attention_backward_op(q, k, v, idx, o, lse, do, ctx.select_block, ctx.scale, *packed,
+                                                q_offset=ctx.q_offset)
     return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
@@ -377,15 +376,15 @@ def _attach_selected_backward_fake(q, k, v, idx, out_rows, lse, select_block, sc
 
 
 def _attach_selected_backward_setup(ctx, inputs, output):
-    q, k, v, idx, _, lse, select_block, scale, *rest = inputs
+    q, k, v, idx, _, lse, select_block, scale, q_offset = inputs
     ctx.save_for_backward(q, k, v, idx, output, lse)
-    ctx.select_block, ctx.scale, ctx.q_offset = select_block, scale, (rest[0] if rest else 0)
+    ctx.select_block, ctx.scale, ctx.q_offset = select_block, scale, q_offset
 
 
 def _attach_selected_backward_grad(ctx, do):
     q, k, v, idx, o, lse = ctx.saved_tensors
-    at = {} if ctx.q_offset == 0 else {"q_offset": ctx.q_offset}
-    dq, dk, dv = selected_attention_backward_op(q, k, v, idx, o, lse, do, ctx.select_block, ctx.scale, **at)
+    dq, dk, dv = selected_attention_backward_op(q, k, v, idx, o, lse, do, ctx.select_block, ctx.scale,
+                                                q_offset=ctx.q_offset)
     return dq, dk, dv, None, None, None, None, None, None
 
 
