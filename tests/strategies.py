@@ -6,8 +6,20 @@ from __future__ import annotations
 
 import torch
 
-from nsa_flex import testing
+from nsa_flex import NSAConfig, testing
 from nsa_flex.testing import TOLERANCES, configs, rel_err, shapes, tolerance  # noqa: F401
+
+
+# Three small configs, each unlike the others: a stride below the block or equal to it, a
+# selection block of 6 (not a power of two), no initial block, windows of 5 to 12. The offset
+# and chunked-prefill tests draw from them.
+SMALL_CONFIGS = [
+    NSAConfig(compress_block=8, compress_stride=4, select_block=8, num_selected=3, window=8),
+    NSAConfig(compress_block=8, compress_stride=8, select_block=16, num_selected=2, num_initial=0, num_local=1,
+              window=5),
+    NSAConfig(compress_block=4, compress_stride=2, select_block=6, num_selected=4, num_initial=2, num_local=1,
+              window=12),
+]
 
 
 def Shape(B: int, Hkv: int, G: int, T: int, Dk: int, Dv: int) -> testing.Shape:

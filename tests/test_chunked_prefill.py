@@ -8,18 +8,11 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from strategies import rel_err
+from strategies import SMALL_CONFIGS as CONFIGS, rel_err
 
-from nsa_flex import NSACache, NSAConfig, SparseAttention, decode_step, prefill
+from nsa_flex import NSACache, SparseAttention, decode_step, prefill
 from nsa_flex.triton_support import triton_missing
 
-CONFIGS = [
-    NSAConfig(compress_block=8, compress_stride=4, select_block=8, num_selected=3, window=8),
-    NSAConfig(compress_block=8, compress_stride=8, select_block=16, num_selected=2, num_initial=0, num_local=1,
-              window=5),
-    NSAConfig(compress_block=4, compress_stride=2, select_block=6, num_selected=4, num_initial=2, num_local=1,
-              window=12),
-]
 FIELDS = ("_k", "_v", "_k_cmp", "_v_cmp", "lengths")
 
 

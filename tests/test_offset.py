@@ -11,18 +11,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import nsa_flex
-from nsa_flex import NSAConfig, attend, dispatch, masks
+from nsa_flex import attend, dispatch, masks
 from nsa_flex.triton_support import triton_missing
 
-from strategies import rel_err
-
-CONFIGS = [
-    NSAConfig(compress_block=8, compress_stride=4, select_block=8, num_selected=3, window=8),
-    NSAConfig(compress_block=8, compress_stride=8, select_block=16, num_selected=2, num_initial=0, num_local=1,
-              window=5),
-    NSAConfig(compress_block=4, compress_stride=2, select_block=6, num_selected=4, num_initial=2, num_local=1,
-              window=12),
-]
+from strategies import SMALL_CONFIGS as CONFIGS, rel_err
 
 
 def _inputs(B, Hq, Hkv, T, Dk, Dv, seed, dtype=torch.float64, config=None):
