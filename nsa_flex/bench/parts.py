@@ -112,28 +112,52 @@ def bench_full(p: Problem, T: int, reps: int) -> list[Row]:
     return rows
 
 
+def decode_bytes(config, T: int, B: int, Hq: int, Hkv: int, Dk: int, Dv: int, itemsize: int) -> int:
+    """The bytes one decode step must move with ``T`` tokens cached per row (the new one at
+    position ``T``): for each row and KV head the visible compressed keys and values, the ``n``
+    selected blocks' and the window's raw ones (counted apart, as the kernels read them), the
+    new token's K/V written; the queries read and the output written. Scratch is not counted:
+    this is the floor that achieved GB/s are measured against. SDPA over the cache moves
+    ``B * Hkv * (T + 1) * (Dk + Dv) * itemsize``."""
+    t = T  # the new token's position
+    n_vis = config.num_compressed(t + 1)
+    cur = t // config.select_block
+    n_sel = min(config.num_selected, cur + 1)
+    sel_tokens = n_sel * config.select_block - (config.select_block - 1 - t % config.select_block)  # the current block holds t+1 mod l'
+    kv_tokens = n_vis + sel_tokens + min(config.window, t + 1) + 1
+    return B * (Hkv * kv_tokens * (Dk + Dv) + Hq * (Dk + Dv)) * itemsize
+
+
+def decode_inputs(p: Problem, B: int, T: int, m: int = 1):
+    """``(cache, q, k, v, gates)`` of a decode step of ``m`` tokens per row after ``T``: an
+    ``NSACache`` of ``B`` rows and ``max_len = T + m`` holding ``T`` random tokens each (with
+    their mean-compressed blocks), and the step's random inputs, seeded by ``T``."""
+    g = torch.Generator(device=p.device).manual_seed(T)
+    cache = NSACache(B, p.Hkv, T + m, p.D, config=p.config, device=p.device, dtype=p.dtype)
+    cache.k[:, :, :T].normal_(generator=g)  # in place, in the cache's dtype: no float32 copy
+    cache.v[:, :, :T].normal_(generator=g)
+    tc = p.config.num_compressed(T)
+    for b in range(B):  # a row at a time: the compression's temporaries of 128 rows are large
+        cache.k_cmp[b : b + 1, :, :tc] = mean_compress(cache.k[b : b + 1, :, :T], p.config)
+        cache.v_cmp[b : b + 1, :, :tc] = mean_compress(cache.v[b : b + 1, :, :T], p.config)
+    cache.lengths.fill_(T)
+    q, k, v = (torch.empty(B, h, m, p.D, device=p.device, dtype=p.dtype).normal_(generator=g)
+               for h in (p.Hq, p.Hkv, p.Hkv))
+    gates = torch.rand(B, p.Hq, m, 3, generator=g, device=p.device).to(p.dtype)
+    return cache, q, k, v, gates
+
+
 def bench_decode(p: Problem, T: int, reps: int, batches=(1, 8)) -> list[Row]:
     """One decode step with ``T`` tokens cached: NSA (eager and CUDA graph) against SDPA over
     the whole cache. The cache is filled with random K/V (a step's cost does not depend on
     what it holds); each timed step decodes position ``T`` and rewinds, so it can repeat."""
     rows = []
     for B in batches:
-        g = torch.Generator(device=p.device).manual_seed(T)
-
-        def rnd(*shape):
-            return torch.randn(*shape, generator=g, device=p.device).to(p.dtype)
-
         try:
-            cache = NSACache(B, p.Hkv, T + 1, p.D, config=p.config, device=p.device, dtype=p.dtype)
-            cache.k[:, :, :T] = rnd(B, p.Hkv, T, p.D)
-            cache.v[:, :, :T] = rnd(B, p.Hkv, T, p.D)
-            tc = p.config.num_compressed(T)
-            cache.k_cmp[:, :, :tc] = mean_compress(cache.k[:, :, :T], p.config)
-            cache.v_cmp[:, :, :tc] = mean_compress(cache.v[:, :, :T], p.config)
-            cache.lengths.fill_(T)
-            q, k1, v1 = rnd(B, p.Hq, 1, p.D), rnd(B, p.Hkv, 1, p.D), rnd(B, p.Hkv, 1, p.D)
-            gates = torch.rand(B, p.Hq, 1, 3, generator=g, device=p.device).to(p.dtype)
-            k_full, v_full = rnd(B, p.Hkv, T + 1, p.D), rnd(B, p.Hkv, T + 1, p.D)
+            cache, q, k1, v1, gates = decode_inputs(p, B, T)
+            g = torch.Generator(device=p.device).manual_seed(T + 1)
+            k_full, v_full = (torch.empty(B, p.Hkv, T + 1, p.D, device=p.device, dtype=p.dtype).normal_(generator=g)
+                              for _ in range(2))
         except (RuntimeError, ValueError) as e:  # out of memory, most likely
             rows.append(Row("decode", f"B={B}", T, note=f"failed: {failure(e, 100)}"))
             continue
