@@ -9,7 +9,7 @@ its case, and this is the one place that makes them:
 | scoring | `"given"`: `block_indices` were passed, nothing is scored; `"torch"`: chunked PyTorch softmax and `top_n.top_n_blocks`; `"triton"`: the Triton scoring and top-n kernels (`nsa_flex::select_blocks_fused`), two passes over `k_cmp`; `"triton_lse"`: the same op fed the compressed branch's log-sum-exp, one pass (that branch then runs first) |
 | selected | `"flex"`: FlexAttention forward and backward; `"flex_fwd_triton_bwd"`: FlexAttention's forward, the Triton backward (`nsa_flex::attach_selected_backward`); `"triton"`: the Triton kernels, forward and backward (`nsa_flex::selected_attention`) |
 | window | `"flex"`: FlexAttention |
-| decode step | `"fused"`: four Triton launches; `"torch"`: PyTorch operations (:func:`decode_path`) |
+| decode step | `"fused"`: Triton launches, four for a few rows or three for many rows of long contexts (``tuning.decode_batched``); `"torch"`: PyTorch operations (:func:`decode_path`) |
 
 ``backend="reference"`` runs every branch densely (``"reference"``). The Triton kernels are
 picked without being asked for only on CUDA (:func:`_picks_kernels`), with no user modifiers

@@ -318,7 +318,7 @@ class DecodeTiles(NamedTuple):
     block_l: int  # tokens of a compressed block, for the mean the first kernel computes
     block_s1: int  # the compressed splits that the block-keys kernel merges
     block_p: int  # partial states the combine kernel merges at once
-    num_warps: int  # every one of the four kernels
+    num_warps: int  # every kernel of the step, both sets
 
 
 def decode_tiles(G: int, Dk: int, Dv: int, config: NSAConfig, tc: int, s1: int) -> DecodeTiles:
@@ -332,4 +332,52 @@ def decode_tiles(G: int, Dk: int, Dv: int, config: NSAConfig, tc: int, s1: int) 
         block_n=block_n, tile=tile, n_window=nw, block_c_split=min(64, pow2(-(-tc // s1))), block_g=pow2(G),
         block_dk=pow2(Dk), block_dv=pow2(Dv), block_l=pow2(config.compress_block, 1), block_s1=pow2(s1, 1),
         block_p=min(64, pow2(max(s1, n, nw))), num_warps=4,
+    )
+
+
+def decode_batched(device: torch.device, rows: int, n: int, ns: int) -> bool:
+    """Whether the fused decode step runs ``kernels.decode_batch``'s three launches instead of
+    ``kernels.decode``'s four: where ranking each row's keys in every one of its ``n`` selected
+    programs costs the four launches most. That is past ``KEYS_IN_REGISTERS`` candidate blocks
+    (``max_len`` above 128k at the reference shape: every round of a ranking reads the keys
+    again) once the selected programs fill two per SM, and from 1024 blocks (64k) once they
+    fill 16 per SM. Measured on an H200 at the reference shape (docs/inference.md: the batched
+    kernels 5% faster at 128k with B = 8, 1.57x with B = 128, 10% at 64k with B = 128; 2%
+    slower at 64k with B = 32, slower at 8k and at B = 1). Never on the CPU (tests pick each)."""
+    if device.type != "cuda":
+        return False
+    sm = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    selected = rows * n
+    return (ns > KEYS_IN_REGISTERS and selected >= 2 * sm) or (ns >= 1024 and selected >= 16 * sm)
+
+
+def batch_decode_splits(device: torch.device, rows: int, tc: int, ns: int) -> tuple[int, int]:
+    """``(S1, S2)`` of ``kernels.decode_batch``: compressed splits as :func:`decode_splits`
+    (at most 32, two steps of a merge); one keys program per step of ``block_j`` candidate
+    blocks (:func:`batch_decode_tiles`), as they are short."""
+    s1, _ = decode_splits(device, rows, tc, ns, 1)
+    return min(s1, 32), -(-ns // _batch_block_j(ns))
+
+
+def _batch_block_j(ns: int) -> int:
+    return min(32, pow2(ns, 1))
+
+
+class BatchDecodeTiles(NamedTuple):
+    """``kernels.decode_batch``'s tiles beyond :class:`DecodeTiles` (:func:`batch_decode_tiles`)."""
+
+    block_j: int  # selection blocks a step of the keys
+    block_o: int  # compressed blocks that overlap one selection block, r - 1 + l'/d, padded
+    block_sl: int  # partial states a step of a merge
+    heads: int  # heads a merge takes at once
+
+
+def batch_decode_tiles(Dv: int, G: int, config: NSAConfig, ns: int, s1: int, n_window: int) -> BatchDecodeTiles:
+    """Tiles of ``kernels.decode_batch`` for ``ns`` selection blocks and ``s1`` compressed splits:
+    merges of at most 16 slots, their ``(slots, heads, Dv)`` tiles at most 8192 floats."""
+    d = config.compress_stride
+    block_sl = min(16, pow2(max(s1, n_window, config.num_selected), 1))
+    return BatchDecodeTiles(
+        block_j=_batch_block_j(ns), block_o=pow2(config.compress_block // d - 1 + config.select_block // d, 1),
+        block_sl=block_sl, heads=max(1, min(pow2(G, 1), 8192 // (block_sl * pow2(Dv)))),
     )

@@ -1,5 +1,6 @@
-"""The fused decode step (nsa_flex.inference.decode_fused, kernels.decode): its four Triton
-launches against the PyTorch step, under Triton's interpreter on the CPU."""
+"""The fused decode step (nsa_flex.inference.decode_fused): its Triton launches, four for a few
+rows (kernels.decode) or three for many (kernels.decode_batch, "batched"), against the PyTorch
+step, under Triton's interpreter on the CPU."""
 
 import pytest
 import torch
@@ -18,9 +19,11 @@ SMALL = NSAConfig(compress_block=8, compress_stride=4, select_block=8, num_selec
 FUSED_CONFIG = NSAConfig(compress_block=16, compress_stride=8, select_block=16, num_selected=4, num_initial=1, num_local=2, window=20)
 
 
-def _fused_against_pytorch(config, G, splits, prompt_lengths, steps, L, seed, compress=None, Dk=16, Dv=16):
+def _fused_against_pytorch(config, G, splits, prompt_lengths, steps, L, seed, compress=None, Dk=16, Dv=16,
+                           batched=False):
     """Step a cache with the split kernels and a copy with the PyTorch step, on the same
-    inputs: same chosen blocks, outputs to float32 rounding, same cache contents."""
+    inputs: same chosen blocks, outputs to float32 rounding, same cache contents (and, for the
+    batched kernels, their arrival counts back at zero)."""
     from nsa_flex.inference.cache import compressor_or_mean as _compressor
     from nsa_flex.inference.decode import _decode_torch as _decode
     from nsa_flex.inference.decode_fused import launch_decode as _decode_fused
@@ -38,11 +41,13 @@ def _fused_against_pytorch(config, G, splits, prompt_lengths, steps, L, seed, co
         gates = torch.rand(B, G * Hkv, 1, 3, generator=g)
         scale = Dk**-0.5
         want, want_idx = _decode(cache, q, k, v, gates, config, scale, _compressor(compress, config), _compressor(compress, config))
-        got, got_idx = _decode_fused(ours, q, k, v, gates, config, scale, compress, compress, splits=splits)
+        got, got_idx = _decode_fused(ours, q, k, v, gates, config, scale, compress, compress, splits=splits,
+                                     batched=batched)
         assert torch.equal(got_idx, want_idx), (cache.lengths.tolist(), got_idx.flatten().tolist(), want_idx.flatten().tolist())
         assert rel_err(got, want) < 1e-5, cache.lengths.tolist()
         for name in ("k", "v", "lengths"):
             assert torch.equal(getattr(ours, name), getattr(cache, name)), name
+        assert not ours._arrivals.any()  # the last arrivals reset their counts
         # a completed block is the mean of its tokens either way, summed in another order
         for name in ("k_cmp", "v_cmp"):
             torch.testing.assert_close(getattr(ours, name), getattr(cache, name), rtol=1e-6, atol=1e-6)
@@ -50,20 +55,24 @@ def _fused_against_pytorch(config, G, splits, prompt_lengths, steps, L, seed, co
 
 @pytest.mark.skipif(not TRITON, reason="no CUDA and no Triton interpreter")
 @pytest.mark.parametrize(
-    "G, splits, prompts",
-    [(1, (1, 1), [0, 14, 29]), (3, (2, 3), [1, 15, 30]), (8, (5, 2), [0, 23]), (2, (9, 7), [1, 14, 29])],
-    ids=["G1-s1", "G3-s2", "G8-s5", "G2-s9-empty"],  # 9 and 7 splits leave programs with nothing
+    "G, splits, prompts, batched",
+    [(1, (1, 1), [0, 14, 29], False), (3, (2, 3), [1, 15, 30], False), (8, (5, 2), [0, 23], False),
+     (2, (9, 7), [1, 14, 29], False), (3, (2, 3), [1, 15, 30], True), (2, (9, 7), [1, 14, 29], True),
+     (1, (1, 1), [0, 14, 29], True)],
+    # 9 and 7 splits leave programs with nothing
+    ids=["G1-s1", "G3-s2", "G8-s5", "G2-s9-empty", "batched-G3-s2", "batched-G2-s9-empty", "batched-G1-s1"],
 )
-def test_fused_decode_equals_the_pytorch_steps(G, splits, prompts):
+def test_fused_decode_equals_the_pytorch_steps(G, splits, prompts, batched):
     # 12 steps from these lengths cross compression (every 8 tokens from 15), selection (every
     # 16) and window (20) boundaries; an empty row and a one-token row
-    _fused_against_pytorch(FUSED_CONFIG, G, splits, prompts, steps=12, L=48, seed=G)
+    _fused_against_pytorch(FUSED_CONFIG, G, splits, prompts, steps=12, L=48, seed=G, batched=batched)
 
 
 @pytest.mark.skipif(not TRITON, reason="no CUDA and no Triton interpreter")
-def test_fused_decode_small_blocks_and_head_sizes():
+@pytest.mark.parametrize("batched", [False, True], ids=["split", "batched"])
+def test_fused_decode_small_blocks_and_head_sizes(batched):
     # l = 8, d = 4, l' = 8 (a window below one tile), Dk != Dv, G = 6; 3 splits
-    _fused_against_pytorch(SMALL, 6, (3, 3), [5, 12], steps=12, L=40, seed=11, Dk=32, Dv=16)
+    _fused_against_pytorch(SMALL, 6, (3, 3), [5, 12], steps=12, L=40, seed=11, Dk=32, Dv=16, batched=batched)
 
 
 @pytest.mark.skipif(not TRITON, reason="no CUDA and no Triton interpreter")
@@ -78,13 +87,14 @@ def test_fused_decode_with_a_learned_compressor():
 
 
 @pytest.mark.skipif(not TRITON, reason="no CUDA and no Triton interpreter")
-def test_fused_top_n_reads_keys_from_memory_past_the_register_tile(monkeypatch):
+@pytest.mark.parametrize("batched", [False, True], ids=["split", "batched"])
+def test_fused_top_n_reads_keys_from_memory_past_the_register_tile(monkeypatch, batched):
     # above tuning.KEYS_IN_REGISTERS block keys every round of the top-n reads them again
     from nsa_flex import tuning
 
     monkeypatch.setattr(tuning, "KEYS_IN_REGISTERS", 16)
     config = NSAConfig(compress_block=8, compress_stride=4, select_block=8, num_selected=5, num_initial=1, num_local=1, window=8)
-    _fused_against_pytorch(config, 2, (3, 2), [150, 40], steps=3, L=200, seed=5)
+    _fused_against_pytorch(config, 2, (3, 2), [150, 40], steps=3, L=200, seed=5, batched=batched)
 
 
 @pytest.mark.skipif(not TRITON, reason="no CUDA and no Triton interpreter")

@@ -206,11 +206,14 @@ def _chosen_importance(cache, q, idx, scale):
     return (imp.gather(-1, chosen.clamp_min(0)) * (chosen >= 0)).sum(-1)  # (B, Hkv)
 
 
+@pytest.mark.parametrize("batched", [False, True], ids=["split", "batched"])
 @pytest.mark.parametrize("B", [1, 8])
 @pytest.mark.parametrize("T", [8192, 65536])
-def test_fused_decode_at_the_reference_shape_in_a_cuda_graph(B, T):
-    """The split kernels against the PyTorch step, both captured in CUDA graphs, the reference shape
-    in bf16, rows of different lengths; 4 steps cross compression and selection boundaries.
+def test_fused_decode_at_the_reference_shape_in_a_cuda_graph(B, T, batched):
+    """The split kernels (kernels.decode, or kernels.decode_batch whatever the batch: its programs
+    run concurrently here, unlike under the interpreter) against the PyTorch step, both captured
+    in CUDA graphs, the reference shape in bf16, rows of different lengths; 4 steps cross
+    compression and selection boundaries.
 
     The chosen blocks must be equal, except where two blocks' importances tie to float32
     rounding (the two sum their products in different orders): there the chosen blocks'
@@ -229,7 +232,7 @@ def test_fused_decode_at_the_reference_shape_in_a_cuda_graph(B, T):
     ref = fused.clone()
     static = [torch.zeros(B, h, 1, d, device="cuda", dtype=dtype) for h, d in ((Hq, D), (Hkv, D), (Hkv, D), (Hq, 3))]
     mean = _compressor(None, config)
-    graph_f, out_f = capture(lambda: _decode_fused(fused, *static, config, scale, None, None), fused)
+    graph_f, out_f = capture(lambda: _decode_fused(fused, *static, config, scale, None, None, batched=batched), fused)
     graph_r, out_r = capture(lambda: _decode(ref, *static, config, scale, mean, mean), ref)
     mismatched = 0
     for i in range(steps):
@@ -252,6 +255,7 @@ def test_fused_decode_at_the_reference_shape_in_a_cuda_graph(B, T):
     assert mismatched <= steps * B * Hkv // 8, mismatched  # near-ties are rare
     for name in ("k", "v", "k_cmp", "v_cmp"):
         torch.testing.assert_close(getattr(fused, name), getattr(ref, name), rtol=1e-2, atol=1e-2)
+    assert not fused._arrivals.any()
 
 
 def test_fused_is_the_default_on_cuda():

@@ -25,7 +25,8 @@ LAYERS = [
     # every launch decision; which path runs; packed rows; selections; top-n; the oracle
     ["tuning", "dispatch", "varlen", "block_indices", "top_n", "reference", "kernels.decode"],
     # compression, scoring, mask_mods, the custom ops beside their launchers, FlexAttention calls
-    ["compression", "buckets", "scoring", "masks.mods", "ops.scoring", "ops.selected", "flex.call"],
+    ["compression", "buckets", "scoring", "masks.mods", "ops.scoring", "ops.selected", "flex.call",
+     "kernels.decode_batch"],
     # BlockMasks; the selection entry points; the triton backend; the cache's state
     ["masks.block_masks", "ops", "selection", "triton_backend", "inference.cache"],
     ["masks.selected", "inference.decode_fused"],

@@ -51,6 +51,24 @@ def test_decode_splits_and_tiles(monkeypatch):
     assert tuple(tuning.decode_tiles(16, 128, 128, NSAConfig(), 4095, 66)) == (64, 64, 8, 64, 16, 128, 128, 32, 128, 64, 4)
 
 
+def test_batched_decode_choice_splits_and_tiles(monkeypatch):
+    monkeypatch.setattr(tuning, "_sm_count", lambda index: 132)  # an H200
+    cuda = types.SimpleNamespace(type="cuda", index=0)
+    # the reference shape (Hkv = 4, n = 16): batched past 128k (2049 blocks) from B = 8 (rows
+    # 32), at 64k (1025 blocks) from B = 128
+    assert tuning.decode_batched(cuda, 32, 16, 2049) and tuning.decode_batched(cuda, 512, 16, 1025)
+    assert not tuning.decode_batched(cuda, 4, 16, 2049)  # B = 1: ranking in every program is shorter
+    assert not tuning.decode_batched(cuda, 128, 16, 1025)  # B = 32 at 64k
+    assert not tuning.decode_batched(cuda, 512, 16, 129)  # 8k: few blocks to rank
+    assert not tuning.decode_batched(torch.device("cpu"), 512, 16, 2049)
+    # 128 rows at 64k: one compressed split each (two programs per SM), 33 key steps of 32 blocks
+    assert tuning.batch_decode_splits(cuda, 128, 4095, 1025) == (2, 33)
+    assert tuning.batch_decode_splits(cuda, 1, 4095, 1025) == (32, 33)  # at most 32 splits
+    # a selection block of 64 overlaps 5 compressed blocks (l = 32, d = 16); merges of 16
+    # slots, 4 heads of 128 at once
+    assert tuple(tuning.batch_decode_tiles(128, 16, NSAConfig(), 1025, 2, 8)) == (32, 8, 16, 4)
+
+
 def test_flex_tiles():
     assert tuning.selection_tile(16, NSAConfig()) == (16, 64)
     assert tuning.selection_tile(3, NSAConfig(select_block=48)) == (128, 128)  # l' not a power of two

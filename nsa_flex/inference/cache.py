@@ -98,6 +98,8 @@ class NSACache:
         self._k_cmp = torch.zeros(B, H, tc + 1, Dk, device=device, dtype=dtype)
         self._v_cmp = torch.zeros(B, H, tc + 1, Dv, device=device, dtype=dtype)
         self.lengths = torch.zeros(B, device=device, dtype=torch.int64)
+        # The fused decode step's arrival counts (kernels.decode_batch): zero between steps.
+        self._arrivals = _arrival_counts(B, H, device)
         # An upper bound on lengths, kept on the host so that a step can refuse to overflow
         # without reading the device: exact after prefill, eager steps and eager rewinds;
         # graph replays advance lengths past it (sync_bound).
@@ -213,6 +215,7 @@ class NSACache:
         new.config, new.max_len, new._bound = self.config, self.max_len, self._bound
         for name in ("_k", "_v", "_k_cmp", "_v_cmp", "lengths"):
             setattr(new, name, getattr(self, name).clone())
+        new._arrivals = _arrival_counts(self.batch_size, self.kv_heads, self.device)
         return new
 
     def copy_(self, other: NSACache) -> NSACache:
@@ -230,6 +233,13 @@ class NSACache:
             a.copy_(b)
         self._bound = other._bound
         return self
+
+
+def _arrival_counts(B: int, H: int, device: torch.device) -> Tensor:
+    """Zeros for the fused decode step's counts of finished programs (``kernels.decode_batch``):
+    per row for its keys and for its selected blocks, per batch entry. Each step's last
+    arrivals reset them."""
+    return torch.zeros(2 * B * H + B, device=device, dtype=torch.int32)
 
 
 # --------------------------------------------------------------------------- checks

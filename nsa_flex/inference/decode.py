@@ -75,7 +75,8 @@ def decode_step(
         scale: score scale (default ``Dk ** -0.5``).
         fused: ``True``: run the step's attention and selection as Triton kernels
             (``nsa_flex.kernels.decode``: four launches, split over the compressed blocks, the
-            selected blocks and the window so that even one row fills the GPU; ``m = 1`` only;
+            selected blocks and the window so that even one row fills the GPU; for many rows
+            of long contexts ``nsa_flex.kernels.decode_batch``'s three; ``m = 1`` only;
             CUDA, or the CPU under ``TRITON_INTERPRET=1``). ``False``: plain PyTorch operations.
             ``None`` (default): the kernels for one token per row on CUDA (outside
             ``torch.compile``), PyTorch otherwise. With the default compression, the kernels

@@ -240,7 +240,7 @@ def sparse_split_kernel(
     j = tl.zeros([], tl.int32) - 1
     if r < N_SEL:
         cur = tl.minimum(t // SEL_BLOCK, Ns - 1)
-        chosen = _top_n(KEYS + row.to(tl.int64) * Ns, cur, Ns, N_SEL, BLOCK_SEL, BLOCK_NS, ONE_TILE)
+        chosen = _top_n(KEYS + row.to(tl.int64) * Ns, cur, Ns, N_SEL, BLOCK_SEL, BLOCK_NS, ONE_TILE, "")
         # ascending order: each block's rank among the chosen
         slot = tl.arange(0, BLOCK_SEL)
         rank = _ascending_rank(chosen, Ns, N_SEL, BLOCK_SEL)

@@ -1,6 +1,6 @@
 """Triton top-n of block scores: ``n`` best blocks per query, an exact tie to the lower block,
 chosen blocks ascending. Shared by the full forward's selection (:func:`top_n_kernel`) and the
-decode step (``kernels.decode.sparse_split_kernel``). ``@triton.jit`` functions only; the launch
+decode step (``kernels.decode.select_kernel``). ``@triton.jit`` functions only; the launch
 code is ``nsa_flex.ops.scoring``.
 """
 
@@ -27,18 +27,19 @@ def _sort_key(vals, j, ok, Ns):
 
 @triton.jit
 def _top_n(KEYS, cur, Ns, N_SEL: tl.constexpr, BLOCK_SEL: tl.constexpr, BLOCK_NS: tl.constexpr,
-           ONE_TILE: tl.constexpr):
+           ONE_TILE: tl.constexpr, CACHE: tl.constexpr):
     """The ``N_SEL`` best of ``keys[0 .. cur]`` (distinct integers from :func:`_sort_key`) as
     block indices, ``-1`` for empty slots: round ``r`` takes the largest key below round
     ``r - 1``'s. With ``ONE_TILE`` the keys stay in registers; otherwise every round reads
-    them again."""
+    them again. ``CACHE``: the loads' cache modifier (``".cg"`` for keys that other programs
+    of the same launch wrote)."""
     NONE: tl.constexpr = -9223372036854775807 - 1
     slot = tl.arange(0, BLOCK_SEL)
     chosen = tl.full([BLOCK_SEL], -1, tl.int32)
     jn = tl.arange(0, BLOCK_NS)
     below = tl.full([], 9223372036854775807, tl.int64)
     if ONE_TILE:
-        key = _sort_key(tl.load(KEYS + jn, mask=jn <= cur, other=0.0), jn, jn <= cur, Ns)
+        key = _sort_key(tl.load(KEYS + jn, mask=jn <= cur, other=0.0, cache_modifier=CACHE), jn, jn <= cur, Ns)
         for r in range(N_SEL):
             best = tl.max(tl.where(key < below, key, NONE), 0)
             j = tl.where(best > NONE, Ns - 1 - (best & 0xFFFFFFFF), -1).to(tl.int32)
@@ -49,7 +50,7 @@ def _top_n(KEYS, cur, Ns, N_SEL: tl.constexpr, BLOCK_SEL: tl.constexpr, BLOCK_NS
             best = tl.full([], NONE, tl.int64)
             for j0 in range(0, cur + 1, BLOCK_NS):
                 jj = j0 + jn
-                key = _sort_key(tl.load(KEYS + jj, mask=jj <= cur, other=0.0), jj, jj <= cur, Ns)
+                key = _sort_key(tl.load(KEYS + jj, mask=jj <= cur, other=0.0, cache_modifier=CACHE), jj, jj <= cur, Ns)
                 best = tl.maximum(best, tl.max(tl.where(key < below, key, NONE), 0))
             j = tl.where(best > NONE, Ns - 1 - (best & 0xFFFFFFFF), -1).to(tl.int32)
             chosen = tl.where(slot == r, j, chosen)
@@ -84,7 +85,7 @@ def top_n_kernel(
     b, h = _batch_head(bh, Hkv)
     cur = tl.minimum((t_start + c) // SEL_BLOCK, Ns - 1)
     row = S + b * ssb + h * ssh + c.to(tl.int64) * sst
-    chosen = _top_n(row, cur, Ns, N_SEL, BLOCK_SEL, BLOCK_NS, ONE_TILE)
+    chosen = _top_n(row, cur, Ns, N_SEL, BLOCK_SEL, BLOCK_NS, ONE_TILE, "")
     slot = tl.arange(0, BLOCK_SEL)
     rank = _ascending_rank(chosen, Ns, N_SEL, BLOCK_SEL)
     tl.store(IDX + b * sib + h * sih + c.to(tl.int64) * sit + rank * sin, chosen, mask=slot < N_SEL)
