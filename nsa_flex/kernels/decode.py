@@ -79,8 +79,51 @@ def _mean_block(base, new_ptr, s_row, s_col, s_new, t, cols, cols_ok, CMP_BLOCK:
 
 
 @triton.jit
-def compressed_split_kernel(
-    Q, K, V, KN, VN, KC, VC, LEN, LOGITS, PM, PL, PACC,
+def _attend_tokens(
+    Q, K, V, KN, VN, b, h, sknb, sknh, sknd, svnb, svnh, svnd,
+    sqb, sqh, sqd, skb, skh, skt, skd, svb, svh, svt, svd,
+    start, span, t, scale_log2,
+    G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, TILE: tl.constexpr, BLOCK_G: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, NEW_FROM_INPUTS: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    """The partial state ``(acc, m, l)`` of the ``G`` query heads of KV head ``h`` of row ``b``
+    over the cached tokens ``start .. start + span - 1`` (``span <= TILE``) that lie in ``[0, t]``.
+    With ``NEW_FROM_INPUTS`` the token at ``t`` is the step's ``KN``/``VN`` (a kernel that may run
+    before the cache holds it)."""
+    dk = tl.arange(0, BLOCK_DK)
+    dv = tl.arange(0, BLOCK_DV)
+    dk_ok, dv_ok = dk < DK, dv < DV
+    g = tl.arange(0, BLOCK_G)
+    q = _load_rows(Q + b * sqb + h * G * sqh, sqh, sqd, g, dk, g < G, dk_ok)
+    k_base = K + b * skb + h * skh
+    v_base = V + b * svb + h * svh
+    if NEW_FROM_INPUTS:
+        kn = tl.load(KN + b * sknb + h * sknh + dk * sknd, mask=dk_ok, other=0.0)
+        vn = tl.load(VN + b * svnb + h * svnh + dv * svnd, mask=dv_ok, other=0.0)
+    n = tl.arange(0, BLOCK_N)
+    acc = tl.zeros([BLOCK_G, BLOCK_DV], tl.float32)
+    m = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK_G], tl.float32)
+    for off in range(0, TILE, BLOCK_N):
+        pos = start + off + n
+        ok = (off + n < span) & (pos >= 0) & (pos <= t)
+        if NEW_FROM_INPUTS:
+            kt = _load_rows(k_base, skt, skd, pos, dk, ok & (pos != t), dk_ok)
+            vt = _load_rows(v_base, svt, svd, pos, dv, ok & (pos != t), dv_ok)
+            kt = tl.where((pos == t)[:, None], kn[None, :], kt)
+            vt = tl.where((pos == t)[:, None], vn[None, :], vt)
+        else:
+            kt = _load_rows(k_base, skt, skd, pos, dk, ok, dk_ok)
+            vt = _load_rows(v_base, svt, svd, pos, dv, ok, dv_ok)
+        s = _dot(q, tl.trans(kt), IEEE) * scale_log2
+        acc, m, l = _softmax_step(s, ok, acc, m, l, vt, IEEE)
+    return acc, m, l
+
+
+@triton.jit
+def _compressed_split(
+    Q, K, V, KN, VN, KC, VC, LEN, LOGITS, row, split, n_split,
     sqb, sqh, sqd,
     skb, skh, skt, skd,
     svb, svh, svt, svd,
@@ -88,14 +131,13 @@ def compressed_split_kernel(
     svnb, svnh, svnd,
     skcb, skch, skct, skcd,
     svcb, svch, svct, svcd,
-    Hkv, L, Tc, P, scale_log2,
+    Hkv, L, Tc, scale_log2,
     G: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_L: tl.constexpr, WRITE_NEW: tl.constexpr, MEAN: tl.constexpr, IEEE: tl.constexpr,
 ):
-    row = tl.program_id(0)
-    split = tl.program_id(1)
-    n_split = tl.num_programs(1)
+    """Split ``split`` of ``n_split`` of a row's compressed branch (:func:`compressed_split_kernel`):
+    its partial state ``(acc, m, l)``, the logits of its slice stored."""
     b, h = _batch_head(row, Hkv)
     t = _position(LEN, b, L)
     dk = tl.arange(0, BLOCK_DK)
@@ -152,7 +194,52 @@ def compressed_split_kernel(
         s = _dot(q, tl.trans(kc), IEEE) * scale_log2
         tl.store(logit_rows + i[None, :], s, mask=g_ok[:, None] & ok[None, :])
         acc, m, l = _softmax_step(s, ok, acc, m, l, vc, IEEE)
-    _store_partial(PM, PL, PACC, row.to(tl.int64) * P + split, g, dv, g_ok, dv_ok, acc, m, l, G, DV)
+    return acc, m, l
+
+
+@triton.jit
+def compressed_split_kernel(
+    Q, K, V, KN, VN, KC, VC, LEN, LOGITS, PM, PL, PACC,
+    sqb, sqh, sqd,
+    skb, skh, skt, skd,
+    svb, svh, svt, svd,
+    sknb, sknh, sknd,
+    svnb, svnh, svnd,
+    skcb, skch, skct, skcd,
+    svcb, svch, svct, svcd,
+    Hkv, L, Tc, P, scale_log2,
+    G: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_L: tl.constexpr, WRITE_NEW: tl.constexpr, MEAN: tl.constexpr, IEEE: tl.constexpr,
+):
+    row = tl.program_id(0)
+    split = tl.program_id(1)
+    acc, m, l = _compressed_split(
+        Q, K, V, KN, VN, KC, VC, LEN, LOGITS, row, split, tl.num_programs(1),
+        sqb, sqh, sqd, skb, skh, skt, skd, svb, svh, svt, svd, sknb, sknh, sknd, svnb, svnh, svnd,
+        skcb, skch, skct, skcd, svcb, svch, svct, svcd, Hkv, L, Tc, scale_log2,
+        G, CMP_BLOCK, CMP_STRIDE, DK, DV, BLOCK_G, BLOCK_C, BLOCK_DK, BLOCK_DV, BLOCK_L, WRITE_NEW, MEAN, IEEE,
+    )
+    g = tl.arange(0, BLOCK_G)
+    dv = tl.arange(0, BLOCK_DV)
+    _store_partial(PM, PL, PACC, row.to(tl.int64) * P + split, g, dv, g < G, dv < DV, acc, m, l, G, DV)
+
+
+@triton.jit
+def _splits_lse(PM, PL, slot0, S1, g, g_ok, BLOCK_S1: tl.constexpr, G: tl.constexpr):
+    """Log-sum-exp (base 2) of heads ``g`` over all visible compressed blocks, from the states
+    of the ``S1`` splits in slots ``slot0 ..``; ``+inf`` for a head that sees none, so that every
+    probability taken from it is 0 (NaN too, as a head whose visible logits hold a NaN:
+    select_blocks scores such a row 0)."""
+    sp = tl.arange(0, BLOCK_S1)
+    part = (slot0 + sp[:, None]) * G + g[None, :]
+    part_ok = (sp < S1)[:, None] & g_ok[None, :]
+    pm = tl.load(PM + part, mask=part_ok, other=float("-inf"))
+    pl = tl.load(PL + part, mask=part_ok, other=0.0)
+    mx = tl.max(pm, 0)
+    mx = tl.where(mx == float("-inf"), 0.0, mx)
+    total = tl.sum(pl * tl.exp2(pm - mx[None, :]), 0)
+    return tl.where(total > 0, mx + tl.log2(tl.where(total > 0, total, 1.0)), float("inf"))
 
 
 @triton.jit
@@ -181,20 +268,9 @@ def block_keys_kernel(
     # (clamped: a replay that outran max_len has t = L, whose block may be past the last)
     cur = tl.minimum(t // SEL_BLOCK, Ns - 1)
 
-    # log-sum-exp (base 2) of each head over all visible blocks, from the splits' states;
-    # +inf for a head that sees none, so that every p below is 0
     g = tl.arange(0, BLOCK_G)
     g_ok = g < G
-    sp = tl.arange(0, BLOCK_S1)
-    part = (row.to(tl.int64) * P + sp[:, None]) * G + g[None, :]
-    part_ok = (sp < S1)[:, None] & g_ok[None, :]
-    pm = tl.load(PM + part, mask=part_ok, other=float("-inf"))
-    pl = tl.load(PL + part, mask=part_ok, other=0.0)
-    mx = tl.max(pm, 0)
-    mx = tl.where(mx == float("-inf"), 0.0, mx)
-    total = tl.sum(pl * tl.exp2(pm - mx[None, :]), 0)
-    # (NaN too, as a head whose visible logits hold a NaN: select_blocks scores such a row 0)
-    lse = tl.where(total > 0, mx + tl.log2(tl.where(total > 0, total, 1.0)), float("inf"))
+    lse = _splits_lse(PM, PL, row.to(tl.int64) * P, S1, g, g_ok, BLOCK_S1, G)
 
     n_cand = cur + 1
     chunk = tl.cdiv(tl.cdiv(n_cand, SEL_STEP), n_split) * SEL_STEP  # whole steps
@@ -251,26 +327,13 @@ def sparse_split_kernel(
     start = tl.where(r < N_SEL, j * SEL_BLOCK, t - (WINDOW - 1) + w_tile * TILE)
     span = tl.where(r < N_SEL, SEL_BLOCK, tl.minimum(TILE, WINDOW - w_tile * TILE))
 
-    dk = tl.arange(0, BLOCK_DK)
-    dv = tl.arange(0, BLOCK_DV)
-    dk_ok, dv_ok = dk < DK, dv < DV
     g = tl.arange(0, BLOCK_G)
-    g_ok = g < G
-    q = _load_rows(Q + b * sqb + h * G * sqh, sqh, sqd, g, dk, g_ok, dk_ok)
-    k_base = K + b * skb + h * skh
-    v_base = V + b * svb + h * svh
-    n = tl.arange(0, BLOCK_N)
-    acc = tl.zeros([BLOCK_G, BLOCK_DV], tl.float32)
-    m = tl.full([BLOCK_G], float("-inf"), tl.float32)
-    l = tl.zeros([BLOCK_G], tl.float32)
-    for off in range(0, TILE, BLOCK_N):
-        pos = start + off + n
-        ok = (off + n < span) & (pos >= 0) & (pos <= t)  # no block (j = -1): pos < 0
-        kt = _load_rows(k_base, skt, skd, pos, dk, ok, dk_ok)
-        vt = _load_rows(v_base, svt, svd, pos, dv, ok, dv_ok)
-        s = _dot(q, tl.trans(kt), IEEE) * scale_log2
-        acc, m, l = _softmax_step(s, ok, acc, m, l, vt, IEEE)
-    _store_partial(PM, PL, PACC, row.to(tl.int64) * P + S1 + r, g, dv, g_ok, dv_ok, acc, m, l, G, DV)
+    dv = tl.arange(0, BLOCK_DV)
+    # (no block, j = -1: every position < 0)
+    acc, m, l = _attend_tokens(Q, K, V, Q, Q, b, h, 0, 0, 0, 0, 0, 0, sqb, sqh, sqd, skb, skh, skt, skd, svb, svh, svt, svd,
+                               start, span, t, scale_log2, G, DK, DV, TILE, BLOCK_G, BLOCK_N, BLOCK_DK, BLOCK_DV,
+                               False, IEEE)
+    _store_partial(PM, PL, PACC, row.to(tl.int64) * P + S1 + r, g, dv, g < G, dv < DV, acc, m, l, G, DV)
 
 
 @triton.jit

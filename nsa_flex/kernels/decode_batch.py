@@ -36,8 +36,8 @@ are small integers).
 import triton
 import triton.language as tl
 
-from .decode import _mean_block, _position, _softmax_step, _store_partial
-from .primitives import _batch_head, _dot, _last_token, _load_rows, _num_visible, _forced
+from .decode import _attend_tokens, _compressed_split, _position, _splits_lse, _store_partial
+from .primitives import _batch_head, _forced, _num_visible
 from .top_n import _ascending_rank, _top_n
 
 
@@ -106,78 +106,27 @@ def compressed_window_kernel(
     w*TILE ..`` (at most ``TILE``, ``<= t``). Both store their partial state in their slot."""
     row = tl.program_id(0)
     split = tl.program_id(1)
-    b, h = _batch_head(row, Hkv)
-    t = _position(LEN, b, L)
-    dk = tl.arange(0, BLOCK_DK)
-    dv = tl.arange(0, BLOCK_DV)
-    dk_ok, dv_ok = dk < DK, dv < DV
-    k_base = K + b * skb + h * skh
-    v_base = V + b * svb + h * svh
-    kn_ptr = KN + b * sknb + h * sknh
-    vn_ptr = VN + b * svnb + h * svnh
-    g = tl.arange(0, BLOCK_G)
-    g_ok = g < G
-    q = _load_rows(Q + b * sqb + h * G * sqh, sqh, sqd, g, dk, g_ok, dk_ok)
-    acc = tl.zeros([BLOCK_G, BLOCK_DV], tl.float32)
-    m = tl.full([BLOCK_G], float("-inf"), tl.float32)
-    l = tl.zeros([BLOCK_G], tl.float32)
     if split < S1:
-        if WRITE_NEW:
-            if split == 0:  # later kernels read the new token from the cache
-                tl.store(k_base + t * skt + dk * skd, tl.load(kn_ptr + dk * sknd, mask=dk_ok), mask=dk_ok)
-                tl.store(v_base + t * svt + dv * svd, tl.load(vn_ptr + dv * svnd, mask=dv_ok), mask=dv_ok)
-        kc_base = KC + b * skcb + h * skch
-        vc_base = VC + b * svcb + h * svch
-        # this split's slice of the visible compressed blocks: equal shares of what the row holds now
-        n_vis = _num_visible(t, Tc, CMP_BLOCK, CMP_STRIDE)
-        chunk = tl.cdiv(n_vis, S1)
-        lo = split * chunk
-        hi = tl.minimum(lo + chunk, n_vis)
-        # A block that the new token completes is the last visible one. Its owner computes it
-        # (from the cached tokens and the new one: split 0 may not have written that yet),
-        # stores it for later steps, and uses it from registers.
-        i_new = tl.zeros([], tl.int32) - 1
-        kc_new = tl.zeros([BLOCK_DK], KC.dtype.element_ty)
-        vc_new = tl.zeros([BLOCK_DV], VC.dtype.element_ty)
-        if MEAN:
-            last = n_vis - 1
-            if (n_vis > 0) & (_last_token(last, CMP_BLOCK, CMP_STRIDE) == t) & (last >= lo) & (last < hi):
-                kc_new = _mean_block(k_base, kn_ptr, skt, skd, sknd, t, dk, dk_ok, CMP_BLOCK, BLOCK_L).to(KC.dtype.element_ty)
-                vc_new = _mean_block(v_base, vn_ptr, svt, svd, svnd, t, dv, dv_ok, CMP_BLOCK, BLOCK_L).to(VC.dtype.element_ty)
-                tl.store(kc_base + last * skct + dk * skcd, kc_new, mask=dk_ok)
-                tl.store(vc_base + last * svct + dv * svcd, vc_new, mask=dv_ok)
-                i_new = last
-        logit_rows = LOGITS + (row.to(tl.int64) * G + g[:, None]) * Tc
-        c = tl.arange(0, BLOCK_C)
-        for c0 in range(lo, hi, BLOCK_C):
-            i = c0 + c
-            ok = i < hi
-            kc = _load_rows(kc_base, skct, skcd, i, dk, ok & (i != i_new), dk_ok)
-            vc = _load_rows(vc_base, svct, svcd, i, dv, ok & (i != i_new), dv_ok)
-            if MEAN:
-                kc = tl.where((i == i_new)[:, None], kc_new[None, :], kc)
-                vc = tl.where((i == i_new)[:, None], vc_new[None, :], vc)
-            kc, vc = kc.to(q.dtype), vc.to(q.dtype)
-            s = _dot(q, tl.trans(kc), IEEE) * scale_log2
-            tl.store(logit_rows + i[None, :], s, mask=g_ok[:, None] & ok[None, :])
-            acc, m, l = _softmax_step(s, ok, acc, m, l, vc, IEEE)
+        acc, m, l = _compressed_split(
+            Q, K, V, KN, VN, KC, VC, LEN, LOGITS, row, split, S1,
+            sqb, sqh, sqd, skb, skh, skt, skd, svb, svh, svt, svd, sknb, sknh, sknd, svnb, svnh, svnd,
+            skcb, skch, skct, skcd, svcb, svch, svct, svcd, Hkv, L, Tc, scale_log2,
+            G, CMP_BLOCK, CMP_STRIDE, DK, DV, BLOCK_G, BLOCK_C, BLOCK_DK, BLOCK_DV, BLOCK_L, WRITE_NEW, MEAN, IEEE,
+        )
     else:
+        b, h = _batch_head(row, Hkv)
+        t = _position(LEN, b, L)
         w_tile = split - S1
-        start = t - (WINDOW - 1) + w_tile * TILE
-        span = tl.minimum(TILE, WINDOW - w_tile * TILE)
-        kn = tl.load(kn_ptr + dk * sknd, mask=dk_ok, other=0.0)
-        vn = tl.load(vn_ptr + dv * svnd, mask=dv_ok, other=0.0)
-        n = tl.arange(0, BLOCK_N)
-        for off in range(0, TILE, BLOCK_N):
-            pos = start + off + n
-            ok = (off + n < span) & (pos >= 0) & (pos <= t)
-            # the new token from the inputs: program 0 may not have written it to the cache yet
-            kt = _load_rows(k_base, skt, skd, pos, dk, ok & (pos != t), dk_ok)
-            vt = _load_rows(v_base, svt, svd, pos, dv, ok & (pos != t), dv_ok)
-            kt = tl.where((pos == t)[:, None], kn[None, :], kt)
-            vt = tl.where((pos == t)[:, None], vn[None, :], vt)
-            s = _dot(q, tl.trans(kt), IEEE) * scale_log2
-            acc, m, l = _softmax_step(s, ok, acc, m, l, vt, IEEE)
+        # the new token from the inputs: split 0 may not have written it to the cache yet
+        acc, m, l = _attend_tokens(
+            Q, K, V, KN, VN, b, h, sknb, sknh, sknd, svnb, svnh, svnd,
+            sqb, sqh, sqd, skb, skh, skt, skd, svb, svh, svt, svd,
+            t - (WINDOW - 1) + w_tile * TILE, tl.minimum(TILE, WINDOW - w_tile * TILE), t, scale_log2,
+            G, DK, DV, TILE, BLOCK_G, BLOCK_N, BLOCK_DK, BLOCK_DV, True, IEEE,
+        )
+    g = tl.arange(0, BLOCK_G)
+    dv = tl.arange(0, BLOCK_DV)
+    g_ok, dv_ok = g < G, dv < DV
     _store_partial(PM, PL, PACC, row.to(tl.int64) * P + split, g, dv, g_ok, dv_ok, acc, m, l, G, DV)
 
 
@@ -218,20 +167,9 @@ def select_kernel(
         # (clamped: a replay that outran max_len has t = L, whose block may be past the last)
         cur = tl.minimum(t // SEL_BLOCK, Ns - 1)
 
-        # log-sum-exp (base 2) of each head over all visible blocks, from the splits' states;
-        # +inf for a head that sees none, so that every p below is 0
         g = tl.arange(0, BLOCK_G)
         g_ok = g < G
-        sp = tl.arange(0, BLOCK_S1)
-        part = (slot0 + sp[:, None]) * G + g[None, :]
-        part_ok = (sp < S1)[:, None] & g_ok[None, :]
-        pm = tl.load(PM + part, mask=part_ok, other=float("-inf"))
-        pl = tl.load(PL + part, mask=part_ok, other=0.0)
-        mx = tl.max(pm, 0)
-        mx = tl.where(mx == float("-inf"), 0.0, mx)
-        total = tl.sum(pl * tl.exp2(pm - mx[None, :]), 0)
-        # (NaN too, as a head whose visible logits hold a NaN: select_blocks scores such a row 0)
-        lse = tl.where(total > 0, mx + tl.log2(tl.where(total > 0, total, 1.0)), float("inf"))
+        lse = _splits_lse(PM, PL, slot0, S1, g, g_ok, BLOCK_S1, G)
 
         n_cand = cur + 1
         chunk = tl.cdiv(tl.cdiv(n_cand, BLOCK_J), S2) * BLOCK_J
@@ -283,28 +221,15 @@ def selected_combine_kernel(
     b, h = _batch_head(row, Hkv)
     t = _position(LEN, b, L)
     slot0 = row.to(tl.int64) * P
-    j = tl.load(IDX + row.to(tl.int64) * N_SEL + r)  # -1: no block, every pos < 0 below
+    j = tl.load(IDX + row.to(tl.int64) * N_SEL + r)
 
-    dk = tl.arange(0, BLOCK_DK)
-    dv = tl.arange(0, BLOCK_DV)
-    dk_ok, dv_ok = dk < DK, dv < DV
+    # (no block, j = -1: every position < 0)
+    acc, m, l = _attend_tokens(Q, K, V, Q, Q, b, h, 0, 0, 0, 0, 0, 0, sqb, sqh, sqd, skb, skh, skt, skd, svb, svh, svt, svd,
+                               j * SEL_BLOCK, SEL_BLOCK, t, scale_log2, G, DK, DV, TILE, BLOCK_G, BLOCK_N, BLOCK_DK,
+                               BLOCK_DV, False, IEEE)
     g = tl.arange(0, BLOCK_G)
-    g_ok = g < G
-    q = _load_rows(Q + b * sqb + h * G * sqh, sqh, sqd, g, dk, g_ok, dk_ok)
-    k_base = K + b * skb + h * skh
-    v_base = V + b * svb + h * svh
-    n = tl.arange(0, BLOCK_N)
-    acc = tl.zeros([BLOCK_G, BLOCK_DV], tl.float32)
-    m = tl.full([BLOCK_G], float("-inf"), tl.float32)
-    l = tl.zeros([BLOCK_G], tl.float32)
-    start = j * SEL_BLOCK
-    for off in range(0, TILE, BLOCK_N):
-        pos = start + off + n
-        ok = (off + n < SEL_BLOCK) & (pos >= 0) & (pos <= t)
-        kt = _load_rows(k_base, skt, skd, pos, dk, ok, dk_ok)
-        vt = _load_rows(v_base, svt, svd, pos, dv, ok, dv_ok)
-        s = _dot(q, tl.trans(kt), IEEE) * scale_log2
-        acc, m, l = _softmax_step(s, ok, acc, m, l, vt, IEEE)
+    dv = tl.arange(0, BLOCK_DV)
+    g_ok, dv_ok = g < G, dv < DV
     sel0 = S1 + NW
     _store_partial(PM, PL, PACC, slot0 + sel0 + r, g, dv, g_ok, dv_ok, acc, m, l, G, DV)
 
