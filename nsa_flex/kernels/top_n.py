@@ -1,7 +1,7 @@
 """Triton top-n of block scores: ``n`` best blocks per query, an exact tie to the lower block,
 chosen blocks ascending. Shared by the full forward's selection (:func:`top_n_kernel`) and the
-decode step (``kernels.decode.select_kernel``). ``@triton.jit`` functions only; the launch
-code is ``nsa_flex.ops.scoring``.
+decode steps (``kernels.decode.sparse_split_kernel``, ``kernels.decode_batch.select_kernel``).
+``@triton.jit`` functions only; the launch code is ``nsa_flex.ops.scoring``.
 """
 
 import triton
