@@ -87,13 +87,23 @@ def test_quick_decode_part(tmp_path):
     rows = json.loads((tmp_path / "results.json").read_text())["rows"]
     assert {r["part"] for r in rows} == {"decode"} and {r["T"] for r in rows} == {64, 128}
     names = {r["name"] for r in rows}
-    assert {"nsa B=1", "nsa B=8", "sdpa B=1", "sdpa B=8", "nsa B=1 graph"} <= names
+    assert {"nsa B=1", "nsa B=8", "sdpa B=1", "sdpa B=8", "nsa B=1 graph", "nsa spec m=4 B=8"} <= names
     eager = [r for r in rows if not r["name"].endswith("graph")]
     assert all(r["fwd_ms"] > 0 for r in eager), [r["note"] for r in eager]
-    assert all(r["note"].startswith("full/this") for r in eager if r["name"].startswith("nsa"))
+    assert all(r["note"].startswith("full/this") for r in eager if r["name"].startswith("nsa") and "spec" not in r["name"])
+    fused = [r for r in eager if r["name"].startswith("nsa fused")]
+    assert all("GB/s of" in r["note"] for r in fused), [r["note"] for r in fused]
     if not torch.cuda.is_available():
         graphed = [r for r in rows if r["name"].endswith("graph")]
         assert all(r["fwd_ms"] is None and r["note"].startswith("skipped") for r in graphed)
+
+
+def test_decode_options_are_checked():
+    from nsa_flex.bench.cli import main
+
+    for bad in (["--decode-batches", "0"], ["--spec-tokens", "0"]):
+        with pytest.raises(SystemExit):
+            main(["--quick", "--parts", "decode", *bad])
 
 
 def test_merge_joins_runs_of_other_lengths(tmp_path):

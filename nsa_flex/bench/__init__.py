@@ -17,11 +17,14 @@ shape): ``reference`` (docs/semantics.md's ``B=1, Hq=64, Hkv=4, D=128``, the def
 - ``full``: full causal attention through SDPA's cuDNN and flash backends and FlexAttention.
 - ``decode`` (not run unless asked, ``--parts decode``): the latency of one decode step
   (:func:`nsa_flex.decode_step`, one new token per row) with ``T`` tokens already cached, for
-  B=1 and B=8, eagerly and replayed from a CUDA graph: the PyTorch step (``nsa B=.. [graph]``,
-  ``fused=False``) and the split Triton kernels (``nsa fused B=.. [graph]``, ``fused=True``,
-  with its relative error against the PyTorch step), against full-attention decoding (``sdpa
-  B=.. [graph]``: SDPA of one query over the whole cache); ``full/this`` is SDPA's time over
-  the step's. Each timed NSA step includes the one subtraction that rewinds the rows.
+  each batch size of ``--decode-batches`` (1 and 8 by default), eagerly and replayed from a
+  CUDA graph: the PyTorch step (``nsa B=.. [graph]``, ``fused=False``) and the split Triton
+  kernels (``nsa fused B=.. [graph]``, ``fused=True``, with its relative error against the
+  PyTorch step and the GB/s of the bytes it must move, :func:`.parts.decode_bytes`), against
+  full-attention decoding (``sdpa B=.. [graph]``: SDPA of one query over the whole cache);
+  ``full/this`` is SDPA's time over the step's. Then a speculative step of ``--spec-tokens``
+  tokens per row (4 by default, 1 for none; ``nsa spec m=.. B=.. [graph]``, the PyTorch step).
+  Each timed NSA step includes the one subtraction that rewinds the rows.
 - ``varlen`` (not run by default; ``--parts varlen``): packed documents, for each mix of
   ``--doc-mix`` (:data:`.timing.DOC_MIXES`: ``short`` 1k..4k tokens, ``mix`` 4k..15k, ``long``
   16k..32k; all three by default): each of the shape's ``B`` rows of ``T`` tokens split into

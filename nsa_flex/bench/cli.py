@@ -183,6 +183,10 @@ def _parser() -> argparse.ArgumentParser:
                     help=f"document mixes of --parts varlen (default all): {mixes}; with --quick, 1/256 of these; "
                          "a mix whose shortest document exceeds T is skipped at that T")
     ap.add_argument("--doc-seed", type=int, default=0, help="seed of the varlen part's document lengths (row b: seed + b)")
+    ap.add_argument("--decode-batches", type=int, nargs="+", default=[1, 8], metavar="B",
+                    help="the decode part's batch sizes (default: 1 8)")
+    ap.add_argument("--spec-tokens", type=int, default=4, metavar="M",
+                    help="the decode part's speculative step: M tokens per row, 1 for none (default: 4)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--reps", type=int, default=3, help="timed repetitions on the CPU (CUDA uses do_bench)")
     ap.add_argument("--merge", type=Path, nargs="+", metavar="JSON",
@@ -192,7 +196,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if min(args.decode_batches) < 1 or args.spec_tokens < 1:
+        parser.error("--decode-batches and --spec-tokens take integers >= 1")
     if args.merge:
         return _merge(args.merge, args.out)
 
@@ -235,6 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     for part in args.parts:
         if part == "varlen":
             units += [(part, dict(mixes={name: span}, seed=args.doc_seed)) for name, span in mixes.items()]
+        elif part == "decode":
+            units.append((part, dict(batches=tuple(args.decode_batches), spec=args.spec_tokens)))
         else:
             units.append((part, {}))
     rows: list[Row] = []

@@ -147,10 +147,13 @@ def decode_inputs(p: Problem, B: int, T: int, m: int = 1):
     return cache, q, k, v, gates
 
 
-def bench_decode(p: Problem, T: int, reps: int, batches=(1, 8)) -> list[Row]:
+def bench_decode(p: Problem, T: int, reps: int, batches=(1, 8), spec: int = 4) -> list[Row]:
     """One decode step with ``T`` tokens cached: NSA (eager and CUDA graph) against SDPA over
-    the whole cache. The cache is filled with random K/V (a step's cost does not depend on
-    what it holds); each timed step decodes position ``T`` and rewinds, so it can repeat."""
+    the whole cache, for each batch size; the fused rows note the GB/s of :func:`decode_bytes`.
+    The cache is filled with random K/V (a step's cost does not depend on what it holds); each
+    timed step decodes position ``T`` and rewinds, so it can repeat. ``spec > 1`` adds a
+    speculative step of ``spec`` tokens per row (``nsa spec``, the PyTorch step: the kernels
+    take one token)."""
     rows = []
     for B in batches:
         try:
@@ -208,7 +211,43 @@ def bench_decode(p: Problem, T: int, reps: int, batches=(1, 8)) -> list[Row]:
                 row.note = f"full/this: {full / row.fwd_ms:.2f}x"
             if row.name.startswith("nsa fused") and fused_err is not None:
                 row.note = f"{row.note}  rel err vs the PyTorch step {fused_err:.1e}".strip()
+            if row.name.startswith("nsa fused") and row.fwd_ms:
+                nbytes = decode_bytes(p.config, T, B, p.Hq, p.Hkv, p.D, p.D, q.element_size())
+                row.note = f"{row.note}  {nbytes / row.fwd_ms / 1e6:.0f} GB/s of {nbytes / 1e6:.1f} MB".strip()
         del cache, k_full, v_full
+        if spec > 1:
+            rows += _bench_speculative(p, T, reps, B, spec)
+    return rows
+
+
+def _bench_speculative(p: Problem, T: int, reps: int, B: int, m: int) -> list[Row]:
+    """``nsa spec m=M B=B`` rows: a decode step of ``m`` tokens per row (eager, and graphed on
+    CUDA), rewound after each timing."""
+    rows = []
+    try:
+        cache, q, k, v, gates = decode_inputs(p, B, T, m)
+    except (RuntimeError, ValueError) as e:
+        return [Row("decode", f"nsa spec m={m} B={B}", T, note=f"failed: {failure(e, 100)}")]
+
+    def step():
+        out = decode_step(cache, q, k, v, gates)
+        cache.lengths.sub_(m)
+        cache._bound = T
+        return out
+
+    for graphed in (False, True):
+        row = Row("decode", f"nsa spec m={m} B={B}" + (" graph" if graphed else ""), T,
+                  note=f"{m} tokens per row, the PyTorch step")
+        if graphed and p.device.type != "cuda":
+            row.note = "skipped: CUDA graphs need CUDA"
+        else:
+            try:
+                with torch.no_grad():
+                    row.fwd_ms = _time(_cuda_graph(step) if graphed else step, p.device, reps)
+            except (RuntimeError, AssertionError, ValueError, TypeError) as e:
+                row.note = f"failed: {failure(e)}"
+        rows.append(row)
+    del cache
     return rows
 
 
