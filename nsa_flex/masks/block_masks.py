@@ -210,13 +210,8 @@ def compressed_block_mask(
             if q_offset else f"seq_len {seq_len} is shorter than compress_block {config.compress_block}"
         )
     if mask_mod is None and not torch.compiler.is_compiling():
-        if q_offset == 0:  # (the cache key of before)
-            return _compressed_block_mask_cached(seq_len, config, device, block_size)
         return _compressed_block_mask_cached(seq_len, config, device, block_size, q_offset)
     return _build_compressed_block_mask(seq_len, config, device, mask_mod, block_size, q_offset)
-
-
-@functools.lru_cache(maxsize=64)
 
 
 @functools.lru_cache(maxsize=64)
@@ -262,8 +257,6 @@ def sliding_window_block_mask(
     block_size = check_block_size(block_size)
     check_q_offset(q_offset)
     if mask_mod is None and not torch.compiler.is_compiling():
-        if q_offset == 0:  # (the cache key of before)
-            return _window_block_mask_cached(seq_len, window, device, block_size)
         return _window_block_mask_cached(seq_len, window, device, block_size, q_offset)
     return _build_window_block_mask(seq_len, window, device, mask_mod, block_size, q_offset)
 
