@@ -18,7 +18,7 @@ from typing import Callable
 
 from torch import Tensor
 
-from ._validation import check_block_indices, check_int, check_kernel_head_dims, check_qkv, resolve_scale
+from ._validation import check_block_indices, check_int, check_kernel_head_dims, check_qkv, resolve_q_offset, resolve_scale
 from .block_indices import drop_past_query, kernel_indices
 from .config import NSAConfig, num_select_blocks
 from .ops.selected import PackedRow, invert_selection, selected_attention_op
@@ -31,41 +31,53 @@ __all__ = ["selected_attention", "selected_branch", "invert_selection", "availab
 
 def selected_attention(
     q: Tensor, k: Tensor, v: Tensor, block_indices: Tensor, select_block: int, scale: float,
-    *, cu_seqlens=None,
+    *, cu_seqlens=None, q_offset: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Selected-branch attention with the Triton kernels.
 
     Args:
-        q: ``(B, Hq, T, Dk)``; k: ``(B, Hkv, T, Dk)``; v: ``(B, Hkv, T, Dv)``.
-        block_indices: ``(B, Hkv, T, n)`` in ``[-1, ceil(T / select_block))``; ``-1`` and repeats
-            select nothing more.
+        q: ``(B, Hq, Tq, Dk)``; k: ``(B, Hkv, Tk, Dk)``; v: ``(B, Hkv, Tk, Dv)``; ``Tk = Tq``
+            unless ``q_offset`` places the queries.
+        block_indices: ``(B, Hkv, Tq, n)`` in ``[-1, ceil(Tk / select_block))``; ``-1`` and
+            repeats select nothing more.
         cu_seqlens: for a packed row (``B = 1``), ``(N+1,)`` document offsets or a
             :class:`~nsa_flex.varlen.Documents`: ``block_indices`` are then doc-local, in
             ``[-1, ceil(longest document / select_block))``, and no query sees another document.
+        q_offset: queries at an offset over a longer K/V, as in ``attend``: ``q`` holds the
+            queries at positions ``q_offset .. q_offset + Tq - 1`` of the sequence whose keys
+            and values ``k``, ``v`` hold from 0; each attends causally to the keys up to its
+            position. ``None`` (default): ``Tk - Tq``, the last positions. Not with
+            ``cu_seqlens`` (there ``Tk = Tq``).
 
     Returns:
-        ``(o (B, Hq, T, Dv), lse (B, Hq, T) float32)``; ``lse`` is ``-inf`` (and ``o`` is 0) for a
-        query that sees no key. Differentiable in ``q, k, v``.
+        ``(o (B, Hq, Tq, Dv), lse (B, Hq, Tq) float32)``; ``lse`` is ``-inf`` (and ``o`` is 0) for
+        a query that sees no key. Differentiable in ``q, k, v``.
 
     Raises:
         TypeError, ValueError: naming the argument, before any kernel runs: ``q, k, v``,
-            ``block_indices``, ``scale`` and ``cu_seqlens`` as for ``attend``; ``select_block``
-            not a positive int; a device, dtype or head dim the kernels do not take.
+            ``block_indices``, ``scale``, ``cu_seqlens`` and ``q_offset`` as for ``attend``;
+            ``select_block`` not a positive int; a device, dtype or head dim the kernels do not
+            take.
     """
-    check_qkv(q, k, v)
+    check_qkv(q, k, v, longer_kv=True)
     check_triton(q)
     check_kernel_head_dims(q, v, "triton")
     check_int("select_block", select_block, 1)
     scale = resolve_scale(scale, q)
+    Tq, Tk = q.shape[2], k.shape[2]
+    offset = resolve_q_offset(q_offset, Tq, Tk)
     docs = None
-    num_blocks = num_select_blocks(q.shape[2], select_block)
+    num_blocks = num_select_blocks(Tk, select_block)
     if cu_seqlens is not None:
-        docs = resolve(cu_seqlens, q.shape[2], q.device, q.shape[0])
+        if offset != 0 or Tk != Tq:
+            raise ValueError(f"q_offset (queries at {offset} .. over {Tk} keys) does not go with cu_seqlens: "
+                             f"a packed row's q, k and v hold the same tokens")
+        docs = resolve(cu_seqlens, Tq, q.device, q.shape[0])
         num_blocks = max(num_select_blocks(n, select_block) for n in docs.lengths)
     check_block_indices(block_indices, q, k.shape[1], num_blocks)
     if docs is not None:
         varlen_check_block_indices(block_indices, docs, select_block)
-    return _run(q, k, v, block_indices, select_block, scale, docs)
+    return _run(q, k, v, block_indices, select_block, scale, docs, q_offset=offset)
 
 
 def _run(q, k, v, block_indices, select_block, scale, docs: Documents | None = None,

@@ -244,6 +244,45 @@ def test_selected_attention_validates():
             selected_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), good, 8, 0.3)
 
 
+def test_selected_attention_at_an_offset_equals_the_rows_of_the_whole():
+    """Queries ``s ..`` over the whole K/V (``q_offset=s``, and the default for a shorter q):
+    the rows ``s ..`` of one call over the whole sequence, forward and gradients."""
+    shape, select_block = Shape(1, 2, 3, 45, 16, 16), 8
+    config = config_for(select_block)
+    q, k, v = make_qkv(shape, 7, dtype=torch.float32, device=DEVICE, requires_grad=True)
+    idx = select_blocks(q.detach(), mean_compress(k.detach(), config), config=config)
+    w = torch.randn(1, 6, 45, 16, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    s = 21  # within a selection block
+    whole, lse = selected_attention(q, k, v, idx, select_block, 0.3)
+    want = torch.autograd.grad((whole[:, :, s:] * w[:, :, s:]).sum(), (q, k, v))
+    for q_offset in (s, None):
+        part, part_lse = selected_attention(q[:, :, s:], k, v, idx[:, :, s:], select_block, 0.3, q_offset=q_offset)
+        assert rel_err(part, whole[:, :, s:]) < 1e-6 and torch.equal(part_lse.isfinite(), lse[:, :, s:].isfinite())
+        got = torch.autograd.grad((part * w[:, :, s:]).sum(), (q, k, v))
+        for name, a, b in zip("qkv", got, want):
+            assert rel_err(a, b) < 1e-6, name
+    # a query at an offset sees only keys up to its position: later keys change nothing
+    k2, v2 = k.detach().clone(), v.detach().clone()
+    k2[:, :, 30:], v2[:, :, 30:] = 100.0, -100.0
+    early, _ = selected_attention(q[:, :, s:30].detach(), k2, v2, idx[:, :, s:30], select_block, 0.3, q_offset=s)
+    assert rel_err(early, whole[:, :, s:30].detach()) < 1e-6
+
+
+def test_selected_attention_refuses_bad_offsets():
+    q, k, v = make_qkv(Shape(1, 2, 2, 40, 16, 16), 0, dtype=torch.float32, device=DEVICE)
+    idx = torch.zeros(1, 2, 10, 3, dtype=torch.int32, device=DEVICE)
+    with pytest.raises(ValueError, match="q_offset"):
+        selected_attention(q[:, :, :10], k, v, idx, 8, 0.3, q_offset=35)  # queries past the keys
+    with pytest.raises(ValueError, match="q_offset"):
+        selected_attention(q[:, :, :10], k, v, idx, 8, 0.3, q_offset=-1)
+    with pytest.raises(TypeError, match="q_offset"):
+        selected_attention(q[:, :, :10], k, v, idx, 8, 0.3, q_offset=2.0)
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        selected_attention(q[:, :, :10], k, v, idx, 8, 0.3, cu_seqlens=torch.tensor([0, 40], device=DEVICE))
+    with pytest.raises(ValueError, match="sequence lengths differ"):
+        selected_attention(q, k[:, :, :20], v, torch.zeros(1, 2, 40, 3, dtype=torch.int32, device=DEVICE), 8, 0.3)
+
+
 @pytest.mark.parametrize("shape, select_block", [(Shape(1, 2, 3, 70, 16, 24), 16), (Shape(2, 1, 16, 50, 32, 16), 16)])
 def test_flex_forward_with_triton_backward(shape, select_block):
     # The flex backend's selected branch for half-precision CUDA training: FlexAttention's
