@@ -28,6 +28,7 @@ from ..dispatch import needs_backward
 from ..masks.block_masks import (
     compressed_block_mask,
     compressed_varlen_block_mask,
+    shift_score_queries,
     sliding_window_block_mask,
     sliding_window_varlen_block_mask,
 )
@@ -77,10 +78,8 @@ def compressed_branch(
         block_mask = compressed_varlen_block_mask(docs, config, mask_mod=mask_mod, num_blocks=padded)
         pad = (0, 0, 0, padded - k_cmp.shape[2])
         k_cmp, v_cmp = torch.nn.functional.pad(k_cmp, pad), torch.nn.functional.pad(v_cmp, pad)
-    elif q_offset:
-        block_mask = compressed_block_mask(T, config, device=q.device, mask_mod=mask_mod, q_offset=q_offset)
     else:
-        block_mask = compressed_block_mask(T, config, device=q.device, mask_mod=mask_mod)
+        block_mask = compressed_block_mask(T, config, device=q.device, mask_mod=mask_mod, q_offset=q_offset)
     user_score = None
     if score_mod is not None and docs is not None:
         last = docs.compressed_last_tokens(config, padded)
@@ -93,8 +92,7 @@ def compressed_branch(
         def user_score(score, b, h, q_idx, kv_idx):  # block kv_idx is seen at its last token
             return score_mod(score, b, h, q_idx, config.compressed_last_token(kv_idx))
 
-    if user_score is not None and q_offset:
-        user_score = _shift_score_queries(user_score, q_offset)
+    user_score = shift_score_queries(user_score, q_offset)
     G = Hq // k_cmp.shape[1]
     if tuning.compressed_kv_per_head(q.is_cuda, G, needs_backward(q, k_cmp, v_cmp)):
         k_cmp, v_cmp = k_cmp.repeat_interleave(G, dim=1), v_cmp.repeat_interleave(G, dim=1)
@@ -117,22 +115,11 @@ def window_branch(
     ``q_offset + T`` keys (not with ``docs``)."""
     if docs is not None:
         block_mask = sliding_window_varlen_block_mask(docs, config.window, mask_mod=mask_mod)
-    elif q_offset:
+    else:
         block_mask = sliding_window_block_mask(q.shape[2], config.window, device=q.device, mask_mod=mask_mod,
                                                q_offset=q_offset)
-        score_mod = None if score_mod is None else _shift_score_queries(score_mod, q_offset)
-    else:
-        block_mask = sliding_window_block_mask(q.shape[2], config.window, device=q.device, mask_mod=mask_mod)
+        score_mod = shift_score_queries(score_mod, q_offset)
     return run_flex(q, k, v, score_mod, block_mask, scale)
-
-
-def _shift_score_queries(score_mod: Callable, q_offset: int) -> Callable:
-    """``score_mod`` written for query positions, called with rows from position ``q_offset``."""
-
-    def shifted(score, b, h, q_idx, kv_idx):
-        return score_mod(score, b, h, q_idx + q_offset, kv_idx)
-
-    return shifted
 
 
 def selected_branch(

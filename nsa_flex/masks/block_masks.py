@@ -141,6 +141,17 @@ def shift_queries(mask_mod: MaskMod, q_offset) -> MaskMod:
     return shifted
 
 
+def shift_score_queries(score_mod, q_offset):
+    """:func:`shift_queries` for a ``score_mod`` (``None`` stays ``None``)."""
+    if score_mod is None or (isinstance(q_offset, int) and q_offset == 0):
+        return score_mod
+
+    def shifted(score, b, h, q_idx, kv_idx):
+        return score_mod(score, b, h, q_idx + q_offset, kv_idx)
+
+    return shifted
+
+
 def check_q_offset(q_offset) -> None:
     """``q_offset``: an int ``>= 0`` (a symbolic one passes)."""
     check_int("q_offset", q_offset, 0)

@@ -71,12 +71,12 @@ def selection_bits(block_indices: Tensor, config: NSAConfig) -> Tensor:
     return _selection_bits(block_indices, config)
 
 
-def _check_selection(block_indices, config: NSAConfig) -> None:
-    """``block_indices (B, Hkv, T, n)`` int32/int64 in ``[-1, Ns)``."""
+def _check_selection(block_indices, config: NSAConfig, q_offset: int = 0) -> None:
+    """``block_indices (B, Hkv, T, n)`` int32/int64 in ``[-1, Ns)``, ``Ns`` the blocks of the
+    ``q_offset + T`` keys up to the last query."""
     check_index_tensor("block_indices", block_indices, 4)
-    T = block_indices.shape[2]
-    ns = config.num_select_blocks(T)
-    check_index_range("block_indices", block_indices, -1, ns, seq_len=T)
+    T = q_offset + block_indices.shape[2]
+    check_index_range("block_indices", block_indices, -1, config.num_select_blocks(T), seq_len=T)
 
 
 def _selection_bits(block_indices: Tensor, config: NSAConfig, num_blocks: int | None = None) -> Tensor:

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, and_masks
 
-from .._validation import check_block_size, check_bool, check_callable, check_index_range, check_index_tensor, check_int
+from .._validation import check_block_size, check_bool, check_callable, check_index_tensor, check_int
 from ..block_indices import _sort_unique_blocks
 from ..config import NSAConfig, check_config
 from ..tuning import KV_BLOCK, Q_BLOCK, selection_tile
@@ -81,10 +81,7 @@ def selection_block_mask(
     check_int("q_offset", q_offset, 0)
     if q_offset and doc_start is not None:
         raise ValueError("q_offset is not supported with doc_start (packed rows)")
-    if q_offset:
-        check_index_range("block_indices", block_indices, -1, config.num_select_blocks(q_offset + block_indices.shape[2]))
-    else:
-        _check_selection(block_indices, config)
+    _check_selection(block_indices, config, q_offset)
     return _selection_block_mask(block_indices, config, group_size, mask_mod, block_size, doc_start, transposed,
                                  q_offset)
 
