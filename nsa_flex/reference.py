@@ -93,8 +93,7 @@ def mean_compress(x: Tensor, config: NSAConfig) -> Tensor:
 
 def compressed_kv_positions(seq_len: int, config: NSAConfig, device=None) -> Tensor:
     """The position at which each compressed block becomes visible: its last token."""
-    i = torch.arange(config.num_compressed(seq_len), device=device)
-    return i * config.compress_stride + config.compress_block - 1
+    return config.compressed_last_token(torch.arange(config.num_compressed(seq_len), device=device))
 
 
 def _index_grids(B: int, H: int, t: Tensor, kv_pos: Tensor):
@@ -252,8 +251,7 @@ def compressed_attention(
     Returns ``(o_cmp (B, Hq, T, Dv), p_cmp (B, Hq, T, Tc))``.
     """
     B, Hq, T, _ = q.shape
-    i = torch.arange(k_cmp.shape[2], device=q.device)
-    kv_pos = i * config.compress_stride + config.compress_block - 1
+    kv_pos = config.compressed_last_token(torch.arange(k_cmp.shape[2], device=q.device))
     if kv_pos.numel() == 0:
         return q.new_zeros(B, Hq, T, v_cmp.shape[-1]), q.new_zeros(B, Hq, T, 0)
 

@@ -173,13 +173,12 @@ def _prefill_chunks(cache, q, k, v, gates, lengths, held, complete, padded, k_cm
         first, end = config.num_compressed(s), config.num_compressed(e)
         if end > first:
             blocks = slice(first, end)
+            span = slice(first * d, (end - 1) * d + l)  # the tokens of the new blocks, all cached
             if k_cmp is None:
-                span = slice(first * d, (end - 1) * d + l)  # the tokens of the new blocks, all cached
                 new_k = call_compressor("compress_k", compress_k, cache._k[:, :, span], end - first)
             else:
                 new_k = k_cmp[:, :, blocks]
             if v_cmp is None:
-                span = slice(first * d, (end - 1) * d + l)
                 new_v = call_compressor("compress_v", compress_v, cache._v[:, :, span], end - first)
             else:
                 new_v = v_cmp[:, :, blocks]
