@@ -139,22 +139,16 @@ def selection_mask(bits: Tensor, select_block: int, group_size: int = 1, doc_sta
 
         return selected_in_document
 
+    # (no addition at offset 0, so that the plain call's mask traces as it always did)
+    shifted = not (isinstance(q_offset, int) and q_offset == 0)
+
     def selected(b, h, q_idx, kv_idx):
         t = q_idx // group_size
         j = kv_idx // select_block
         word = flat[((b * H + h) * T + t) * W + j // 32]
-        return (((word >> (j % 32)) & 1) == 1) & (kv_idx <= t)
+        return (((word >> (j % 32)) & 1) == 1) & (kv_idx <= (t + q_offset if shifted else t))
 
-    if isinstance(q_offset, int) and q_offset == 0:
-        return selected
-
-    def selected_at_offset(b, h, q_idx, kv_idx):
-        t = q_idx // group_size
-        j = kv_idx // select_block
-        word = flat[((b * H + h) * T + t) * W + j // 32]
-        return (((word >> (j % 32)) & 1) == 1) & (kv_idx <= t + q_offset)
-
-    return selected_at_offset
+    return selected
 
 
 def _check_doc_start(doc_start, like: Tensor, like_name: str) -> None:
