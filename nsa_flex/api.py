@@ -308,8 +308,9 @@ def attend(
     k_cmp = mean_compress(k, config, docs) if k_cmp is None else k_cmp
     v_cmp = mean_compress(v, config, docs) if v_cmp is None else v_cmp
     if paths.scoring == "triton_lse":
-        o_cmp, lse = branches.compressed_branch(q, k_cmp, v_cmp, config, scale, return_lse=True, q_offset=offset)
-        block_indices = selection._select_row(q, k_cmp, config, scale, None, None, None, "triton", lse, q_offset=offset)
+        o_cmp, lse = branches.compressed_branch(q, k_cmp, v_cmp, config, scale, docs=docs, return_lse=True,
+                                                q_offset=offset)
+        block_indices = selection._select_rows(q, k_cmp, config, scale, None, None, None, docs, "triton", offset, lse)
     else:
         if paths.scoring != "given":
             block_indices = selection._select_rows(q, k_cmp, config, scale, score_mod, mask_mod, None, docs,

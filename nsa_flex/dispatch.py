@@ -98,7 +98,7 @@ def plan(q: Tensor, k: Tensor, v: Tensor, *, backend: str, score_mod, mask_mod, 
     ``docs`` a packed row's :class:`~nsa_flex.varlen.Documents` or ``None``.
 
     The same facts give the same plan eagerly and while tracing. On CUDA: scoring
-    ``"triton_lse"`` (float16/bfloat16) or ``"triton"`` (float32, packed rows) without mods;
+    ``"triton_lse"`` (float16/bfloat16) or ``"triton"`` (float32) without mods;
     selected ``"triton"`` in compiled graphs and for packed rows, ``"flex_fwd_triton_bwd"`` in
     eager training,
     ``"flex"`` otherwise (always ``"triton"`` with ``backend="triton"``); everything else
@@ -109,7 +109,7 @@ def plan(q: Tensor, k: Tensor, v: Tensor, *, backend: str, score_mod, mask_mod, 
         scoring = "given"
     else:
         scoring = scoring_path(q, score_mod, mask_mod)
-        if scoring == "triton" and docs is None and q.dtype in (torch.float16, torch.bfloat16):
+        if scoring == "triton" and q.dtype in (torch.float16, torch.bfloat16):
             # The compressed branch first: its log-sum-exp saves the scoring kernel a pass.
             # (float32 keeps the kernel's own: FlexAttention's float32 products follow the
             # global TF32 setting, the kernel's are exact, and p = exp(s - lse) mixes the two.)

@@ -4,8 +4,9 @@ eqs. 8-12) and :func:`block_scores` (the same importances, differentiably).
 They validate, then route: the importances are :mod:`nsa_flex.scoring`'s (PyTorch, in query
 chunks) or the Triton scoring kernel's (``nsa_flex.ops.scoring``), as
 :func:`nsa_flex.dispatch.scoring_path` decides; the top-n is :mod:`nsa_flex.top_n`'s; a packed
-row's documents are selected one by one. Both keep only the ``(B, Hkv, T, n)`` indices (or the
-``(B, Hkv, T, Ns)`` importances), never a ``T x Tc`` tensor.
+row's documents are selected together by the kernels, one by one on the PyTorch path. Both
+keep only the ``(B, Hkv, T, n)`` indices (or the ``(B, Hkv, T, Ns)`` importances), never a
+``T x Tc`` tensor.
 """
 
 from __future__ import annotations
@@ -60,22 +61,32 @@ def _select_row(q, k_cmp, config, scale, score_mod, mask_mod, chunk_size, path: 
 
 
 def _select_rows(q, k_cmp, config, scale, score_mod, mask_mod, chunk_size, docs: Documents | None, path: str,
-                 q_offset: int = 0) -> Tensor:
+                 q_offset: int = 0, lse=None) -> Tensor:
     """``select_blocks`` after validation: one sequence per batch row, or a packed row's
-    documents each alone."""
+    documents each alone. ``lse`` as :func:`_select_row`'s (the ``"triton"`` path only)."""
     if docs is not None:
-        return _select_documents(q, k_cmp, config, scale, score_mod, mask_mod, chunk_size, docs, path)
-    return _select_row(q, k_cmp, config, scale, score_mod, mask_mod, chunk_size, path, q_offset=q_offset)
+        return _select_documents(q, k_cmp, config, scale, score_mod, mask_mod, chunk_size, docs, path, lse)
+    return _select_row(q, k_cmp, config, scale, score_mod, mask_mod, chunk_size, path, lse, q_offset)
 
 
-def _select_documents(q, k_cmp, config, scale, score_mod, mask_mod, chunk_size, docs: Documents, path: str) -> Tensor:
-    """Each document of a packed row selected alone (doc-local block indices), concatenated.
+@torch.no_grad()
+def _select_documents(q, k_cmp, config, scale, score_mod, mask_mod, chunk_size, docs: Documents, path: str,
+                      lse=None) -> Tensor:
+    """Each document of a packed row selected alone (doc-local block indices).
 
-    A Python loop over the documents: exact by construction, and the work per document is the
-    same as for a separate sequence; many tiny documents cost one small launch sequence each.
-    ``path`` is the row's: a document's slice has its device, dtype and head size, and shifted
-    mods are ``None`` where the row's are, so each document would plan the same.
+    On the ``"triton"`` path the kernels take the documents (``Documents.scoring_tables``):
+    every document in the same launches, a tile of queries scored against each of its
+    documents' blocks in turn. The PyTorch path (modifiers, or no kernels) is a Python loop
+    over the documents, each selected as a separate sequence and the results concatenated.
     """
+    if path == "triton":
+        doc_id, cu, cmp_cu = docs.scoring_tables(config)
+        return select_blocks_fused_op(
+            q, k_cmp, config.compress_block, config.compress_stride, config.select_block,
+            config.num_selected, config.num_initial, config.num_local, scale, chunk_size,
+            None if lse is None else lse.detach().contiguous(), 0, doc_id, cu, cmp_cu,
+            docs.num_select_blocks(config),
+        )
     out = []
     offsets = docs.compressed_offsets(config)
     for n, (start, length) in enumerate(zip(docs.starts, docs.lengths)):

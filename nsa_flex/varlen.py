@@ -85,6 +85,16 @@ class Documents:
         check_config(config)
         return max((config.num_select_blocks(n) for n in self.lengths), default=0)
 
+    def scoring_tables(self, config: NSAConfig) -> tuple[Tensor, Tensor, Tensor]:
+        """``(doc_id (T,), cu (N+1,), cmp_cu (N+1,))`` int32 on the documents' device, what the
+        scoring kernels read: each token's document, the documents' token offsets
+        (``cu_seqlens``) and their compressed blocks' offsets in ``k_cmp``
+        (:meth:`compressed_offsets`)."""
+        check_config(config)
+        cu = (0, *itertools.accumulate(self.lengths))
+        both = torch.tensor([cu, self.compressed_offsets(config)], dtype=torch.int32, device=self.device)
+        return self.doc_id, both[0], both[1]
+
     def compressed_blocks(self, config: NSAConfig) -> tuple[Tensor, Tensor]:
         """``(first, doc)``, each ``(Tc,)`` int64: the packed position of each compressed block's
         first token and its document, in ``k_cmp``'s order."""

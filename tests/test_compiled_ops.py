@@ -110,13 +110,18 @@ def _opcheck_cases():
         "select_blocks_fused_lse": (
             ops.select_blocks_fused_op, (frozen[0], k_cmp, 8, 4, 8, 3, 1, 1, 0.3, None, torch.randn_like(lse))
         ),
+        "select_blocks_fused_packed": (
+            ops.select_blocks_fused_op,
+            (frozen[0], mean_compress(k.detach(), CONFIG, docs), 8, 4, 8, 3, 1, 1, 0.3, None, torch.randn_like(lse), 0,
+             *docs.scoring_tables(CONFIG), docs.num_select_blocks(CONFIG)),
+        ),
     }
 
 
 @pytest.mark.parametrize(
     "case",
     ["selected_attention", "selected_attention_packed", "selected_attention_backward", "attach_selected_backward",
-     "select_blocks_fused", "select_blocks_fused_lse"],
+     "select_blocks_fused", "select_blocks_fused_lse", "select_blocks_fused_packed"],
 )
 def test_opcheck(case):
     # schema, fake implementation against the real one, autograd registration, and an

@@ -48,7 +48,9 @@ def test_on_cuda_the_kernels_serve_calls_without_mods(cuda_seam):
     q, k, v = qkv(torch.float16)
     assert plan(q, k, v) == Paths("flex", "triton_lse", "flex", "flex")  # no backward
     assert plan(q.float(), k.float(), v.float()).scoring == "triton"  # float32 keeps the kernel's LSE
-    assert plan(q, k, v, docs=object()) == Paths("flex", "triton", "triton", "flex")  # packed
+    # packed: the scoring kernels take the documents, and the compressed branch's LSE with them
+    assert plan(q, k, v, docs=object()) == Paths("flex", "triton_lse", "triton", "flex")
+    assert plan(q.float(), k.float(), v.float(), docs=object()).scoring == "triton"
     assert plan(q, k, v, score_mod=mod) == Paths("flex", "torch", "flex", "flex")
     assert plan(q, k, v, mask_mod=mod).scoring == "torch"
     assert plan(q, k, v, block_indices=torch.zeros(1)).scoring == "given"

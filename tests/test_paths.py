@@ -11,7 +11,9 @@ the point here, not the numbers; every path's numbers have their own tests).
 of then: ``selection._fused_ok``, ``flex_backend._triton_kernels_apply``, ``selection._select_fused``
 ...); the restructure changed where the choice is made (:func:`nsa_flex.dispatch.plan`), not
 what it is. Since then one choice changed on purpose: the flex backend's packed rows without mods
-take the Triton selected kernels (``selected:triton``; docs/design.md, "Packed rows").
+take the Triton selected kernels (``selected:triton``; docs/design.md, "Packed rows"), and
+packed half-precision rows are scored from the compressed branch's log-sum-exp
+(``scoring:triton_lse``) since the scoring kernels take the documents themselves.
 tests/test_dispatch.py tests the plan itself.
 """
 
@@ -43,7 +45,7 @@ def _seams(monkeypatch):
 
 def _recorders(monkeypatch, events: list):
     """Stubs in place of the kernels and FlexAttention that note which path ran."""
-    def select_fused(q, k_cmp, config, scale, chunk_size=None, lse=None, q_offset=0):
+    def select_fused(q, k_cmp, config, scale, chunk_size=None, lse=None, q_offset=0, packed=None):
         events.append("scoring:triton_lse" if lse is not None else "scoring:triton")
         B, _, T, _ = q.shape
         zeros = q.new_zeros(B, k_cmp.shape[1], T, config.num_select_blocks(T), dtype=torch.float32)
@@ -165,7 +167,7 @@ flex-f16-grad-none-one-scored-plain | compressed:flex(128x128+bwd lists), scorin
 flex-f16-grad-none-one-scored-sg | compressed:flex(128x128+bwd lists), scoring:triton_lse, importance:torch, selected:flex(16x16+bwd lists), window:flex(128x128+bwd lists)
 flex-f16-grad-none-one-given-plain | compressed:flex(128x128+bwd lists), selected:flex_fwd_triton_bwd, selected:flex(16x16), window:flex(128x128+bwd lists)
 flex-f16-grad-none-one-given-sg | compressed:flex(128x128+bwd lists), importance:torch, selected:flex(16x16+bwd lists), window:flex(128x128+bwd lists)
-flex-f16-grad-none-packed-scored-plain | scoring:triton, compressed:flex(128x128+bwd lists), selected:triton, window:flex(128x128+bwd lists)
+flex-f16-grad-none-packed-scored-plain | compressed:flex(128x128+bwd lists), scoring:triton_lse, selected:triton, window:flex(128x128+bwd lists)
 flex-f16-grad-none-packed-given-plain | compressed:flex(128x128+bwd lists), selected:triton, window:flex(128x128+bwd lists)
 flex-f16-grad-score-one-scored-plain | scoring:torch, compressed:flex(128x128+bwd lists), selected:flex(16x16+bwd lists), window:flex(128x128+bwd lists)
 flex-f16-grad-score-one-scored-sg | scoring:torch, compressed:flex(128x128+bwd lists), importance:torch, selected:flex(16x16+bwd lists), window:flex(128x128+bwd lists)
@@ -183,7 +185,7 @@ flex-f16-nograd-none-one-scored-plain | compressed:flex(128x128+bwd lists), scor
 flex-f16-nograd-none-one-scored-sg | compressed:flex(128x128+bwd lists), scoring:triton_lse, importance:torch, selected:flex(16x16), window:flex(128x128+bwd lists)
 flex-f16-nograd-none-one-given-plain | compressed:flex(128x128+bwd lists), selected:flex(16x16), window:flex(128x128+bwd lists)
 flex-f16-nograd-none-one-given-sg | compressed:flex(128x128+bwd lists), importance:torch, selected:flex(16x16), window:flex(128x128+bwd lists)
-flex-f16-nograd-none-packed-scored-plain | scoring:triton, compressed:flex(128x128+bwd lists), selected:triton, window:flex(128x128+bwd lists)
+flex-f16-nograd-none-packed-scored-plain | compressed:flex(128x128+bwd lists), scoring:triton_lse, selected:triton, window:flex(128x128+bwd lists)
 flex-f16-nograd-none-packed-given-plain | compressed:flex(128x128+bwd lists), selected:triton, window:flex(128x128+bwd lists)
 flex-f16-nograd-score-one-scored-plain | scoring:torch, compressed:flex(128x128+bwd lists), selected:flex(16x16), window:flex(128x128+bwd lists)
 flex-f16-nograd-score-one-scored-sg | scoring:torch, compressed:flex(128x128+bwd lists), importance:torch, selected:flex(16x16), window:flex(128x128+bwd lists)
@@ -235,11 +237,11 @@ flex-f32-nograd-mask-packed-scored-plain | scoring:torch, compressed:flex(128x12
 flex-f32-nograd-mask-packed-given-plain | compressed:flex(128x128+bwd lists), selected:flex(128x128+bwd lists), window:flex(128x128+bwd lists)
 triton-f16-grad-none-one-scored-plain | compressed:flex(128x128+bwd lists), scoring:triton_lse, selected:triton, window:flex(128x128+bwd lists)
 triton-f16-grad-none-one-given-plain | compressed:flex(128x128+bwd lists), selected:triton, window:flex(128x128+bwd lists)
-triton-f16-grad-none-packed-scored-plain | scoring:triton, compressed:flex(128x128+bwd lists), selected:triton, window:flex(128x128+bwd lists)
+triton-f16-grad-none-packed-scored-plain | compressed:flex(128x128+bwd lists), scoring:triton_lse, selected:triton, window:flex(128x128+bwd lists)
 triton-f16-grad-none-packed-given-plain | compressed:flex(128x128+bwd lists), selected:triton, window:flex(128x128+bwd lists)
 triton-f16-nograd-none-one-scored-plain | compressed:flex(128x128+bwd lists), scoring:triton_lse, selected:triton, window:flex(128x128+bwd lists)
 triton-f16-nograd-none-one-given-plain | compressed:flex(128x128+bwd lists), selected:triton, window:flex(128x128+bwd lists)
-triton-f16-nograd-none-packed-scored-plain | scoring:triton, compressed:flex(128x128+bwd lists), selected:triton, window:flex(128x128+bwd lists)
+triton-f16-nograd-none-packed-scored-plain | compressed:flex(128x128+bwd lists), scoring:triton_lse, selected:triton, window:flex(128x128+bwd lists)
 triton-f16-nograd-none-packed-given-plain | compressed:flex(128x128+bwd lists), selected:triton, window:flex(128x128+bwd lists)
 triton-f32-grad-none-one-scored-plain | scoring:triton, compressed:flex(128x128+bwd lists), selected:triton, window:flex(128x128+bwd lists)
 triton-f32-grad-none-one-given-plain | compressed:flex(128x128+bwd lists), selected:triton, window:flex(128x128+bwd lists)

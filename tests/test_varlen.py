@@ -26,6 +26,7 @@ from nsa_flex.varlen import Documents, compressed_cu_seqlens, documents
 from conftest import dynamo_limits
 from strategies import configs, rel_err
 from test_masks import block_sizes, check_block_mask
+from test_selection import assert_ascending_then_padding, chosen_scores
 
 TOL = 1e-10  # float64
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -260,6 +261,43 @@ def test_compression_and_selection_follow_documents(config, lengths, seed):
     sep = [select_blocks(q[:, :, tok], k_cmp[:, :, blk], config=config) for tok, blk in
            zip(pieces(lengths), cmp_slices(lengths, config))]
     assert torch.equal(idx, torch.cat(sep, dim=2))
+
+
+@needs_triton
+@settings(max_examples=8, deadline=None)  # the interpreter is slow
+@given(configs(max_block=32), doc_lengths(max_docs=5, max_len=90), st.sampled_from([1, 3]), st.booleans(),
+       st.integers(0, 2**31 - 1))
+@example(NSAConfig(compress_block=8, compress_stride=4, select_block=8, num_selected=3, num_initial=1, num_local=1),
+         [1, 0, 2, 7, 70, 9], 1, False, 0)  # tiny documents share a tile of 64 queries
+@example(NSAConfig(compress_block=8, compress_stride=4, select_block=8, num_selected=3, num_initial=1, num_local=1),
+         [3, 7, 0, 5], 3, True, 1)  # no document holds a compressed block
+def test_fused_scores_take_packed_rows(config, lengths, G, with_lse, seed):
+    # The Triton scoring and top-n kernels (CUDA's path) over a packed row, in one set of
+    # launches, under the CPU interpreter in float32: each document's selection is that of the
+    # float64 reference on the document alone, from the kernel's own log-sum-exp or from the
+    # packed compressed branch's (FlexAttention's, as attend hands it over).
+    from nsa_flex.flex import branches
+    from nsa_flex.ops.scoring import launch_scoring
+
+    q, k, v, _, _, _ = make_inputs(lengths, config, 2, G, 16, 16, seed, dtype=torch.float32, given_cmp=False)
+    q, k, v = q.detach(), k.detach(), v.detach()
+    docs = documents(cu_of(lengths))
+    k_cmp, v_cmp = mean_compress(k, config, docs), mean_compress(v, config, docs)
+    lse = None
+    if with_lse:
+        _, lse = branches.compressed_branch(q, k_cmp, v_cmp, config, 0.3, docs=docs, return_lse=True)
+    doc_id, cu, cmp_cu = docs.scoring_tables(config)
+    assert cu.tolist() == cu_of(lengths).tolist() and cmp_cu.tolist() == list(docs.compressed_offsets(config))
+    idx = launch_scoring(q, k_cmp, config, 0.3, chunk_size=37, lse=lse,  # chunks cut documents and tiles
+                         packed=(doc_id, cu, cmp_cu, docs.num_select_blocks(config)))
+    assert idx.shape == (1, 2, sum(lengths), config.num_selected) and idx.dtype == torch.int32
+    for tok, blk in zip(pieces(lengths), cmp_slices(lengths, config)):
+        ref_idx, ref_scores = R.select_blocks(q[:, :, tok].double(), k_cmp[:, :, blk].double(), config, 0.3)
+        got = idx[:, :, tok]
+        assert torch.equal((got >= 0).sum(-1), (ref_idx >= 0).sum(-1))
+        torch.testing.assert_close(chosen_scores(got, ref_scores), chosen_scores(ref_idx, ref_scores),
+                                   rtol=1e-5, atol=1e-6)
+    assert_ascending_then_padding(idx)
 
 
 # ------------------------------------------------------------------------ BlockMasks

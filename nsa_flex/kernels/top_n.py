@@ -70,20 +70,24 @@ def _ascending_rank(chosen, Ns, N_SEL: tl.constexpr, BLOCK_SEL: tl.constexpr):
 
 @triton.jit
 def top_n_kernel(
-    S, IDX,
+    S, IDX, DOC, CU,
     ssb, ssh, sst, ssn,
     sib, sih, sit, sin,
     Ns, Hkv, t_start, SEL_BLOCK: tl.constexpr, N_SEL: tl.constexpr, BLOCK_SEL: tl.constexpr,
-    BLOCK_NS: tl.constexpr, ONE_TILE: tl.constexpr,
+    BLOCK_NS: tl.constexpr, ONE_TILE: tl.constexpr, VARLEN: tl.constexpr,
 ):
     """Top-n of the scores of :func:`block_scores_kernel`: program ``(c, b*Hkv + h)`` ranks the
     candidate blocks ``0 .. t // l'`` of query ``t = t_start + c`` (an exact tie to the lower
     block, ``+inf`` forced blocks first) and writes the chosen ones to ``IDX[b, h, c]``,
-    ascending, then ``-1``. ``S`` must be ``ssn``-contiguous along the blocks (``ssn == 1``)."""
+    ascending, then ``-1``. ``S`` must be ``ssn``-contiguous along the blocks (``ssn == 1``).
+    ``VARLEN``: ``t`` counts from the start of its document, ``CU[DOC[t]]`` (a packed row)."""
     c = tl.program_id(0)
     bh = tl.program_id(1)
     b, h = _batch_head(bh, Hkv)
-    cur = tl.minimum((t_start + c) // SEL_BLOCK, Ns - 1)
+    t = t_start + c
+    if VARLEN:
+        t -= tl.load(CU + tl.load(DOC + t))
+    cur = tl.minimum(t // SEL_BLOCK, Ns - 1)
     row = S + b * ssb + h * ssh + c.to(tl.int64) * sst
     chosen = _top_n(row, cur, Ns, N_SEL, BLOCK_SEL, BLOCK_NS, ONE_TILE, "")
     slot = tl.arange(0, BLOCK_SEL)
