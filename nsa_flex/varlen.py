@@ -14,7 +14,8 @@ read once per batch rather than once per layer.
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Callable, TypeVar
 
 import torch
 from torch import Tensor
@@ -23,6 +24,8 @@ from ._validation import can_read_values, check_int, resolve_device
 from .config import NSAConfig, check_config, num_select_blocks
 
 __all__ = ["Documents", "documents", "compressed_cu_seqlens"]
+
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True, eq=False)
@@ -34,12 +37,17 @@ class Documents:
         doc_id: ``(T,)`` int32, the document of each token.
         pos: ``(T,)`` int32, each token's position within its document.
         start: ``(T,)`` int32, the packed position of each token's document start (``t - pos``).
+
+    What the branches derive from the documents (block tables, the varlen BlockMasks without a
+    ``mask_mod``) is built on first use and kept with them (:meth:`memo`), so every layer that
+    is given the same ``Documents`` shares it: make one per batch.
     """
 
     lengths: tuple[int, ...]
     doc_id: Tensor
     pos: Tensor
     start: Tensor
+    _memo: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.lengths, tuple) or not self.lengths:
@@ -55,6 +63,17 @@ class Documents:
                 raise ValueError(f"Documents.{name} must have shape (T,) = ({T},), got {tuple(x.shape)}")
             if x.device != self.doc_id.device:
                 raise ValueError(f"Documents.{name} is on {x.device} but doc_id is on {self.doc_id.device}")
+
+    def memo(self, key, build: Callable[[], _T]) -> _T:
+        """``build()``, computed once per ``key`` for these documents and then kept with them:
+        the tables and BlockMasks that every layer of a batch derives from the same documents
+        (each takes a few small kernels and host-to-device copies). Eager only: under
+        ``torch.compile`` it builds every time, inside the graph."""
+        if torch.compiler.is_compiling():
+            return build()
+        if key not in self._memo:
+            self._memo[key] = build()
+        return self._memo[key]
 
     @property
     def seq_len(self) -> int:
@@ -91,9 +110,13 @@ class Documents:
         (``cu_seqlens``) and their compressed blocks' offsets in ``k_cmp``
         (:meth:`compressed_offsets`)."""
         check_config(config)
-        cu = (0, *itertools.accumulate(self.lengths))
-        both = torch.tensor([cu, self.compressed_offsets(config)], dtype=torch.int32, device=self.device)
-        return self.doc_id, both[0], both[1]
+
+        def build():
+            cu = (0, *itertools.accumulate(self.lengths))
+            both = torch.tensor([cu, self.compressed_offsets(config)], dtype=torch.int32, device=self.device)
+            return self.doc_id, both[0], both[1]
+
+        return self.memo(("scoring_tables", config), build)
 
     def compressed_blocks(self, config: NSAConfig) -> tuple[Tensor, Tensor]:
         """``(first, doc)``, each ``(Tc,)`` int64: the packed position of each compressed block's
@@ -121,7 +144,7 @@ class Documents:
         loaded cores, 0.03 ms in one thread)."""
         check_config(config)
         counts = [config.num_compressed(n) for n in self.lengths]
-        return self._blocks_of_documents(counts)
+        return self.memo(("compressed_blocks", tuple(counts)), lambda: self._blocks_of_documents(counts))
 
     def _blocks_of_documents(self, counts: list[int]) -> tuple[Tensor, Tensor, Tensor]:
         """For ``counts[i]`` blocks of document ``i``, numbered one after another: each block's
@@ -146,7 +169,9 @@ class Documents:
             on the documents' device, built there (see :meth:`_compressed_block_index`).
         """
         check_int("select_block", select_block, 1)
-        ls = select_block
+        return self.memo(("selection_blocks", select_block), lambda: self._selection_blocks(select_block))
+
+    def _selection_blocks(self, ls: int) -> tuple[Tensor, Tensor, Tensor]:
         counts = [num_select_blocks(n, ls) for n in self.lengths]
         start, local, doc = self._blocks_of_documents(counts)
         dev = self.device

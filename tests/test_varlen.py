@@ -300,6 +300,35 @@ def test_fused_scores_take_packed_rows(config, lengths, G, with_lse, seed):
     assert_ascending_then_padding(idx)
 
 
+def test_documents_keep_what_every_layer_derives(monkeypatch):
+    # The tables and BlockMasks of a batch's documents are built once and kept with them (each
+    # layer of a model asks for the same); other keys, user masks and new Documents build anew.
+    config = NSAConfig(compress_block=8, compress_stride=4, select_block=8, num_selected=3, num_initial=1,
+                       num_local=1, window=8)
+    docs = documents(cu_of([20, 0, 37]))
+    assert docs.scoring_tables(config) is docs.scoring_tables(config)
+    assert docs.selection_blocks(8) is docs.selection_blocks(8)
+    assert docs.selection_blocks(16) is not docs.selection_blocks(8)
+    assert compressed_varlen_block_mask(docs, config) is compressed_varlen_block_mask(docs, config)
+    assert compressed_varlen_block_mask(docs, config, num_blocks=20) is not compressed_varlen_block_mask(docs, config)
+    assert sliding_window_varlen_block_mask(docs, 8) is sliding_window_varlen_block_mask(docs, 8)
+    assert sliding_window_varlen_block_mask(docs, 9) is not sliding_window_varlen_block_mask(docs, 8)
+    mod = lambda b, h, q_idx, kv_idx: kv_idx >= 0  # noqa: E731
+    assert (sliding_window_varlen_block_mask(docs, 8, mask_mod=mod)
+            is not sliding_window_varlen_block_mask(docs, 8, mask_mod=mod))
+    assert compressed_varlen_block_mask(docs, config, mask_mod=mod) is not compressed_varlen_block_mask(docs, config, mask_mod=mod)
+    other = documents(cu_of([20, 0, 37]))
+    a, b = compressed_varlen_block_mask(docs, config), compressed_varlen_block_mask(other, config)
+    assert a is not b and torch.equal(a.kv_num_blocks, b.kv_num_blocks) and torch.equal(a.kv_indices, b.kv_indices)
+    with pytest.raises(ValueError, match="num_blocks"):  # a refused call is not kept either
+        compressed_varlen_block_mask(docs, config, num_blocks=3)
+    built = []
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    docs.memo("key", lambda: built.append(1))
+    docs.memo("key", lambda: built.append(1))
+    assert built == [1, 1]  # while compiling: built in the graph every time, nothing kept
+
+
 # ------------------------------------------------------------------------ BlockMasks
 
 

@@ -301,6 +301,13 @@ def compressed_varlen_block_mask(docs, config: NSAConfig, *, mask_mod: MaskMod |
     block_size = check_block_size(block_size)
     if num_blocks is not None:
         check_int("num_blocks", num_blocks)
+    build = functools.partial(_compressed_varlen_block_mask, docs, config, mask_mod, block_size, num_blocks)
+    if mask_mod is None:  # kept with the documents: every layer of the batch asks for the same one
+        return docs.memo(("compressed_block_mask", config, block_size, num_blocks), build)
+    return build()
+
+
+def _compressed_varlen_block_mask(docs, config, mask_mod, block_size, num_blocks) -> BlockMask:
     first, cdoc = docs.compressed_blocks(config)
     tc, T, dev = first.numel(), docs.seq_len, docs.device
     if tc < 1:
@@ -346,6 +353,13 @@ def sliding_window_varlen_block_mask(docs, window: int, *, mask_mod: MaskMod | N
     check_int("window", window, 1)
     check_callable("mask_mod", mask_mod)
     block_size = check_block_size(block_size)
+    build = functools.partial(_sliding_window_varlen_block_mask, docs, window, mask_mod, block_size)
+    if mask_mod is None:  # kept with the documents, as the compressed branch's
+        return docs.memo(("window_block_mask", window, block_size), build)
+    return build()
+
+
+def _sliding_window_varlen_block_mask(docs, window, mask_mod, block_size) -> BlockMask:
     T, dev = docs.seq_len, docs.device
     lo_t = torch.maximum(torch.arange(T, device=dev) - (window - 1), docs.start.long())
     any_t, full_t = _interval_tiles(T, T, lo=lambda r: lo_t[r], hi=lambda r: r, block_size=block_size, device=dev)
