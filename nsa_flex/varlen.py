@@ -68,9 +68,11 @@ class Documents:
         """``build()``, computed once per ``key`` for these documents and then kept with them:
         the tables and BlockMasks that every layer of a batch derives from the same documents
         (each takes a few small kernels and host-to-device copies). Eager only: under
-        ``torch.compile`` it builds every time, inside the graph."""
+        ``torch.compile`` it builds every time, inside the graph. What is built under
+        ``torch.inference_mode`` is kept apart (inference tensors cannot serve autograd)."""
         if torch.compiler.is_compiling():
             return build()
+        key = (key, torch.is_inference_mode_enabled())
         if key not in self._memo:
             self._memo[key] = build()
         return self._memo[key]

@@ -320,6 +320,10 @@ def test_documents_keep_what_every_layer_derives(monkeypatch):
     other = documents(cu_of([20, 0, 37]))
     a, b = compressed_varlen_block_mask(docs, config), compressed_varlen_block_mask(other, config)
     assert a is not b and torch.equal(a.kv_num_blocks, b.kv_num_blocks) and torch.equal(a.kv_indices, b.kv_indices)
+    with torch.inference_mode():  # inference tensors are kept apart: autograd cannot save them
+        inferred = docs.selection_blocks(8)
+        assert inferred is docs.selection_blocks(8) and inferred[0].is_inference()
+    assert inferred is not docs.selection_blocks(8) and not docs.selection_blocks(8)[0].is_inference()
     with pytest.raises(ValueError, match="num_blocks"):  # a refused call is not kept either
         compressed_varlen_block_mask(docs, config, num_blocks=3)
     built = []
