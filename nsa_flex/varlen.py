@@ -104,7 +104,7 @@ class Documents:
     def num_select_blocks(self, config: NSAConfig) -> int:
         """Selection blocks of the longest document: doc-local block indices lie below it."""
         check_config(config)
-        return max((config.num_select_blocks(n) for n in self.lengths), default=0)
+        return max([config.num_select_blocks(n) for n in self.lengths])  # lengths is never empty
 
     def scoring_tables(self, config: NSAConfig) -> tuple[Tensor, Tensor, Tensor]:
         """``(doc_id (T,), cu (N+1,), cmp_cu (N+1,))`` int32 on the documents' device, what the

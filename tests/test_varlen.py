@@ -333,6 +333,44 @@ def test_documents_keep_what_every_layer_derives(monkeypatch):
     assert built == [1, 1]  # while compiling: built in the graph every time, nothing kept
 
 
+def test_packed_rows_trace_whole_under_compile():
+    # Given a Documents, attend (flex, a score_mod) and the module trace as one graph under
+    # fullgraph=True. Dynamo guards on the document lengths: a new layout is one more graph,
+    # a layout seen before reuses its graph whatever Documents object carries it. A cu_seqlens
+    # tensor is read on the host, which Dynamo cannot trace.
+    from torch._dynamo.exc import TorchDynamoException
+    from torch._dynamo.testing import CompileCounter
+
+    config = NSAConfig(compress_block=8, compress_stride=4, select_block=8, num_selected=3, num_initial=1,
+                       num_local=1, window=16)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, h, 96, 16, generator=g) for h in (4, 2, 2))
+
+    def mod(score, b, h, q_idx, kv_idx):
+        return score - 0.01 * (q_idx - kv_idx)
+
+    counter = CompileCounter()
+    f = torch.compile(lambda q, k, v, docs: attend(q, k, v, config=config, cu_seqlens=docs, score_mod=mod),
+                      backend=counter, fullgraph=True)
+    for lengths, graphs in (([40, 56], 1), ([40, 56], 1), ([30, 0, 66], 2), ([40, 56], 2)):
+        docs = documents(cu_of(lengths))
+        out = f(q, k, v, docs)
+        assert counter.frame_count == graphs
+        torch.testing.assert_close(out, attend(q, k, v, config=config, cu_seqlens=docs, score_mod=mod),
+                                   rtol=1e-6, atol=1e-6)
+    with pytest.raises(TorchDynamoException):
+        f(q, k, v, cu_of([40, 56]))
+
+    layer = SparseAttention(32, heads=4, kv_heads=2, dim_head=8, config=config).eval()
+    x = torch.randn(1, 96, 32, generator=g)
+    counter = CompileCounter()
+    m = torch.compile(lambda x, docs: layer(x, cu_seqlens=docs), backend=counter, fullgraph=True)
+    docs = documents(cu_of([30, 0, 66]))
+    with torch.no_grad():
+        torch.testing.assert_close(m(x, docs), layer(x, cu_seqlens=docs), rtol=1e-5, atol=1e-6)
+    assert counter.frame_count == 1
+
+
 # ------------------------------------------------------------------------ BlockMasks
 
 
