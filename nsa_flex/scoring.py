@@ -22,7 +22,7 @@ from . import tuning
 from ._validation import check_callable, check_floating, check_int, check_tensor
 from .config import NSAConfig, num_select_blocks, resolve_config
 
-__all__ = ["block_importance", "masked_softmax", "chunk_importance", "straight_through_score_mod"]
+__all__ = ["block_importance", "masked_softmax", "chunk_importance", "packed_importance", "straight_through_score_mod"]
 
 
 def _index(n: int, device, shape) -> Tensor:
@@ -133,6 +133,68 @@ def chunk_importance(q, k_cmp, config, scale, score_mod, mask_mod, chunk_size, d
             yield start, checkpoint(importance, qc, kc, start, use_reentrant=False)
         else:
             yield start, importance(qc, kc, start)
+
+
+def packed_importance(q, k_cmp, config, scale, score_mod, mask_mod, chunk_size, docs):
+    """Yield ``(start, importance (1, Hkv, C, Ns'), positions (C,))`` for chunks of ``C`` queries
+    of a packed row (``docs``, a :class:`~nsa_flex.varlen.Documents`; ``k_cmp`` holds each
+    document's blocks, concatenated): what :func:`chunk_importance` gives each document alone,
+    in doc-local blocks, for all the documents a chunk meets at once.
+
+    A chunk's queries are scored against the blocks of the documents it meets, a block allowed
+    where it lies in the query's document and is visible from it; the mods see packed positions
+    (a block at its last token). Each query's probabilities are then gathered into doc-local
+    order (its document's first block in column 0) and moved onto selection blocks.
+    ``positions`` are the queries' doc-local positions and ``Ns'`` the selection blocks of the
+    longest document the chunk meets. For the selection (under ``torch.no_grad()``, which its
+    caller holds): the scores are overwritten in place.
+    """
+    B, Hq, T, _ = q.shape
+    Hkv, tc = k_cmp.shape[1], k_cmp.shape[2]
+    G = Hq // Hkv
+    dtype = torch.promote_types(q.dtype, torch.float32)
+    lengths, starts, offsets = docs.lengths, docs.starts, docs.compressed_offsets(config)
+    bounds = (*starts, T)
+    doc_id, _, cmp_cu = docs.scoring_tables(config)
+    last = docs.compressed_last_tokens(config)  # the mods see a block there
+    block_doc = docs.compressed_blocks(config)[1].to(torch.int32)
+    if chunk_size is None:
+        chunk_size = min(T, tuning.importance_chunk(B, Hq, max(tc, 1), dtype))
+    b_idx = _index(B, q.device, (B, 1, 1, 1))
+    h_idx = _index(Hq, q.device, (1, Hq, 1, 1))
+    d_first = 0
+    for start in range(0, T, chunk_size):
+        end = min(T, start + chunk_size)
+        while bounds[d_first + 1] <= start:  # the document of query `start` (empty ones skipped)
+            d_first += 1
+        d_last = d_first
+        while bounds[d_last + 1] < end:
+            d_last += 1
+        longest = max(lengths[d_first : d_last + 1])
+        c0, c1 = offsets[d_first], offsets[d_last + 1]
+        pos = docs.pos[start:end]
+        C, ns = end - start, config.num_select_blocks(longest)
+        if c1 == c0:  # no document the chunk meets holds a compressed block: every score 0
+            yield start, q.new_zeros(B, Hkv, C, ns, dtype=dtype), pos
+            continue
+        qc = q[:, :, start:end].to(dtype)
+        s = (qc.unflatten(1, (Hkv, G)) @ k_cmp[:, :, None, c0:c1].to(dtype).transpose(-1, -2)).flatten(1, 2)
+        s.mul_(scale)  # (B, Hq, C, c1 - c0)
+        t_idx = torch.arange(start, end, device=q.device, dtype=torch.int32).view(1, 1, -1, 1)
+        kv_pos = last[c0:c1].view(1, 1, 1, -1)
+        if score_mod is not None:
+            s = score_mod(s, b_idx, h_idx, t_idx, kv_pos).expand_as(s).clone()
+        q_doc = doc_id[start:end]
+        allowed = (block_doc[c0:c1] == q_doc[:, None]) & (kv_pos <= t_idx)
+        if mask_mod is not None:
+            allowed = allowed & mask_mod(b_idx, h_idx, t_idx, kv_pos)
+        p = masked_softmax(s, allowed, inplace=True).nan_to_num_(0.0).unflatten(1, (Hkv, G)).sum(dim=2)
+        # doc-local order: row t's block i is column cmp_cu[doc(t)] - c0 + i, up to its document's blocks
+        width = config.num_compressed(longest)
+        cols = (cmp_cu[q_doc] - c0).long()[:, None] + torch.arange(width, device=q.device)
+        inside = cols < (cmp_cu[q_doc + 1] - c0).long()[:, None]
+        local = p.gather(-1, cols.clamp(max=c1 - c0 - 1).expand(B, Hkv, C, width)).mul_(inside)
+        yield start, block_importance(local, config, longest), pos
 
 
 def straight_through_score_mod(

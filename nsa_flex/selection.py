@@ -4,9 +4,9 @@ eqs. 8-12) and :func:`block_scores` (the same importances, differentiably).
 They validate, then route: the importances are :mod:`nsa_flex.scoring`'s (PyTorch, in query
 chunks) or the Triton scoring kernel's (``nsa_flex.ops.scoring``), as
 :func:`nsa_flex.dispatch.scoring_path` decides; the top-n is :mod:`nsa_flex.top_n`'s; a packed
-row's documents are selected together by the kernels, one by one on the PyTorch path. Both
-keep only the ``(B, Hkv, T, n)`` indices (or the ``(B, Hkv, T, Ns)`` importances), never a
-``T x Tc`` tensor.
+row's documents are selected together, in the same launches or query chunks. Both keep only
+the ``(B, Hkv, T, n)`` indices (or the ``(B, Hkv, T, Ns)`` importances), never a ``T x Tc``
+tensor.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from .config import NSAConfig, resolve_config
 from .ops.scoring import select_blocks_fused_op
 from .scoring import block_importance, straight_through_score_mod  # noqa: F401 (a documented path)
 from .top_n import top_n_blocks
-from .varlen import Documents, resolve, shift_mask_mod, shift_score_mod
+from .varlen import Documents, resolve
 
 __all__ = ["select_blocks", "block_scores", "top_n_blocks", "block_importance", "sort_unique_blocks"]
 
@@ -76,8 +76,10 @@ def _select_documents(q, k_cmp, config, scale, score_mod, mask_mod, chunk_size, 
 
     On the ``"triton"`` path the kernels take the documents (``Documents.scoring_tables``):
     every document in the same launches, a tile of queries scored against each of its
-    documents' blocks in turn. The PyTorch path (modifiers, or no kernels) is a Python loop
-    over the documents, each selected as a separate sequence and the results concatenated.
+    documents' blocks in turn. The PyTorch path (modifiers, or no kernels) walks the packed
+    row in query chunks, each scored against the blocks of the documents it meets
+    (:func:`nsa_flex.scoring.packed_importance`), and ranks each query's blocks from its
+    document's start.
     """
     if path == "triton":
         doc_id, cu, cmp_cu = docs.scoring_tables(config)
@@ -87,15 +89,8 @@ def _select_documents(q, k_cmp, config, scale, score_mod, mask_mod, chunk_size, 
             None if lse is None else lse.detach().contiguous(), 0, doc_id, cu, cmp_cu,
             docs.num_select_blocks(config),
         )
-    out = []
-    offsets = docs.compressed_offsets(config)
-    for n, (start, length) in enumerate(zip(docs.starts, docs.lengths)):
-        if length == 0:
-            continue
-        out.append(_select_row(
-            q[:, :, start : start + length], k_cmp[:, :, offsets[n] : offsets[n + 1]], config, scale,
-            shift_score_mod(score_mod, start), shift_mask_mod(mask_mod, start), chunk_size, path,
-        ))
+    out = [top_n_blocks(p, config, positions=pos.view(1, 1, -1))
+           for _, p, pos in scoring.packed_importance(q, k_cmp, config, scale, score_mod, mask_mod, chunk_size, docs)]
     return torch.cat(out, dim=2) if len(out) > 1 else out[0]
 
 

@@ -51,12 +51,16 @@ def _recorders(monkeypatch, events: list):
         zeros = q.new_zeros(B, k_cmp.shape[1], T, config.num_select_blocks(T), dtype=torch.float32)
         return top_n_blocks(zeros, config)
 
-    chunk_importance = scoring.chunk_importance
+    chunk_importance, packed_importance = scoring.chunk_importance, scoring.packed_importance
 
     def chunked(*args, **kwargs):
         differentiable = kwargs.get("differentiable", args[7] if len(args) > 7 else False)
         events.append("importance:torch" if differentiable else "scoring:torch")
         return chunk_importance(*args, **kwargs)
+
+    def packed(*args, **kwargs):  # a packed row's PyTorch scoring
+        events.append("scoring:torch")
+        return packed_importance(*args, **kwargs)
 
     def triton_selected(q, k, v, block_indices, select_block, scale, docs=None, q_offset=0):
         events.append("selected:triton")
@@ -79,13 +83,14 @@ def _recorders(monkeypatch, events: list):
 
     monkeypatch.setattr(ops_scoring, "launch_scoring", select_fused)
     monkeypatch.setattr(scoring, "chunk_importance", chunked)
+    monkeypatch.setattr(scoring, "packed_importance", packed)
     monkeypatch.setattr(triton_backend, "_run", triton_selected)
     monkeypatch.setattr(branches, "selected_branch_triton_backward", flex_fwd_triton_bwd)
     monkeypatch.setattr(branches, "run_flex", flex)
 
 
 def _compact(events: list[str]) -> str:
-    """The events in order, a repeat in a row once (a packed row scores each document apart)."""
+    """The events in order, a repeat in a row once (the scoring's chunks)."""
     return ", ".join(e for i, e in enumerate(events) if i == 0 or e != events[i - 1])
 
 

@@ -263,6 +263,40 @@ def test_compression_and_selection_follow_documents(config, lengths, seed):
     assert torch.equal(idx, torch.cat(sep, dim=2))
 
 
+@given(configs(max_block=32), doc_lengths(max_len=120), st.integers(1, 50), st.booleans(), st.integers(0, 2**31 - 1))
+def test_packed_importance_is_each_documents_own(config, lengths, chunk, with_mod, seed):
+    # The PyTorch scoring of a packed row, chunk by chunk (chunks cut documents, and meet
+    # several): each query's importances are those of its document scored alone, in doc-local
+    # blocks, zero past its document's blocks; a score_mod sees packed positions.
+    from nsa_flex import scoring
+    from nsa_flex.varlen import shift_score_mod
+
+    def mod(score, b, h, q_idx, kv_idx):
+        return score - 0.01 * (q_idx - kv_idx)
+
+    score_mod = mod if with_mod else None
+    q, k, _, _, _, _ = make_inputs(lengths, config, 2, 3, 16, 16, seed, given_cmp=False)
+    q, k = q.detach(), k.detach()
+    docs = documents(cu_of(lengths))
+    k_cmp = mean_compress(k, config, docs)
+    with torch.no_grad():
+        got = list(scoring.packed_importance(q, k_cmp, config, 0.3, score_mod, None, chunk, docs))
+    assert [start for start, _, _ in got] == list(range(0, sum(lengths), chunk))
+    rows = [(p[:, :, r], int(pos[r])) for _, p, pos in got for r in range(p.shape[2])]
+    for (start, n), tok, blk in zip(((a, n) for a, n in zip(docs.starts, lengths) if n), pieces(lengths),
+                                    cmp_slices(lengths, config)):
+        ns = config.num_select_blocks(n)
+        want = torch.zeros(1, 2, n, ns, dtype=torch.float64)
+        if blk.stop > blk.start:
+            _, want = next(scoring.chunk_importance(q[:, :, tok], k_cmp[:, :, blk], config, 0.3,
+                                                    shift_score_mod(score_mod, start), None, None))
+        for t in range(n):
+            row, pos = rows[start + t]
+            assert pos == t
+            torch.testing.assert_close(row[..., :ns], want[:, :, t], rtol=1e-12, atol=1e-14)
+            assert not row[..., ns:].any()
+
+
 @needs_triton
 @settings(max_examples=8, deadline=None)  # the interpreter is slow
 @given(configs(max_block=32), doc_lengths(max_docs=5, max_len=90), st.sampled_from([1, 3]), st.booleans(),
