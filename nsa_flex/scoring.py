@@ -79,6 +79,30 @@ def masked_softmax(scores: Tensor, allowed: Tensor, *, inplace: bool = False) ->
     return torch.where(allowed.any(dim=-1, keepdim=True), p, 0.0)
 
 
+def _group_probabilities(qc, kc, scale, score_mod, mask_mod, b_idx, h_idx, t_idx, kv_pos, allowed, differentiable):
+    """The compressed branch's probabilities of a chunk of queries ``qc (B, Hq, C, Dk)`` over
+    compressed keys ``kc (B, Hkv, 1, S, Dk)`` (in the scores' dtype), summed over each GQA group:
+    ``(B, Hkv, C, S)``. ``t_idx``/``kv_pos`` are the positions the mods see, ``allowed`` the
+    blocks each query may see before the ``mask_mod``. Out of place when ``differentiable``,
+    else the scores are overwritten."""
+    Hkv = kc.shape[1]
+    s = (qc.to(kc.dtype).unflatten(1, (Hkv, -1)) @ kc.transpose(-1, -2)).flatten(1, 2)  # (B, Hq, C, S)
+    s = s * scale if differentiable else s.mul_(scale)
+    if score_mod is not None:
+        s = score_mod(s, b_idx, h_idx, t_idx, kv_pos).expand_as(s)
+        s = s if differentiable else s.clone()  # writable
+    if mask_mod is not None:
+        allowed = allowed & mask_mod(b_idx, h_idx, t_idx, kv_pos)
+    # A query that sees no compressed block (none allowed, or a score_mod sending every
+    # one to -inf) gets a row of NaN from softmax; it scores 0. (Where nothing
+    # differentiates, NaN from the data scores 0 too: the selection's rule, docs/design.md.)
+    if differentiable:
+        p = masked_softmax(s, allowed & (s != float("-inf")))
+    else:
+        p = masked_softmax(s, allowed, inplace=True).nan_to_num_(0.0)
+    return p.unflatten(1, (Hkv, -1)).sum(dim=2)  # eq. 10: heads of a group share a selection
+
+
 def chunk_importance(q, k_cmp, config, scale, score_mod, mask_mod, chunk_size, differentiable=False, q_offset=0):
     """Yield ``(start, importance (B, Hkv, C, Ns))`` for chunks of ``C`` queries from ``start``:
     the compressed branch's probabilities mapped onto selection blocks, summed over each group.
@@ -91,8 +115,7 @@ def chunk_importance(q, k_cmp, config, scale, score_mod, mask_mod, chunk_size, d
     ``k_cmp (B, Hkv, Tc, Dk)`` with ``Tc >= 1``.
     """
     B, Hq, T, _ = q.shape
-    Hkv, tc = k_cmp.shape[1], k_cmp.shape[2]
-    G = Hq // Hkv
+    tc = k_cmp.shape[2]
     dtype = torch.promote_types(q.dtype, torch.float32)
     kc = k_cmp.to(dtype)[:, :, None]  # (B, Hkv, 1, Tc, Dk)
     kv_pos = config.compressed_last_token(_index(tc, q.device, (1, 1, 1, tc)))  # the mods see a block there
@@ -107,23 +130,9 @@ def chunk_importance(q, k_cmp, config, scale, score_mod, mask_mod, chunk_size, d
 
     def importance(qc, kc, start):
         C = qc.shape[-2]
-        s = (qc.to(dtype).unflatten(1, (Hkv, G)) @ kc.transpose(-1, -2)).flatten(1, 2)  # (B, Hq, C, Tc)
-        s = s * scale if differentiable else s.mul_(scale)
         t_idx = torch.arange(q_offset + start, q_offset + start + C, device=q.device, dtype=torch.int32).view(1, 1, -1, 1)
-        if score_mod is not None:
-            s = score_mod(s, b_idx, h_idx, t_idx, kv_pos).expand_as(s)
-            s = s if differentiable else s.clone()  # writable
-        allowed = kv_pos <= t_idx
-        if mask_mod is not None:
-            allowed = allowed & mask_mod(b_idx, h_idx, t_idx, kv_pos)
-        # A query that sees no compressed block (none allowed, or a score_mod sending every
-        # one to -inf) gets a row of NaN from softmax; it scores 0. (Where nothing
-        # differentiates, NaN from the data scores 0 too: the selection's rule, docs/design.md.)
-        if differentiable:
-            p = masked_softmax(s, allowed & (s != float("-inf")))
-        else:
-            p = masked_softmax(s, allowed, inplace=True).nan_to_num_(0.0)
-        p = p.unflatten(1, (Hkv, G)).sum(dim=2)  # eq. 10: heads of a group share a selection
+        p = _group_probabilities(qc, kc, scale, score_mod, mask_mod, b_idx, h_idx, t_idx, kv_pos, kv_pos <= t_idx,
+                                 differentiable)
         return block_importance(p, config, q_offset + T)
 
     for start in range(0, T, chunk_size):
@@ -151,7 +160,6 @@ def packed_importance(q, k_cmp, config, scale, score_mod, mask_mod, chunk_size, 
     """
     B, Hq, T, _ = q.shape
     Hkv, tc = k_cmp.shape[1], k_cmp.shape[2]
-    G = Hq // Hkv
     dtype = torch.promote_types(q.dtype, torch.float32)
     lengths, starts, offsets = docs.lengths, docs.starts, docs.compressed_offsets(config)
     bounds = (*starts, T)
@@ -177,18 +185,12 @@ def packed_importance(q, k_cmp, config, scale, score_mod, mask_mod, chunk_size, 
         if c1 == c0:  # no document the chunk meets holds a compressed block: every score 0
             yield start, q.new_zeros(B, Hkv, C, ns, dtype=dtype), pos
             continue
-        qc = q[:, :, start:end].to(dtype)
-        s = (qc.unflatten(1, (Hkv, G)) @ k_cmp[:, :, None, c0:c1].to(dtype).transpose(-1, -2)).flatten(1, 2)
-        s.mul_(scale)  # (B, Hq, C, c1 - c0)
         t_idx = torch.arange(start, end, device=q.device, dtype=torch.int32).view(1, 1, -1, 1)
         kv_pos = last[c0:c1].view(1, 1, 1, -1)
-        if score_mod is not None:
-            s = score_mod(s, b_idx, h_idx, t_idx, kv_pos).expand_as(s).clone()
         q_doc = doc_id[start:end]
-        allowed = (block_doc[c0:c1] == q_doc[:, None]) & (kv_pos <= t_idx)
-        if mask_mod is not None:
-            allowed = allowed & mask_mod(b_idx, h_idx, t_idx, kv_pos)
-        p = masked_softmax(s, allowed, inplace=True).nan_to_num_(0.0).unflatten(1, (Hkv, G)).sum(dim=2)
+        allowed = (block_doc[c0:c1] == q_doc[:, None]) & (kv_pos <= t_idx)  # in the query's document, visible
+        p = _group_probabilities(q[:, :, start:end], k_cmp[:, :, None, c0:c1].to(dtype), scale, score_mod, mask_mod,
+                                 b_idx, h_idx, t_idx, kv_pos, allowed, False)  # (B, Hkv, C, c1 - c0)
         # doc-local order: row t's block i is column cmp_cu[doc(t)] - c0 + i, up to its document's blocks
         width = config.num_compressed(longest)
         cols = (cmp_cu[q_doc] - c0).long()[:, None] + torch.arange(width, device=q.device)
